@@ -1,0 +1,8 @@
+"""gemma4-eqx: Gemma 4 12B Unified in JAX/Equinox."""
+
+from .config import AudioConfig, ConfigError, Gemma4Config, TextConfig, VisionConfig, small_config
+from .model import Gemma4, count_parameters
+
+__all__ = ["AudioConfig", "ConfigError", "Gemma4", "Gemma4Config", "TextConfig", "VisionConfig",
+           "count_parameters", "small_config"]
+__version__ = "0.1.0"

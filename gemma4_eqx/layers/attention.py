@@ -1,0 +1,98 @@
+"""Self-attention for both layer kinds (spec §3.4).
+
+Sliding layers: GQA, `head_dim` 256, 8 KV heads, own `v_proj`. Full (global) layers: MQA, `head_dim` 512,
+one KV head and no `v_proj`: the values are the *raw* key projection (before `k_norm` and RoPE).
+Both: q/k RMSNorm with weights, scale-free `v_norm`, RoPE on q and k only, attention scale 1.0.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ..config import LayerGeometry, RopeConfig
+from .linear import Linear
+from .norm import RMSNorm
+from .rope import apply_rope, inv_frequencies, rope_cos_sin
+
+
+def dot_product_attention(
+    q: Float[Array, "q_seq heads head_dim"],
+    k: Float[Array, "kv_seq kv_heads head_dim"],
+    v: Float[Array, "kv_seq kv_heads head_dim"],
+    mask: Bool[Array, "q_seq kv_seq"],
+) -> Float[Array, "q_seq heads head_dim"]:
+    """Softmax attention with scale 1.0, query head j reading KV head j // (heads / kv_heads).
+
+    Rounding points follow transformers' eager path: scores in the activation dtype, softmax in fp32, the
+    probabilities cast back before the product with V. Fully masked rows (padding queries) come out uniform,
+    never NaN.
+    """
+    t, h, d = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("tkgd,skd->kgts", qg, k)
+    scores = jnp.where(mask[None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("kgts,skd->tkgd", probs, v)
+    return out.reshape(t, h, d)
+
+
+class Attention(eqx.Module):
+    q_proj: Linear
+    k_proj: Linear
+    v_proj: Linear | None
+    o_proj: Linear
+    q_norm: RMSNorm
+    k_norm: RMSNorm
+    v_norm: RMSNorm  # scale-free: holds no parameters
+    num_heads: int = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    rope: RopeConfig = eqx.field(static=True)
+
+    def __init__(self, hidden_size: int, num_heads: int, geometry: LayerGeometry, *, eps: float,
+                 key: PRNGKeyArray, std: float = 0.02, dtype=jnp.float32):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        hd, nkv = geometry.head_dim, geometry.num_key_value_heads
+        self.q_proj = Linear(hidden_size, num_heads * hd, key=kq, std=std, dtype=dtype)
+        self.k_proj = Linear(hidden_size, nkv * hd, key=kk, std=std, dtype=dtype)
+        self.v_proj = Linear(hidden_size, nkv * hd, key=kv, std=std, dtype=dtype) if geometry.has_v_proj else None
+        self.o_proj = Linear(num_heads * hd, hidden_size, key=ko, std=std, dtype=dtype)
+        self.q_norm = RMSNorm(hd, eps=eps, dtype=dtype)
+        self.k_norm = RMSNorm(hd, eps=eps, dtype=dtype)
+        self.v_norm = RMSNorm(hd, eps=eps, with_scale=False)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, nkv, hd
+        self.rope = geometry.rope
+
+    def rope_tables(self, positions: Int[Array, " seq"], dtype):
+        return rope_cos_sin(positions, inv_frequencies(self.rope, self.head_dim), dtype)
+
+    def queries(
+        self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"]
+    ) -> Float[Array, "seq heads head_dim"]:
+        q = self.q_proj(x).reshape(x.shape[0], self.num_heads, self.head_dim)
+        cos, sin = self.rope_tables(positions, x.dtype)
+        return apply_rope(self.q_norm(q), cos, sin)
+
+    def keys_values(
+        self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"]
+    ) -> tuple[Float[Array, "seq kv_heads head_dim"], Float[Array, "seq kv_heads head_dim"]]:
+        """Post-norm, post-RoPE keys and post-`v_norm` values, as they go into a KV cache."""
+        raw_k = self.k_proj(x).reshape(x.shape[0], self.num_kv_heads, self.head_dim)
+        raw_v = raw_k if self.v_proj is None else self.v_proj(x).reshape(raw_k.shape)
+        cos, sin = self.rope_tables(positions, x.dtype)
+        return apply_rope(self.k_norm(raw_k), cos, sin), self.v_norm(raw_v)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq hidden"],
+        positions: Int[Array, " seq"],
+        mask: Bool[Array, "seq seq"],
+    ) -> Float[Array, "seq hidden"]:
+        q = self.queries(x, positions)
+        k, v = self.keys_values(x, positions)
+        out = dot_product_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))

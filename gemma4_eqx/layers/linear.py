@@ -1,0 +1,34 @@
+"""A bias-optional linear layer stored as `[in, out]` (checkpoint tensors are PyTorch `[out, in]`)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+class Linear(eqx.Module):
+    """`y = x @ weight (+ bias)`; `weight` is `[in_features, out_features]` so the product needs no transpose."""
+
+    weight: Float[Array, "in_features out_features"]
+    bias: Float[Array, " out_features"] | None
+
+    def __init__(self, in_features: int, out_features: int, *, key: PRNGKeyArray, use_bias: bool = False,
+                 std: float = 0.02, dtype=jnp.float32):
+        self.weight = (std * jax.random.normal(key, (in_features, out_features), jnp.float32)).astype(dtype)
+        self.bias = jnp.zeros((out_features,), dtype) if use_bias else None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[-2]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-1]
+
+    def __call__(self, x: Float[Array, "*batch in_features"]) -> Float[Array, "*batch out_features"]:
+        y = jnp.matmul(x, self.weight.astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.astype(x.dtype)
+        return y

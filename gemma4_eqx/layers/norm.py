@@ -1,0 +1,51 @@
+"""Normalisation layers (spec §3.2, §6.2)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+class RMSNorm(eqx.Module):
+    """Gemma 4 RMSNorm: fp32 inside, `x * (mean(x^2) + eps)^-0.5 * w` with a plain `w` (not `1 + w`).
+
+    `weight=None` is the scale-free variant used for `v_norm` and the multimodal pre-projection norm.
+    The result is cast once, back to the input dtype.
+    """
+
+    weight: Float[Array, " dim"] | None
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, with_scale: bool = True, dtype=jnp.float32):
+        self.weight = jnp.ones((dim,), dtype) if with_scale else None
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        xf = x.astype(jnp.float32)
+        # pow(., -0.5) rather than rsqrt, as transformers does to stay close to JAX references.
+        y = xf * jnp.power(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps, -0.5)
+        if self.weight is not None:
+            y = y * self.weight.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class LayerNorm(eqx.Module):
+    """torch.nn.LayerNorm with weight and bias (the vision embedder's LNs, eps 1e-5), fp32 inside."""
+
+    weight: Float[Array, " dim"]
+    bias: Float[Array, " dim"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, dtype=jnp.float32):
+        self.weight = jnp.ones((dim,), dtype)
+        self.bias = jnp.zeros((dim,), dtype)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jnp.power(var + self.eps, -0.5)
+        y = y * self.weight.astype(jnp.float32) + self.bias.astype(jnp.float32)
+        return y.astype(x.dtype)

@@ -1,0 +1,44 @@
+"""Rotary position embeddings: the default and the proportional schedules (spec §4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from ..config import RopeConfig
+
+
+def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """`head_dim // 2` inverse frequencies in float32.
+
+    default: `theta^(-2j/head_dim)` for every pair.
+    proportional: the first `int(partial_rotary_factor * head_dim // 2)` pairs use the same formula, still with the
+    *full* head_dim in the exponent; the remaining pairs get frequency 0 (cos 1, sin 0: not rotated).
+    """
+    half = head_dim // 2
+    rotated = half if rope.rope_type == "default" else int(rope.partial_rotary_factor * head_dim // 2)
+    exponents = np.arange(0, 2 * rotated, 2, dtype=np.float32) / np.float32(head_dim)
+    inv = np.zeros((half,), np.float32)
+    inv[:rotated] = (1.0 / (np.float32(rope.rope_theta) ** exponents)).astype(np.float32)
+    return inv
+
+
+def rope_cos_sin(
+    positions: Int[Array, " seq"], inv_freq: np.ndarray, dtype
+) -> tuple[Float[Array, "seq head_dim"], Float[Array, "seq head_dim"]]:
+    """Angles in fp32, cos/sin cast to the activation dtype before use (as transformers does)."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(
+    x: Float[Array, "seq heads head_dim"],
+    cos: Float[Array, "seq head_dim"],
+    sin: Float[Array, "seq head_dim"],
+) -> Float[Array, "seq heads head_dim"]:
+    """Rotate-half (NeoX) convention: dim i pairs with dim i + head_dim/2."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,77 @@
+"""Attention masks (spec §5). One function per rule; every mask is boolean `[queries, keys]`, True = visible.
+
+Indices are *cache slot* indices (the order tokens were written), not position ids; the two coincide without
+left padding. Two modes for sequences with vision tokens:
+
+- `"intended"` (default, spec §5.3): full layers causal only; sliding layers
+  `(causal OR same vision block) AND inside the window`.
+- `"hf_forward"` (spec §5.4): what transformers' bare `forward()` builds: full layers `causal OR block`;
+  sliding layers `(causal AND window) OR block`.
+
+Padding keys are never visible in either mode.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+from .config import FULL, SLIDING
+
+MaskMode = Literal["intended", "hf_forward"]
+MASK_MODES = ("intended", "hf_forward")
+
+IMAGE_TYPE, VIDEO_TYPE, AUDIO_TYPE = 1, 2, 3
+
+
+def vision_block_ids(mm_token_type_ids: Int[Array, " seq"]) -> Int[Array, " seq"]:
+    """Each contiguous run of image/video soft tokens is one block (0, 1, 2, ...); everything else is -1.
+
+    boi/eoi markers and timestamps are text (type 0), so every image and every video frame is its own block;
+    audio (type 3) is never bidirectional.
+    """
+    is_vision = (mm_token_type_ids == IMAGE_TYPE) | (mm_token_type_ids == VIDEO_TYPE)
+    prev = jnp.concatenate([jnp.zeros((1,), bool), is_vision[:-1]])
+    starts = is_vision & ~prev
+    return jnp.where(is_vision, jnp.cumsum(starts) - 1, -1)
+
+
+def causal(q_slots: Int[Array, " q"], k_slots: Int[Array, " k"]) -> Bool[Array, "q k"]:
+    return k_slots[None, :] <= q_slots[:, None]
+
+
+def inside_window(q_slots: Int[Array, " q"], k_slots: Int[Array, " k"], window: int) -> Bool[Array, "q k"]:
+    """A query sees exactly `window` keys counting itself: distance `q - k` in [0, window) on the past side.
+
+    Only the past side is bounded (as in transformers), so future keys of a long vision block stay visible.
+    """
+    return k_slots[None, :] > q_slots[:, None] - window
+
+
+def same_block(q_blocks: Int[Array, " q"], k_blocks: Int[Array, " k"]) -> Bool[Array, "q k"]:
+    return (q_blocks[:, None] == k_blocks[None, :]) & (q_blocks[:, None] >= 0)
+
+
+def layer_masks(
+    q_slots: Int[Array, " q"],
+    k_slots: Int[Array, " k"],
+    key_valid: Bool[Array, " k"],
+    sliding_window: int,
+    q_blocks: Int[Array, " q"] | None = None,
+    k_blocks: Int[Array, " k"] | None = None,
+    mode: MaskMode = "intended",
+) -> dict[str, Bool[Array, "q k"]]:
+    """The mask of each layer type, keyed by `"sliding_attention"` / `"full_attention"`."""
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask_mode: expected one of {MASK_MODES}, found {mode!r}")
+    c = causal(q_slots, k_slots)
+    w = inside_window(q_slots, k_slots, sliding_window)
+    pad = key_valid[None, :]
+    if q_blocks is None or k_blocks is None:
+        return {FULL: c & pad, SLIDING: c & w & pad}
+    b = same_block(q_blocks, k_blocks)
+    if mode == "intended":
+        return {FULL: c & pad, SLIDING: (c | b) & w & pad}
+    return {FULL: (c | b) & pad, SLIDING: ((c & w) | b) & pad}

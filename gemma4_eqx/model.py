@@ -1,0 +1,219 @@
+"""The Equinox Gemma 4 Unified model: embedding, multimodal splice, decoder stack, tied soft-capped logits.
+
+One sequence per call (the Equinox convention); batch with `jax.vmap` / `eqx.filter_vmap`.
+Spec: `decoder-and-checkpoint.md` §3 (decoder), §5 (masks), §6 (splice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ._checks import check_shape, check_value, is_concrete
+from .config import Gemma4Config
+from .embedders import AudioEmbedder, VisionEmbedder
+from .layers.decoder import DecoderStack
+from .layers.norm import RMSNorm
+from .masks import MaskMode, layer_masks, vision_block_ids
+
+
+def _splice(
+    embeds: Float[Array, "seq hidden"],
+    slots: Bool[Array, " seq"],
+    features: Float[Array, "items hidden"],
+    valid: Bool[Array, " items"],
+    what: str,
+) -> Float[Array, "seq hidden"]:
+    """Overwrite the placeholder rows, in order, with the valid feature rows, in order."""
+    n_slots, n_valid = jnp.sum(slots), jnp.sum(valid)
+    if is_concrete(n_slots, n_valid) and int(n_slots) != int(n_valid):
+        raise ValueError(f"{what}: the sequence has {int(n_slots)} placeholder tokens but the inputs give "
+                         f"{int(n_valid)} valid soft tokens; they must match")
+    embeds = check_value(embeds, n_slots != n_valid,
+                         lambda: f"{what}: the number of placeholder tokens differs from the number of valid "
+                                 "soft tokens (call the model outside jit to see both counts)")
+    order = jnp.nonzero(valid, size=valid.shape[0], fill_value=0)[0]
+    rank = jnp.clip(jnp.cumsum(slots) - 1, 0, valid.shape[0] - 1)
+    return jnp.where(slots[:, None], features[order[rank]].astype(embeds.dtype), embeds)
+
+
+class Gemma4(eqx.Module):
+    """`Gemma4UnifiedForConditionalGeneration` as an immutable pytree."""
+
+    embed_tokens: Float[Array, "vocab hidden"]
+    layers: DecoderStack
+    norm: RMSNorm
+    embed_vision: VisionEmbedder | None
+    embed_audio: AudioEmbedder | None
+    config: Gemma4Config = eqx.field(static=True)
+
+    def __init__(self, config: Gemma4Config, *, key: PRNGKeyArray, dtype=jnp.float32, remat: bool = False,
+                 unroll: bool = False):
+        ke, kl, kv, ka = jax.random.split(key, 4)
+        t = config.text
+        self.config = config
+        self.embed_tokens = (t.initializer_range * jax.random.normal(ke, (t.vocab_size, t.hidden_size))).astype(dtype)
+        self.layers = DecoderStack(t, key=kl, dtype=dtype, remat=remat, unroll=unroll)
+        self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=dtype)
+        self.embed_vision = None if config.vision is None else VisionEmbedder(config.vision, t, key=kv, dtype=dtype)
+        self.embed_audio = None if config.audio is None else AudioEmbedder(config.audio, t, key=ka, dtype=dtype)
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.dtype
+
+    # ---- multimodal features ---------------------------------------------------------------------
+    def image_features(
+        self,
+        pixel_values: Float[Array, "images patches patch_dim"],
+        image_position_ids: Int[Array, "images patches 2"],
+    ) -> Float[Array, "images patches hidden"]:
+        """Soft tokens of every patch (padding patches included; drop rows whose position is (-1, -1))."""
+        if self.embed_vision is None:
+            raise ValueError("pixel_values: this model has no vision_config, so it cannot embed images")
+        v = self.config.vision
+        check_shape("pixel_values", pixel_values, (None, None, v.patch_dim),
+                    f"(patch_dim = {v.model_patch_size}x{v.model_patch_size}x3)")
+        check_shape("image_position_ids", image_position_ids, (pixel_values.shape[0], pixel_values.shape[1], 2))
+        too_far = jnp.any(image_position_ids >= v.mm_posemb_size) | jnp.any(image_position_ids < -1)
+        image_position_ids = check_value(
+            image_position_ids, too_far,
+            lambda: f"image_position_ids: coordinates must lie in [0, {v.mm_posemb_size}) (mm_posemb_size) or be -1 "
+                    f"for padding; found values in [{int(jnp.min(image_position_ids))}, "
+                    f"{int(jnp.max(image_position_ids))}]" if is_concrete(image_position_ids) else
+                    f"image_position_ids: coordinates must lie in [0, {v.mm_posemb_size}) or be -1")
+        return jax.vmap(self.embed_vision)(pixel_values, image_position_ids)
+
+    def audio_features(
+        self, input_features: Float[Array, "clips frames samples"]
+    ) -> Float[Array, "clips frames hidden"]:
+        """Soft tokens of every 640-sample frame (padding frames included)."""
+        if self.embed_audio is None:
+            raise ValueError("input_features: this model has no audio_config, so it cannot embed audio")
+        size = self.config.audio.audio_embed_dim
+        check_shape("input_features", input_features, (None, None, size), f"({size} samples per frame)")
+        return jax.vmap(self.embed_audio)(input_features)
+
+    # ---- embedding with the splice ---------------------------------------------------------------
+    def embed(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        pixel_values: Float[Array, "images patches patch_dim"] | None = None,
+        image_position_ids: Int[Array, "images patches 2"] | None = None,
+        pixel_values_videos: Float[Array, "frames vpatches patch_dim"] | None = None,
+        video_position_ids: Int[Array, "frames vpatches 2"] | None = None,
+        input_features: Float[Array, "clips aframes samples"] | None = None,
+        input_features_mask: Bool[Array, "clips aframes"] | None = None,
+    ) -> Float[Array, "seq hidden"]:
+        """Token embeddings times sqrt(hidden); placeholders embedded as pad, then overwritten by soft tokens."""
+        cfg = self.config
+        check_shape("input_ids", input_ids, (None,), "(one sequence; vmap for a batch)")
+        is_image = input_ids == cfg.image_token_id
+        is_video = input_ids == cfg.video_token_id
+        is_audio = input_ids == cfg.audio_token_id
+        ids = jnp.where(is_image | is_video | is_audio, cfg.text.pad_token_id, input_ids)
+        # The scale is an fp32 constant cast to the weight dtype (62.0 in bf16), then a multiply in that dtype.
+        scale = jnp.asarray(cfg.text.embed_scale, jnp.float32).astype(self.dtype)
+        h = self.embed_tokens[ids] * scale
+        if pixel_values is not None:
+            if image_position_ids is None:
+                raise ValueError("image_position_ids: required with pixel_values ((x, y) per patch, (-1, -1) = padding)")
+            feats = self.image_features(pixel_values, image_position_ids)
+            valid = jnp.all(image_position_ids != -1, axis=-1)
+            h = _splice(h, is_image, feats.reshape(-1, feats.shape[-1]), valid.reshape(-1), "images")
+        if pixel_values_videos is not None:
+            if video_position_ids is None:
+                raise ValueError("video_position_ids: required with pixel_values_videos")
+            feats = self.image_features(pixel_values_videos, video_position_ids)
+            valid = jnp.all(video_position_ids != -1, axis=-1)
+            h = _splice(h, is_video, feats.reshape(-1, feats.shape[-1]), valid.reshape(-1), "video frames")
+        if input_features is not None:
+            if input_features_mask is None:
+                raise ValueError("input_features_mask: required with input_features (True = real frame)")
+            check_shape("input_features_mask", input_features_mask, input_features.shape[:2])
+            feats = self.audio_features(input_features)
+            h = _splice(h, is_audio, feats.reshape(-1, feats.shape[-1]), input_features_mask.reshape(-1), "audio")
+        return h
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        attention_mask: Bool[Array, " seq"] | None = None,
+        mm_token_type_ids: Int[Array, " seq"] | None = None,
+        mask_mode: MaskMode = "intended",
+        **media,
+    ) -> Float[Array, "seq hidden"]:
+        """Final-norm hidden states of every position."""
+        h = self.embed(input_ids, **media)
+        return self.norm(self.decode_hidden(h, positions=positions, attention_mask=attention_mask,
+                                            mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode))
+
+    def decode_hidden(
+        self,
+        h: Float[Array, "seq hidden"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        attention_mask: Bool[Array, " seq"] | None = None,
+        mm_token_type_ids: Int[Array, " seq"] | None = None,
+        mask_mode: MaskMode = "intended",
+    ) -> Float[Array, "seq hidden"]:
+        """Run the decoder stack over embeddings (before the final norm)."""
+        seq = h.shape[0]
+        slots = jnp.arange(seq)
+        if positions is None:
+            positions = slots
+        check_shape("positions", positions, (seq,))
+        if attention_mask is None:
+            attention_mask = jnp.ones((seq,), bool)
+        check_shape("attention_mask", attention_mask, (seq,))
+        blocks = None
+        if mm_token_type_ids is not None and self.config.text.use_bidirectional_attention == "vision":
+            check_shape("mm_token_type_ids", mm_token_type_ids, (seq,), "(one type per token)")
+            blocks = vision_block_ids(mm_token_type_ids)
+        masks = layer_masks(slots, slots, attention_mask.astype(bool), self.config.text.sliding_window,
+                            blocks, blocks, mask_mode)
+        return self.layers(h, positions, masks)
+
+    def logits_from_hidden(self, h: Float[Array, "*seq hidden"]) -> Float[Array, "*seq vocab"]:
+        """Tied lm head (no embedding scale) and the final soft cap, in the activation dtype."""
+        logits = jnp.matmul(h, self.embed_tokens.T.astype(h.dtype))
+        cap = self.config.text.final_logit_softcapping
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        attention_mask: Bool[Array, " seq"] | None = None,
+        mm_token_type_ids: Int[Array, " seq"] | None = None,
+        pixel_values: Float[Array, "images patches patch_dim"] | None = None,
+        image_position_ids: Int[Array, "images patches 2"] | None = None,
+        pixel_values_videos: Float[Array, "frames vpatches patch_dim"] | None = None,
+        video_position_ids: Int[Array, "frames vpatches 2"] | None = None,
+        input_features: Float[Array, "clips aframes samples"] | None = None,
+        input_features_mask: Bool[Array, "clips aframes"] | None = None,
+        mask_mode: MaskMode = "intended",
+    ) -> Float[Array, "seq vocab"]:
+        """Soft-capped logits for every position of one sequence."""
+        h = self.hidden_states(
+            input_ids, positions=positions, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+            mask_mode=mask_mode, pixel_values=pixel_values, image_position_ids=image_position_ids,
+            pixel_values_videos=pixel_values_videos, video_position_ids=video_position_ids,
+            input_features=input_features, input_features_mask=input_features_mask)
+        return self.logits_from_hidden(h)
+
+
+def count_parameters(model) -> int:
+    """Number of array elements in a pytree of arrays or of `jax.ShapeDtypeStruct`s (from `filter_eval_shape`)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(model) if hasattr(x, "shape") and hasattr(x, "dtype"))
