@@ -1,8 +1,10 @@
 """gemma4-eqx: Gemma 4 12B Unified in JAX/Equinox."""
 
 from .config import AudioConfig, ConfigError, Gemma4Config, TextConfig, VisionConfig, small_config
+from .checkpoint import CheckpointError
+from .hub import load, save
 from .model import Gemma4, count_parameters
 
-__all__ = ["AudioConfig", "ConfigError", "Gemma4", "Gemma4Config", "TextConfig", "VisionConfig",
-           "count_parameters", "small_config"]
+__all__ = ["AudioConfig", "CheckpointError", "ConfigError", "Gemma4", "Gemma4Config", "TextConfig", "VisionConfig",
+           "count_parameters", "load", "save", "small_config"]
 __version__ = "0.1.0"
