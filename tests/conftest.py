@@ -1,0 +1,25 @@
+"""Test setup: every annotated function of the package is shape-checked by jaxtyping + beartype.
+
+The import hook must be installed before anything imports `gemma4_eqx`.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+from jaxtyping import install_import_hook  # noqa: E402
+
+with install_import_hook("gemma4_eqx", "beartype.beartype"):
+    import gemma4_eqx  # noqa: F401,E402
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+    return FIXTURES
