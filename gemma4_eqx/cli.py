@@ -1,0 +1,115 @@
+"""The `gemma4-eqx` command line. With no `--model`, every command uses the small bundled checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .assets import TINY_CHECKPOINT
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder or Hub repo id (default: the small checkpoint bundled in the package)")
+
+
+def _resolve_model(name: str | None) -> str:
+    return os.fspath(TINY_CHECKPOINT) if name is None else name
+
+
+def _jnp_dtype(name: str | None):
+    import jax.numpy as jnp
+
+    return None if name is None else {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def cmd_info(args) -> int:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from . import hub
+    from .config import Gemma4Config
+    from .model import Gemma4, count_parameters
+
+    folder = hub.resolve(_resolve_model(args.model), allow_patterns=("config.json",))
+    cfg = Gemma4Config.from_pretrained(folder)
+    dtype = _jnp_dtype(args.dtype) or jnp.bfloat16
+    abstract = eqx.filter_eval_shape(lambda: Gemma4(cfg, key=jax.random.key(0), dtype=dtype))
+    total = count_parameters(abstract)
+    mm = count_parameters(abstract.embed_vision) + count_parameters(abstract.embed_audio)
+    t = cfg.text
+    n_full = sum(lt == "full_attention" for lt in t.layer_types)
+    itemsize = jnp.dtype(dtype).itemsize
+    info = {
+        "model": _resolve_model(args.model),
+        "layers": f"{t.num_hidden_layers} ({t.num_hidden_layers - n_full} sliding, {n_full} full)",
+        "layer pattern": abstract.layers.pattern, "pattern repeats": abstract.layers.num_repeats,
+        "hidden / intermediate": f"{t.hidden_size} / {t.intermediate_size}",
+        "sliding attention": f"{t.num_attention_heads} q heads x {t.head_dim}, {t.num_key_value_heads} kv heads, "
+                             f"window {t.sliding_window}",
+        "full attention": f"{t.num_attention_heads} q heads x {t.global_head_dim}, "
+                          f"{t.layer_geometry_for_type('full_attention').num_key_value_heads} kv head(s), "
+                          f"keys as values: {t.attention_k_eq_v}",
+        "vocab": t.vocab_size, "final logit softcap": t.final_logit_softcapping,
+        "parameters (total)": f"{total:,}", "parameters (text)": f"{total - mm:,}",
+        "parameters (vision + audio)": f"{mm:,}",
+        f"weights in {jnp.dtype(dtype).name}": f"{total * itemsize / 2**30:.2f} GiB",
+    }
+    try:
+        from .cache import cache_bytes
+    except ImportError:  # the KV cache module is optional for `info`
+        cache_bytes = None
+    if cache_bytes is not None:
+        for ctx in args.context:
+            info[f"KV cache at {ctx:,} tokens (batch 1, {jnp.dtype(dtype).name})"] = \
+                f"{cache_bytes(cfg, ctx, dtype) / 2**30:.3f} GiB"
+    if args.json:
+        print(json.dumps({k: str(v) for k, v in info.items()}, indent=2))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from . import hub
+
+    model = hub.load(_resolve_model(args.model), dtype=_jnp_dtype(args.dtype))
+    hub.save(model, args.out, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma4-eqx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="config, parameter counts, memory estimate (no weights are read)")
+    _model_arg(p)
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--context", type=int, nargs="*", default=[8192, 262144])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="load a checkpoint and write it back (e.g. to another dtype or sharding)")
+    _model_arg(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
