@@ -1,0 +1,45 @@
+"""Reading the transformers reference outputs recorded by scripts/record_hf_reference.py."""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import numpy as np
+
+HF_DIR = pathlib.Path(__file__).parent / "fixtures" / "hf"
+INPUT_FIELDS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values",
+                "image_position_ids", "pixel_values_videos", "video_position_ids", "num_frames_per_video",
+                "input_features", "input_features_mask")
+
+
+def checkpoints() -> list[str]:
+    return sorted(p.name for p in HF_DIR.iterdir() if (p / "cases.npz").exists()) if HF_DIR.exists() else []
+
+
+@functools.lru_cache(maxsize=None)
+def cases(name: str) -> dict[str, dict[str, np.ndarray]]:
+    data = np.load(HF_DIR / name / "cases.npz")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key in data.files:
+        case, field = key.split("/", 1)
+        out.setdefault(case, {})[field] = data[key]
+    return out
+
+
+def checkpoint_dir(name: str) -> pathlib.Path:
+    return HF_DIR / name / "checkpoint"
+
+
+def meta(case: dict) -> dict:
+    return json.loads(str(case["meta"])) if "meta" in case else {}
+
+
+def inputs(case: dict) -> dict[str, np.ndarray]:
+    return {k: case[k] for k in INPUT_FIELDS if k in case}
+
+
+def case_ids(fields: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(checkpoint, case) pairs whose recorded outputs include one of `fields`."""
+    return [(n, c) for n in checkpoints() for c, d in cases(n).items() if any(f in d for f in fields)]

@@ -1,0 +1,83 @@
+"""Logits against transformers' recorded outputs (scripts/record_hf_reference.py), on valid positions.
+
+fp32: max |diff| <= 1e-4. bf16 (weights and activations): same argmax everywhere and |diff| <= 0.25.
+Multimodal cases in both mask modes: `hf_forward` against transformers' bare forward(), `intended` against the
+class-level static-cache masks.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gemma4_eqx as g4
+from gemma4_eqx.batching import split_batch, stack_samples
+
+import hf_reference as ref
+
+FP32_TOL = 1e-4
+BF16_TOL = 0.25
+
+
+@functools.lru_cache(maxsize=None)
+def model(name: str, dtype_name: str):
+    return g4.load(ref.checkpoint_dir(name), dtype=jnp.dtype(dtype_name))
+
+
+@functools.partial(jax.jit, static_argnames=("mask_mode",))
+def batched_logits(m, batch, mask_mode="intended"):
+    return jax.vmap(lambda b: m(**b, mask_mode=mask_mode))(batch)
+
+
+def run(name: str, case: dict, dtype_name: str, mask_mode: str = "intended") -> np.ndarray:
+    m = model(name, dtype_name)
+    inputs = {k: v for k, v in ref.inputs(case).items() if k != "num_frames_per_video"}
+    batch = stack_samples(split_batch(inputs, m.config))
+    return np.asarray(batched_logits(m, batch, mask_mode=mask_mode).astype(jnp.float32))
+
+
+def valid(case):
+    return case["attention_mask"].astype(bool) if "attention_mask" in case else np.ones(case["input_ids"].shape, bool)
+
+
+def test_reference_fixtures_exist():
+    assert len(ref.checkpoints()) >= 3, "run scripts/record_hf_reference.py (see tests/fixtures/hf/README.md)"
+
+
+TEXT_CASES = [(n, c) for n, c in ref.case_ids(("logits",)) if not c.endswith("_bf16")]
+BF16_CASES = [(n, c) for n, c in ref.case_ids(("logits",)) if c.endswith("_bf16")]
+MM_CASES = ref.case_ids(("logits_hf_forward", "logits_intended"))
+
+
+@pytest.mark.parametrize("name, case_name", TEXT_CASES)
+def test_fp32_logits_match_transformers(name, case_name):
+    case = ref.cases(name)[case_name]
+    ours = run(name, case, "float32")
+    v = valid(case)
+    diff = np.abs(ours - case["logits"])[v]
+    assert diff.max() <= FP32_TOL, f"max |diff| {diff.max():.3g}"
+
+
+@pytest.mark.parametrize("name, case_name", BF16_CASES)
+def test_bf16_logits_agree_with_transformers(name, case_name):
+    case = ref.cases(name)[case_name]
+    ours = run(name, case, "bfloat16")
+    v = valid(case)
+    theirs = case["logits"]
+    assert np.abs(ours - theirs)[v].max() <= BF16_TOL
+    agree = ours.argmax(-1) == theirs.argmax(-1)
+    assert agree[v].all(), f"argmax differs at {np.argwhere(~agree & v)[:5].tolist()}"
+
+
+@pytest.mark.parametrize("mode", ["hf_forward", "intended"])
+@pytest.mark.parametrize("name, case_name", MM_CASES)
+def test_multimodal_logits_match_transformers(name, case_name, mode):
+    case = ref.cases(name)[case_name]
+    key = f"logits_{mode}"
+    if key not in case:
+        pytest.skip(f"{case_name} has no {key}")
+    ours = run(name, case, "float32", mask_mode=mode)
+    diff = np.abs(ours - case[key])[valid(case)]
+    assert diff.max() <= FP32_TOL, f"max |diff| {diff.max():.3g}"
