@@ -1,0 +1,35 @@
+"""Input processing identical to transformers' Gemma4UnifiedProcessor, in NumPy (spec processors.md).
+
+    from gemma4_eqx.processing import Processor
+    proc = Processor.from_pretrained(folder)
+    batch = proc(text=["<|image|>What is shown?"], images=[[image]])
+
+No JAX, torch or transformers here: numpy, PIL, tokenizers, jinja2 and soundfile.
+"""
+
+from ._batch import BatchFeature
+from .audio import AudioFeatureExtractor, load_audio, resample_audio
+from .chat_template import builtin_template, render_chat_template
+from .image import SUPPORTED_SOFT_TOKENS, ImageProcessor, aspect_ratio_preserving_size
+from .processor import Processor
+from .resize import resize_bicubic_antialias
+from .tokenizer import Tokenizer
+from .video import VideoMetadata, VideoProcessor, sample_frame_indices
+
+__all__ = [
+    "AudioFeatureExtractor",
+    "BatchFeature",
+    "ImageProcessor",
+    "Processor",
+    "SUPPORTED_SOFT_TOKENS",
+    "Tokenizer",
+    "VideoMetadata",
+    "VideoProcessor",
+    "aspect_ratio_preserving_size",
+    "builtin_template",
+    "load_audio",
+    "render_chat_template",
+    "resample_audio",
+    "resize_bicubic_antialias",
+    "sample_frame_indices",
+]
