@@ -27,7 +27,7 @@ class AudioFeatureExtractor:
     feature_size: int = 640
     audio_samples_per_token: int = 640
     sampling_rate: int = SAMPLING_RATE
-    padding_value: float = 0.0
+    padding_value: float | int = 0.0
     padding_side: str = "right"
     return_attention_mask: bool = True
 
@@ -169,7 +169,7 @@ def resample_audio(waveform: np.ndarray, orig_rate: int, target_rate: int, zero_
     it is the sum of the input around floor(t) weighted by a sinc low-pass at min(1, L/M) of the Nyquist
     rate (so downsampling does not alias), tapered by a Kaiser window (beta 8.6) over `zero_crossings`
     zero crossings each side. There are only L distinct fractional offsets, so the L filters are
-    computed once. Output length is ceil(n * L / M). Not bit-identical to librosa/soxr.
+    computed once, each normalised to unit gain at DC. Output length is ceil(n * L / M). Not bit-identical to librosa/soxr.
     """
     if orig_rate <= 0 or target_rate <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_rate} and {target_rate}")
@@ -188,6 +188,7 @@ def resample_audio(waveform: np.ndarray, orig_rate: int, target_rate: int, zero_
     window = np.kaiser(2 * half + 1, 8.6)
     window_at = np.interp(dist, np.arange(-half, half + 1), window, left=0.0, right=0.0)
     filters = cutoff * np.sinc(cutoff * dist) * window_at  # [up, 2 * half]
+    filters /= filters.sum(axis=1, keepdims=True)  # unit DC gain for every phase
 
     n_out = -(-x.shape[0] * up // down)
     padded = np.concatenate([np.zeros(half), x, np.zeros(half + 1)])

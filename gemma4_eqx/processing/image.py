@@ -113,8 +113,8 @@ def to_rgb_array(image: ImageLike, what: str = "image") -> np.ndarray:
 
 
 def rescale_and_normalize(
-    image: np.ndarray, do_rescale: bool, rescale_factor: float, do_normalize: bool,
-    image_mean: Sequence[float], image_std: Sequence[float],
+    image: np.ndarray, do_rescale: bool, rescale_factor: float | int, do_normalize: bool,
+    image_mean: Sequence[float | int], image_std: Sequence[float | int],
 ) -> np.ndarray:
     """uint8 -> float32 like transformers' torchvision backend.
 
@@ -176,10 +176,10 @@ class ImageProcessor:
     do_convert_rgb: bool = True
     do_resize: bool = True
     do_rescale: bool = True
-    rescale_factor: float = 1 / 255
+    rescale_factor: float | int = 1 / 255
     do_normalize: bool = False
-    image_mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    image_std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    image_mean: Sequence[float | int] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    image_std: Sequence[float | int] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     resample: int = 3  # PIL BICUBIC; the only mode implemented
 
     def __post_init__(self) -> None:

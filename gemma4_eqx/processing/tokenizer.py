@@ -88,12 +88,12 @@ class Tokenizer:
         """The token strings a chat template can refer to (bos_token, eos_token, ...)."""
         return dict(self.special_tokens)
 
-    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int] | None:
+    def convert_tokens_to_ids(self, tokens: Any) -> Any:
         if isinstance(tokens, str):
             return self.backend.token_to_id(tokens)
         return [self.backend.token_to_id(t) for t in tokens]
 
-    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
+    def convert_ids_to_tokens(self, ids: Any) -> Any:
         if isinstance(ids, (int, np.integer)):
             return self.backend.id_to_token(int(ids))
         return [self.backend.id_to_token(int(i)) for i in ids]

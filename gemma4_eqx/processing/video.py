@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, fields, replace
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,11 +29,11 @@ class VideoMetadata:
     """What the prompt builder needs: the fps and the indices of the frames that were kept."""
 
     total_num_frames: int
-    fps: float | None = None
+    fps: float | int | None = None
     frames_indices: list[int] | None = None
     width: int | None = None
     height: int | None = None
-    duration: float | None = None
+    duration: float | int | None = None
     video_backend: str | None = None
 
     @classmethod
@@ -55,12 +56,14 @@ class VideoMetadata:
         return [int(i) / fps for i in indices]
 
 
-def timestamp_strings(seconds: list[float]) -> list[str]:
+def timestamp_strings(seconds: Sequence[float | int]) -> list[str]:
     """MM:SS with truncation, both zero padded (spec §2)."""
     return [f"{int(s // 60):02d}:{int(s % 60):02d}" for s in seconds]
 
 
-def sample_frame_indices(total: int, num_frames: int | None, fps: float | None, video_fps: float | None) -> np.ndarray:
+def sample_frame_indices(
+    total: int, num_frames: int | None, fps: float | int | None, video_fps: float | int | None
+) -> np.ndarray:
     """transformers' default sampling: N uniformly spaced frames, arange(N) * T // N in integers."""
     if num_frames is not None and fps is not None:
         raise ValueError("num_frames and fps are mutually exclusive: pass only one of them")
@@ -118,15 +121,15 @@ class VideoProcessor:
     pooling_kernel_size: int = 3
     max_soft_tokens: int = 70
     num_frames: int | None = 32
-    fps: float | None = None
+    fps: float | int | None = None
     do_sample_frames: bool = True
     do_convert_rgb: bool = True
     do_resize: bool = True
     do_rescale: bool = True
-    rescale_factor: float = 1 / 255
+    rescale_factor: float | int = 1 / 255
     do_normalize: bool = True
-    image_mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    image_std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    image_mean: Sequence[float | int] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    image_std: Sequence[float | int] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     resample: int = 3
 
     def __post_init__(self) -> None:
@@ -198,17 +201,16 @@ class VideoProcessor:
     @staticmethod
     def _metadata_list(videos: list, video_metadata: Any) -> list[VideoMetadata]:
         if video_metadata is None:
-            return [VideoMetadata(total_num_frames=len(v)) for v in videos]
-        if isinstance(video_metadata, (dict, VideoMetadata)):
+            video_metadata = [{} for _ in videos]
+        elif isinstance(video_metadata, (dict, VideoMetadata)):
             video_metadata = [video_metadata]
-        metas = []
-        for i, (video, meta) in enumerate(zip(videos, video_metadata)):
-            meta = dict(meta) if isinstance(meta, dict) else meta
-            if isinstance(meta, dict):
-                meta.setdefault("total_num_frames", len(video))
-            metas.append(VideoMetadata.from_any(meta))
         if len(video_metadata) != len(videos):
             raise ValueError(f"received {len(videos)} videos but {len(video_metadata)} video_metadata entries")
+        metas = []
+        for video, meta in zip(videos, video_metadata):
+            if isinstance(meta, dict):
+                meta = {"total_num_frames": len(video), **meta}
+            metas.append(VideoMetadata.from_any(meta))
         for i, meta in enumerate(metas):
             if meta.fps is None:
                 warnings.warn(
