@@ -32,8 +32,8 @@ SPECIAL_TOKEN_DEFAULTS = {
 
 def _token_string(value: Any) -> str | None:
     if isinstance(value, dict):  # serialised AddedToken
-        return value.get("content")
-    return value
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 class Tokenizer:
