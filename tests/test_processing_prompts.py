@@ -167,3 +167,13 @@ def test_numpy_gray_image_matches_pil_gray():
     a = proc(text=["<|image|>"], images=[gray[..., None]])
     b = proc(text=["<|image|>"], images=[image_input("gray_300x200")])
     np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_positional_text_first_is_caught():
+    with pytest.raises(TypeError, match="text=... by keyword"):
+        processor()("hello there")
+
+
+def test_stereo_array_in_prompt_is_rejected():
+    with pytest.raises(ValueError, match="mono"):
+        processor()(text=["<|audio|>"], audio=np.zeros((2, 100), np.float32))

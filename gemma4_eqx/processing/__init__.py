@@ -10,7 +10,7 @@ No JAX, torch or transformers here: numpy, PIL, tokenizers, jinja2 and soundfile
 from ._batch import BatchFeature
 from .audio import AudioFeatureExtractor, load_audio, resample_audio
 from .chat_template import builtin_template, render_chat_template
-from .image import SUPPORTED_SOFT_TOKENS, ImageProcessor, aspect_ratio_preserving_size
+from .image import SUPPORTED_SOFT_TOKENS, ImageProcessor, aspect_ratio_preserving_size, load_image
 from .processor import Processor
 from .resize import resize_bicubic_antialias
 from .tokenizer import Tokenizer
@@ -28,6 +28,7 @@ __all__ = [
     "aspect_ratio_preserving_size",
     "builtin_template",
     "load_audio",
+    "load_image",
     "render_chat_template",
     "resample_audio",
     "resize_bicubic_antialias",

@@ -140,8 +140,8 @@ class Processor:
     # ------------------------------------------------------------------ main entry
     def __call__(
         self,
-        text: str | list[str] | None = None,
         images: Any = None,
+        text: str | list[str] | None = None,
         videos: Any = None,
         audio: Any = None,
         video_metadata: Any = None,
@@ -155,7 +155,13 @@ class Processor:
         return_metadata: bool = False,
         **kwargs: Any,
     ) -> BatchFeature:
+        """Positional order is transformers' (images, text, videos, audio); keywords are clearer."""
         check_return_tensors(return_tensors)
+        if text is None and _looks_like_text(images):
+            raise TypeError(
+                "images are strings that are no image files; the first positional argument is `images` "
+                "(transformers' order): pass text=... by keyword"
+            )
         if isinstance(text, str):
             text = [text]
         elif text is not None:
@@ -311,9 +317,19 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _looks_like_text(images: Any) -> bool:
+    candidates = [images] if isinstance(images, str) else images if isinstance(images, list) else []
+    return bool(candidates) and all(isinstance(c, str) and not os.path.isfile(c) for c in candidates)
+
+
 def _audio_list(audio: Any) -> list:
     if isinstance(audio, (str, os.PathLike)) or (isinstance(audio, np.ndarray) and audio.ndim == 1):
         return [audio]
+    if isinstance(audio, np.ndarray):
+        raise ValueError(
+            f"audio: expected a 1-D mono waveform or a list of them, got an array of shape {audio.shape}; "
+            "downmix several channels with x.mean(axis=channel_axis) or load_audio(path, downmix=True)"
+        )
     if isinstance(audio, (list, tuple)) and audio and all(isinstance(x, (int, float, np.number)) for x in audio):
         return [np.asarray(audio)]
     return list(audio)
