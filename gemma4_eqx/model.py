@@ -214,6 +214,23 @@ class Gemma4(eqx.Module):
         return self.logits_from_hidden(h)
 
 
+    # ---- cached generation (decode.py) -------------------------------------------------------------
+    def prefill(self, input_ids: Int[Array, " seq"], cache, **kwargs):
+        """Write a prompt (one sequence, media and `mm_token_type_ids` included) into `cache`.
+
+        Returns `(logits of the last token, new cache)`; jit-compiled once per shape, the cache donated.
+        """
+        from .decode import prefill_jitted
+
+        return prefill_jitted(self, input_ids, cache, **kwargs)
+
+    def decode_step(self, token: Int[Array, ""], cache):
+        """One new token at the cache's next slot: `(logits, new cache)`; jit-compiled, the cache donated."""
+        from .decode import decode_step_jitted
+
+        return decode_step_jitted(self, token, cache)
+
+
 def count_parameters(model) -> int:
     """Number of array elements in a pytree of arrays or of `jax.ShapeDtypeStruct`s (from `filter_eval_shape`)."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(model) if hasattr(x, "shape") and hasattr(x, "dtype"))

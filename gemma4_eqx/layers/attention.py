@@ -14,7 +14,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..config import LayerGeometry, RopeConfig
 from .linear import Linear
-from .norm import RMSNorm
+from .norm import RMSNorm, compute_dtype
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
 
 
@@ -34,7 +34,8 @@ def dot_product_attention(
     kv_heads = k.shape[1]
     qg = q.reshape(t, kv_heads, h // kv_heads, d)
     scores = jnp.einsum("tkgd,skd->kgts", qg, k)
-    scores = jnp.where(mask[None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    softmax_dtype = compute_dtype(q.dtype)
+    scores = jnp.where(mask[None, None], scores.astype(softmax_dtype), jnp.finfo(softmax_dtype).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("kgts,skd->tkgd", probs, v)
     return out.reshape(t, h, d)
@@ -77,14 +78,29 @@ class Attention(eqx.Module):
         cos, sin = self.rope_tables(positions, x.dtype)
         return apply_rope(self.q_norm(q), cos, sin)
 
+    def raw_kv(
+        self, x: Float[Array, "seq hidden"]
+    ) -> tuple[Float[Array, "seq kv_heads head_dim"], Float[Array, "seq kv_heads head_dim"] | None]:
+        """The key and value projections before any norm; no value projection when values are the raw keys."""
+        raw_k = self.k_proj(x).reshape(x.shape[0], self.num_kv_heads, self.head_dim)
+        raw_v = None if self.v_proj is None else self.v_proj(x).reshape(raw_k.shape)
+        return raw_k, raw_v
+
+    def finish_kv(
+        self,
+        raw_k: Float[Array, "seq kv_heads head_dim"],
+        raw_v: Float[Array, "seq kv_heads head_dim"] | None,
+        positions: Int[Array, " seq"],
+    ) -> tuple[Float[Array, "seq kv_heads head_dim"], Float[Array, "seq kv_heads head_dim"]]:
+        """`k = rope(k_norm(raw_k))`, `v = v_norm(raw_v)`, with `raw_v = raw_k` when there is no v_proj."""
+        cos, sin = self.rope_tables(positions, raw_k.dtype)
+        return apply_rope(self.k_norm(raw_k), cos, sin), self.v_norm(raw_k if raw_v is None else raw_v)
+
     def keys_values(
         self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"]
     ) -> tuple[Float[Array, "seq kv_heads head_dim"], Float[Array, "seq kv_heads head_dim"]]:
-        """Post-norm, post-RoPE keys and post-`v_norm` values, as they go into a KV cache."""
-        raw_k = self.k_proj(x).reshape(x.shape[0], self.num_kv_heads, self.head_dim)
-        raw_v = raw_k if self.v_proj is None else self.v_proj(x).reshape(raw_k.shape)
-        cos, sin = self.rope_tables(positions, x.dtype)
-        return apply_rope(self.k_norm(raw_k), cos, sin), self.v_norm(raw_v)
+        """Post-norm, post-RoPE keys and post-`v_norm` values."""
+        return self.finish_kv(*self.raw_kv(x), positions)
 
     def __call__(
         self,
@@ -96,3 +112,39 @@ class Attention(eqx.Module):
         k, v = self.keys_values(x, positions)
         out = dot_product_attention(q, k, v, mask)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
+
+    def with_cache(
+        self,
+        x: Float[Array, "seq hidden"],
+        positions: Int[Array, " seq"],
+        kv,
+        ctx,
+        sliding: bool,
+    ):
+        """Attention of a chunk of new tokens over the cache plus themselves; returns (output, updated cache).
+
+        Sliding layers attend over `[ring entries, chunk]` and then write the chunk's last keys into the ring.
+        Full layers write the chunk into its slots first and attend over all slots (`ctx` masks the unwritten).
+        """
+        q = self.queries(x, positions)
+        raw_k, raw_v = self.raw_kv(x)
+        if sliding:
+            k_new, v_new = self.finish_kv(raw_k, raw_v, positions)
+            k = jnp.concatenate([kv.k, k_new])
+            v = jnp.concatenate([kv.v, v_new])
+            m = ctx.ring_write.shape[0]
+            kv = type(kv)(k=kv.k.at[ctx.ring_write].set(k_new[-m:]), v=kv.v.at[ctx.ring_write].set(v_new[-m:]))
+            mask = ctx.sliding_mask
+        elif kv.raw is not None:
+            raw = jax.lax.dynamic_update_slice_in_dim(kv.raw, raw_k, ctx.start, axis=0)
+            k, v = self.finish_kv(raw, None, ctx.full_positions)
+            kv = type(kv)(raw=raw)
+            mask = ctx.full_mask
+        else:
+            k_new, v_new = self.finish_kv(raw_k, raw_v, positions)
+            k = jax.lax.dynamic_update_slice_in_dim(kv.k, k_new, ctx.start, axis=0)
+            v = jax.lax.dynamic_update_slice_in_dim(kv.v, v_new, ctx.start, axis=0)
+            kv = type(kv)(k=k, v=v)
+            mask = ctx.full_mask
+        out = dot_product_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim)), kv

@@ -51,7 +51,18 @@ class DecoderLayer(eqx.Module):
         positions: Int[Array, " seq"],
         mask: Bool[Array, "seq seq"],
     ) -> Float[Array, "seq hidden"]:
-        a = self.self_attn(self.input_layernorm(h), positions, mask)
+        return self.feed_forward(h, self.self_attn(self.input_layernorm(h), positions, mask))
+
+    def with_cache(self, h: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv, ctx):
+        """The same layer over a chunk of new tokens, reading and updating its KV cache entry."""
+        a, kv = self.self_attn.with_cache(self.input_layernorm(h), positions, kv, ctx,
+                                          sliding=self.layer_type == "sliding_attention")
+        return self.feed_forward(h, a), kv
+
+    def feed_forward(
+        self, h: Float[Array, "seq hidden"], a: Float[Array, "seq hidden"]
+    ) -> Float[Array, "seq hidden"]:
+        """The rest of the layer once the attention output `a` is known: residuals, MLP, layer scalar."""
         h = h + self.post_attention_layernorm(a)
         m = self.mlp(self.pre_feedforward_layernorm(h))
         h = h + self.post_feedforward_layernorm(m)
@@ -140,3 +151,25 @@ class DecoderStack(eqx.Module):
 
         h, _ = jax.lax.scan(period, h, params, unroll=self.unroll)
         return h
+
+    def with_cache(self, h: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv_runs: tuple, ctx):
+        """Apply every layer to a chunk of new tokens with its KV cache; returns (h, updated per-run caches)."""
+        params, static = eqx.partition(self.runs, eqx.is_array)
+
+        def run_layer(static_layer) -> Callable:
+            def body(h, xs):
+                layer_params, kv = xs
+                h, kv = eqx.combine(layer_params, static_layer).with_cache(h, positions, kv, ctx)
+                return h, kv
+            return jax.checkpoint(body) if self.remat else body
+
+        def period(h, xs):
+            period_params, period_kv = xs
+            new_kv = []
+            for run_params, static_layer, kv in zip(period_params, static, period_kv):
+                h, kv = jax.lax.scan(run_layer(static_layer), h, (run_params, kv), unroll=self.unroll)
+                new_kv.append(kv)
+            return h, tuple(new_kv)
+
+        h, kv_runs = jax.lax.scan(period, h, (params, tuple(kv_runs)), unroll=self.unroll)
+        return h, kv_runs

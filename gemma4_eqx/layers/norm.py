@@ -7,6 +7,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
+def compute_dtype(dtype):
+    """fp32 for bf16/f16/fp32 activations (as transformers upcasts), fp64 stays fp64 (for gradient checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class RMSNorm(eqx.Module):
     """Gemma 4 RMSNorm: fp32 inside, `x * (mean(x^2) + eps)^-0.5 * w` with a plain `w` (not `1 + w`).
 
@@ -22,11 +27,11 @@ class RMSNorm(eqx.Module):
         self.eps = eps
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
-        xf = x.astype(jnp.float32)
+        xf = x.astype(compute_dtype(x.dtype))
         # pow(., -0.5) rather than rsqrt, as transformers does to stay close to JAX references.
         y = xf * jnp.power(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps, -0.5)
         if self.weight is not None:
-            y = y * self.weight.astype(jnp.float32)
+            y = y * self.weight.astype(xf.dtype)
         return y.astype(x.dtype)
 
 
@@ -43,9 +48,9 @@ class LayerNorm(eqx.Module):
         self.eps = eps
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
-        xf = x.astype(jnp.float32)
+        xf = x.astype(compute_dtype(x.dtype))
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jnp.power(var + self.eps, -0.5)
-        y = y * self.weight.astype(jnp.float32) + self.bias.astype(jnp.float32)
+        y = y * self.weight.astype(xf.dtype) + self.bias.astype(xf.dtype)
         return y.astype(x.dtype)

@@ -27,8 +27,9 @@ def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
 def rope_cos_sin(
     positions: Int[Array, " seq"], inv_freq: np.ndarray, dtype
 ) -> tuple[Float[Array, "seq head_dim"], Float[Array, "seq head_dim"]]:
-    """Angles in fp32, cos/sin cast to the activation dtype before use (as transformers does)."""
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    """Angles in fp32 (fp64 for fp64 models), cos/sin cast to the activation dtype before use (as transformers)."""
+    angle_dtype = jnp.promote_types(dtype, jnp.float32)
+    freqs = positions.astype(angle_dtype)[:, None] * jnp.asarray(inv_freq, angle_dtype)[None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
