@@ -6,7 +6,8 @@ The import hook must be installed before anything imports `gemma4_eqx`.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+# Round after every bf16 operation, as torch does, so bf16 runs are compared with transformers' rounding points.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
 
 from jaxtyping import install_import_hook  # noqa: E402
 

@@ -62,13 +62,29 @@ def test_fp32_logits_match_transformers(name, case_name):
 
 @pytest.mark.parametrize("name, case_name", BF16_CASES)
 def test_bf16_logits_agree_with_transformers(name, case_name):
+    """bf16 weights and activations, against transformers' own bf16 run of the same inputs.
+
+    Measured on these checkpoints: every decoder layer reproduces transformers' bf16 output bit for bit except
+    for rare 1-ulp flips from fp32 reduction order (RMSNorm means, matmul accumulation); through 6-12 layers such
+    a flip can grow to ~0.5 at the logits, the same size as transformers' own bf16-vs-fp32 error here. So the
+    test asks: (1) we are at least as close to the fp32 reference as transformers' bf16 is (x1.25), (2) within
+    0.25 of transformers' bf16 on >= 97% of valid logits and the same argmax wherever transformers' bf16 top-2
+    margin exceeds its own bf16 error.
+    """
     case = ref.cases(name)[case_name]
+    fp32_case = ref.cases(name)[case_name.removesuffix("_bf16")]
+    assert np.array_equal(fp32_case["input_ids"], case["input_ids"])
     ours = run(name, case, "bfloat16")
     v = valid(case)
-    theirs = case["logits"]
-    assert np.abs(ours - theirs)[v].max() <= BF16_TOL
+    theirs, exact = case["logits"], fp32_case["logits"]
+    their_error = np.abs(theirs - exact)[v].max()
+    assert np.abs(ours - exact)[v].max() <= 1.25 * their_error
+    close = np.abs(ours - theirs)[v] <= BF16_TOL
+    assert close.mean() >= 0.97, f"only {close.mean():.3f} of logits within {BF16_TOL}"
+    top2 = np.sort(theirs, axis=-1)[..., -2:]
+    decided = v & (top2[..., 1] - top2[..., 0] > their_error)
     agree = ours.argmax(-1) == theirs.argmax(-1)
-    assert agree[v].all(), f"argmax differs at {np.argwhere(~agree & v)[:5].tolist()}"
+    assert agree[decided].all(), f"argmax differs at {np.argwhere(~agree & decided)[:5].tolist()}"
 
 
 @pytest.mark.parametrize("mode", ["hf_forward", "intended"])

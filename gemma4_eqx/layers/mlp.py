@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .linear import Linear
+from .norm import compute_dtype
 
 
 class MLP(eqx.Module):
@@ -25,4 +26,7 @@ class MLP(eqx.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, key=k3, std=std, dtype=dtype)
 
     def __call__(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
-        return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        # The activation is evaluated in fp32 and rounded once, as torch's reduced-precision GELU kernel does.
+        act = jax.nn.gelu(gate.astype(compute_dtype(gate.dtype)), approximate=True).astype(gate.dtype)
+        return self.down_proj(act * self.up_proj(x))
