@@ -3,8 +3,12 @@
 from .config import AudioConfig, ConfigError, Gemma4Config, TextConfig, VisionConfig, small_config
 from .checkpoint import CheckpointError
 from .hub import load, save
+from .cache import KVCache
+from .generation import generate
 from .model import Gemma4, count_parameters
+from .processing import Processor
+from . import batching
 
-__all__ = ["AudioConfig", "CheckpointError", "ConfigError", "Gemma4", "Gemma4Config", "TextConfig", "VisionConfig",
-           "count_parameters", "load", "save", "small_config"]
+__all__ = ["AudioConfig", "CheckpointError", "ConfigError", "Gemma4", "Gemma4Config", "KVCache", "Processor",
+           "TextConfig", "VisionConfig", "batching", "count_parameters", "generate", "load", "save", "small_config"]
 __version__ = "0.1.0"

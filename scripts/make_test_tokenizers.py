@@ -1,6 +1,6 @@
 """Build the small test tokenizers used by the processing tests and the bundled tiny checkpoint.
 
-    python scripts/make_test_tokenizers.py            # writes gemma4_eqx/assets/tiny_tokenizer/
+    python scripts/make_test_tokenizers.py            # writes gemma4_eqx/assets/tiny/ (beside the bundled checkpoint)
 
 (a) `tiny_tokenizer`: a byte-fallback BPE (vocab 1024) trained on the English text below, with the
     same pipeline as transformers' `GemmaTokenizer` (spaces -> "▁", split after spaces, byte fallback)
@@ -24,7 +24,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "gemma4_eqx" / "assets" / "tiny_tokenizer"
+DEFAULT_OUT = REPO / "gemma4_eqx" / "assets" / "tiny"
 TEMPLATE = REPO / "gemma4_eqx" / "processing" / "chat_template.jinja"
 
 # Ids that do not depend on the vocabulary size (the real Gemma 4 ids).

@@ -28,7 +28,7 @@ import transformers
 from transformers import AutoProcessor
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = REPO / "gemma4_eqx" / "assets" / "tiny_tokenizer"
+TOKENIZER_DIR = REPO / "gemma4_eqx" / "assets" / "tiny"
 OUT = REPO / "tests" / "fixtures" / "processor"
 PATCH = 48
 

@@ -20,7 +20,7 @@ with install_import_hook("gemma4_eqx.processing", "beartype.beartype"):
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "processor"
-TINY_TOKENIZER = REPO / "gemma4_eqx" / "assets" / "tiny_tokenizer"
+TINY_TOKENIZER = REPO / "gemma4_eqx" / "assets" / "tiny"
 PATCH = 48
 
 
