@@ -1,0 +1,102 @@
+"""Checkpoint names of the NNX reference and `load` (spec §2).
+
+Every NNX parameter maps to exactly one on-disk tensor. The attribute paths already follow transformers' module
+names, so the on-disk name is the path with the shared prefixes of `gemma4_eqx.checkpoint` and two renames:
+NNX's `kernel` (stored `[in, out]`) is the PyTorch `weight` (stored `[out, in]`, hence transposed), and the token
+table `embedding` is `embed_tokens.weight`. The vision projection lives on disk at top level
+(`model.embed_vision.embedding_projection.weight`), not under `model.vision_embedder.` (spec §2.3).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .. import checkpoint as ckpt
+from ..config import Gemma4Config
+from .model import Gemma4NNX
+
+_VISION_PROJECTION_PATH = ("embed_vision", "multimodal_embedder", "embedding_projection", "kernel")
+
+
+def disk_name(path: tuple) -> str:
+    """On-disk tensor name of the NNX parameter at `path` (as `nnx.to_flat_state` spells it)."""
+    parts = [str(p) for p in path]
+    if tuple(path) == _VISION_PROJECTION_PATH:
+        return ckpt.VISION_PROJECTION
+    if parts[-1] in ("kernel", "embedding"):
+        parts[-1] = "weight"
+    head, rest = parts[0], ".".join(parts[1:])
+    if head in ("embed_tokens", "layers", "norm"):
+        return ckpt.TEXT_PREFIX + ".".join(parts)
+    if head == "embed_vision":
+        return ckpt.VISION_PREFIX + rest
+    if head == "embed_audio":
+        return "model.embed_audio." + rest
+    raise KeyError(f"{'.'.join(parts)}: no checkpoint name for this parameter")
+
+
+def _variable(model: Gemma4NNX, path: tuple) -> nnx.Param:
+    node = model
+    for p in path:
+        node = node[p] if isinstance(p, int) else getattr(node, p)
+    return node
+
+
+def _param_paths(model: Gemma4NNX) -> list[tuple]:
+    return [tuple(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def named_params(model: Gemma4NNX) -> dict[str, nnx.Param]:
+    """On-disk name -> the NNX parameter holding it (concrete or from `nnx.eval_shape`), every parameter once."""
+    paths = _param_paths(model)
+    out = {disk_name(path): _variable(model, path) for path in paths}
+    if len(out) != len(paths):
+        raise AssertionError("two NNX parameters map to the same checkpoint name")
+    return out
+
+
+def tensor_specs(model: Gemma4NNX) -> list[ckpt.TensorSpec]:
+    """The checkpoint table of `model` in the shared `TensorSpec` form (for `checkpoint.validate`).
+
+    `leaf` gets the NNX parameter; `transpose` marks the linear kernels (`[in, out]` here, `[out, in]` on disk).
+    """
+    specs = []
+    for path in _param_paths(model):
+        shape = tuple(_variable(model, path).get_value().shape)
+        transpose = path[-1] == "kernel"
+        specs.append(ckpt.TensorSpec(disk_name(path), lambda m, path=path: _variable(m, path), (), transpose,
+                                     shape[::-1] if transpose else shape))
+    return specs
+
+
+def parameter_count(model: Gemma4NNX) -> int:
+    """Number of parameter elements (the 48 `layer_scalar`s included; concrete or abstract model)."""
+    return sum(math.prod(_variable(model, path).get_value().shape) for path in _param_paths(model))
+
+
+def load(path_or_repo_id: str | os.PathLike, dtype=None, **hub_kwargs) -> Gemma4NNX:
+    """A transformers-format checkpoint (folder or Hub id) as a `Gemma4NNX`.
+
+    `dtype=None` keeps the checkpoint's precision; otherwise tensors are cast on load.
+    """
+    from ..hub import resolve
+
+    folder = resolve(path_or_repo_id, **hub_kwargs)
+    config = Gemma4Config.from_pretrained(folder)
+    reader = ckpt.SafetensorsReader(folder)
+    probe = nnx.eval_shape(lambda: Gemma4NNX(config, rngs=nnx.Rngs(0)))
+    ckpt.validate(reader, tensor_specs(probe), dtype)
+    if dtype is None:
+        dtype = ckpt.checkpoint_dtype(reader, tensor_specs(probe))
+    model = nnx.eval_shape(lambda: Gemma4NNX(config, rngs=nnx.Rngs(0), dtype=dtype))
+    np_dtype = np.dtype(dtype)
+    for spec in tensor_specs(model):
+        t = reader.read(spec.name)
+        t = t.T if spec.transpose else t
+        spec.leaf(model).set_value(jnp.asarray(t.astype(np_dtype, copy=False)))
+    return model
