@@ -77,6 +77,84 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _generation_defaults(folder: str) -> dict:
+    """stop ids, suppressed ids and sampling defaults from the checkpoint's generation_config.json, if any."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        g = json.load(f)
+    out = {}
+    if g.get("eos_token_id") is not None:
+        eos = g["eos_token_id"]
+        out["stop_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
+    if g.get("suppress_tokens") is not None:
+        out["suppress_ids"] = tuple(g["suppress_tokens"])
+    for key in ("temperature", "top_k", "top_p"):
+        if g.get(key) is not None:
+            out[key] = g[key]
+    if g.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    import jax
+    import numpy as np
+
+    from . import hub
+    from .generation import generate
+    from .processing import Processor, load_audio
+
+    name = _resolve_model(args.model)
+    folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
+    t0 = time.perf_counter()
+    model = hub.load(folder, dtype=_jnp_dtype(args.dtype))
+    proc = Processor.from_pretrained(folder)
+    content = []
+    for image in args.image or []:
+        content.append({"type": "image", "image": image})
+    for audio in args.audio or []:
+        content.append({"type": "audio", "audio": load_audio(audio, resample=args.resample, downmix=args.downmix)})
+    content.append({"type": "text", "text": args.prompt})
+    conversation = []
+    if args.system:
+        conversation.append({"role": "system", "content": args.system})
+    conversation.append({"role": "user", "content": content})
+    batch = proc.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                     enable_thinking=args.thinking)
+    inputs = {k: np.asarray(v)[0] for k, v in batch.items()
+              if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for k in ("pixel_values", "image_position_ids", "input_features", "input_features_mask",
+              "pixel_values_videos", "video_position_ids"):
+        if batch.get(k) is not None:
+            inputs[k] = np.asarray(batch[k])
+    ids = inputs.pop("input_ids")
+    settings = {"temperature": 1.0, "top_k": 64, "top_p": 0.95, **_generation_defaults(folder)}
+    for key in ("temperature", "top_k", "top_p"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    print(f"[{name}: loaded in {time.perf_counter() - t0:.1f} s; prompt {len(ids)} tokens]", file=sys.stderr)
+    printed, produced = "", []
+
+    def stream(tokens):
+        nonlocal printed
+        produced.append(int(tokens[0]))
+        text = proc.tokenizer.decode(produced, skip_special_tokens=not args.show_special)
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+
+    t1 = time.perf_counter()
+    generate(model, ids, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed), streamer=stream,
+             **settings, **inputs)
+    dt = time.perf_counter() - t1
+    print(f"\n[{len(produced)} tokens in {dt:.2f} s, including compilation]", file=sys.stderr)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from . import hub
 
@@ -89,6 +167,24 @@ def cmd_convert(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4-eqx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="chat with a model: the prompt through the chat template, tokens streamed")
+    _model_arg(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None)
+    p.add_argument("--image", action="append", help="image file (repeatable)")
+    p.add_argument("--audio", action="append", help="16 kHz mono wav/flac file (repeatable)")
+    p.add_argument("--resample", action="store_true", help="resample audio of another rate to 16 kHz")
+    p.add_argument("--downmix", action="store_true", help="average multi-channel audio to mono")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
+    p.add_argument("--show-special", action="store_true", help="print special tokens too")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="config, parameter counts, memory estimate (no weights are read)")
     _model_arg(p)

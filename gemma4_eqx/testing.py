@@ -1,47 +1,59 @@
 """Random models whose weights do not hide bugs (for tests, the bundled checkpoint and benchmarks).
 
 A freshly initialised Gemma 4 has every norm weight and `layer_scalar` equal to 1, which hides a `1 + w` vs `w`
-mix-up or a missing scalar. `perturbed` moves them away from 1 and gives the embedding a scale at which the
-final soft cap is active.
+mix-up or a missing scalar. `perturbed` moves every one of them away from 1 while keeping the random network
+well-conditioned (the same scheme as scripts/record_hf_reference.py): with attention scale 1.0 and q/k norms
+near 1 a random network is chaotic, and with a large embedding it only repeats its input.
+
+- tied embedding ~ N(0, 0.6^2); linear weights ~ N(0, 1/fan_in)
+- RMSNorm weights gain * (1 + 0.3 N(0,1)): gain 3.6 for post-attention/post-feedforward norms, 0.4 for
+  q_norm/k_norm, 1 elsewhere
+- vision LayerNorms: weight 1 + 0.3 N(0,1), bias N(0, 0.2^2); position table N(0, 0.5^2)
+- layer scalars ~ U(0.5, 1.5)
 """
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from .config import Gemma4Config
-from .layers.norm import LayerNorm, RMSNorm
 from .model import Gemma4
 
+_NORM_GAINS = {"post_attention_layernorm": 3.6, "post_feedforward_layernorm": 3.6, "q_norm": 0.4, "k_norm": 0.4}
 
-def perturbed(model: Gemma4, key: PRNGKeyArray, *, embed_std: float = 1.0) -> Gemma4:
-    """Norm weights ~ 1 + 0.3 N(0,1), LayerNorm biases ~ 0.1 N(0,1), layer scalars ~ U(0.5, 1.5)."""
-    keys = iter(jax.random.split(key, 4096))
 
-    def jitter(x, scale, center):
-        return (center + scale * jax.random.normal(next(keys), x.shape, jnp.float32)).astype(x.dtype)
+def _path_name(path) -> str:
+    return ".".join(str(getattr(p, "name", getattr(p, "key", p))) for p in path)
 
-    is_norm = lambda x: isinstance(x, (RMSNorm, LayerNorm))
-    norms = [n for n in jax.tree.leaves(model, is_leaf=is_norm) if is_norm(n) and getattr(n, "weight", None) is not None]
-    new_norms = []
-    for n in norms:
-        n = eqx.tree_at(lambda n: n.weight, n, jitter(n.weight, 0.3, 1.0))
-        if isinstance(n, LayerNorm):
-            n = eqx.tree_at(lambda n: n.bias, n, jitter(n.bias, 0.1, 0.0))
-        new_norms.append(n)
-    model = eqx.tree_at(
-        lambda m: [n for n in jax.tree.leaves(m, is_leaf=is_norm) if is_norm(n) and getattr(n, "weight", None) is not None],
-        model, new_norms)
-    scalars = [run.layer_scalar for run in model.layers.runs]
-    new_scalars = [jax.random.uniform(next(keys), s.shape, jnp.float32, 0.5, 1.5).astype(s.dtype) for s in scalars]
-    model = eqx.tree_at(lambda m: [run.layer_scalar for run in m.layers.runs], model, new_scalars)
-    embed = (embed_std * jax.random.normal(next(keys), model.embed_tokens.shape)).astype(model.dtype)
-    return eqx.tree_at(lambda m: m.embed_tokens, model, embed)
+
+def perturbed(model: Gemma4, key: PRNGKeyArray) -> Gemma4:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
+    keys = iter(jax.random.split(key, len(leaves)))
+    out = []
+    for path, x in leaves:
+        name = _path_name(path)
+        module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+        k = next(keys)
+        normal = lambda std, center=0.0: (center + std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+        if name == "embed_tokens":
+            x = normal(0.6)
+        elif name.endswith("layer_scalar"):
+            x = jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5).astype(x.dtype)
+        elif name.endswith("pos_embedding"):
+            x = normal(0.5)
+        elif name.endswith(".bias"):
+            x = normal(0.02 if module == "patch_dense" else 0.2)
+        elif module.endswith("_proj") or module in ("patch_dense", "embedding_projection"):  # [.., in, out]
+            x = normal(x.shape[-2] ** -0.5)
+        elif name.endswith(".weight"):  # RMSNorm / LayerNorm weight
+            x = (_NORM_GAINS.get(module, 1.0) * normal(0.3, 1.0).astype(jnp.float32)).astype(x.dtype)
+        out.append(x)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def random_model(config: Gemma4Config, seed: int = 0, dtype=jnp.float32, **kwargs) -> Gemma4:
+    """A `Gemma4` with well-conditioned random weights and no norm weight or scalar left at 1."""
     k1, k2 = jax.random.split(jax.random.key(seed))
     return perturbed(Gemma4(config, key=k1, dtype=dtype, **kwargs), k2)
