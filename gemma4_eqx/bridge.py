@@ -8,6 +8,8 @@ pattern (`DecoderStack.locate`); each `TensorSpec.index` says where one NNX laye
 
 from __future__ import annotations
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -56,7 +58,7 @@ def from_nnx(ref: Gemma4NNX, **model_kwargs) -> Gemma4:
                                  f"{tuple(value.shape)} {value.dtype}")
             parts[s.index] = value
         lead = tuple(target.shape[:n_stack])
-        if len(parts) != (1 if not lead else int(jnp.prod(jnp.asarray(lead)))):
+        if len(parts) != math.prod(lead):
             raise ValueError(f"{group[0].name}: its stacked leaf {tuple(target.shape)} is not fully covered")
         values.append(_stack(parts, lead))
         wheres.append(group[0].leaf)

@@ -24,8 +24,10 @@ def random_equinox(cfg: g4.Gemma4Config, dtype, seed: int = 0) -> g4.Gemma4:
     return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.1, dtype), abstract)
 
 
-def randomize_nnx(ref: g4nnx.Gemma4NNX, seed: int = 0) -> g4nnx.Gemma4NNX:
+def random_nnx(cfg: g4.Gemma4Config, seed: int = 0) -> g4nnx.Gemma4NNX:
+    """Built abstractly, then every parameter set to a distinct random array."""
     rng = np.random.default_rng(seed)
+    ref = nnx.eval_shape(lambda: g4nnx.Gemma4NNX(cfg, rngs=nnx.Rngs(seed)))
     for param in g4nnx.named_params(ref).values():
         value = param.get_value()
         param.set_value(jnp.asarray(rng.standard_normal(value.shape).astype(np.float32) * 0.1, value.dtype))
@@ -62,7 +64,7 @@ def test_equinox_nnx_equinox_round_trip_is_bitwise(cfg, dtype):
 
 
 def test_nnx_equinox_nnx_round_trip_is_bitwise(cfg):
-    ref = randomize_nnx(g4nnx.Gemma4NNX(cfg, rngs=nnx.Rngs(3)), seed=3)
+    ref = random_nnx(cfg, seed=3)
     assert_same_params(bridge.to_nnx(bridge.from_nnx(ref)), ref)
 
 
@@ -80,12 +82,12 @@ def test_each_nnx_layer_lands_in_its_stack_slot(cfg):
 
 
 def test_from_nnx_passes_model_options(cfg):
-    model = bridge.from_nnx(g4nnx.Gemma4NNX(cfg), remat=True)
+    model = bridge.from_nnx(random_nnx(cfg), remat=True)
     assert model.layers.remat
 
 
 def test_wrong_shape_names_the_tensor(cfg):
-    ref = g4nnx.Gemma4NNX(cfg)
+    ref = random_nnx(cfg)
     ref.layers[5].self_attn.k_proj.kernel.set_value(jnp.zeros((64, 64)))
     with pytest.raises(ValueError, match=r"model\.language_model\.layers\.5\.self_attn\.k_proj\.weight: the Equinox "
                                          r"model expects \(64, 32\) float32, the NNX model holds \(64, 64\)"):

@@ -291,6 +291,10 @@ def test_placeholder_count_mismatch_is_an_error(models, batches):
     kw["image_position_ids"] = kw["image_position_ids"].at[0, 0].set(-1)  # one soft token fewer than placeholders
     with pytest.raises(ValueError, match="images: the batch has 21 placeholder tokens but the inputs give 20"):
         ref.logits(jnp.asarray(batch.input_ids), **kw)
+    embed = nnx.jit(lambda ref, ids, kw: ref.embed(ids, **{k: v for k, v in kw.items() if k not in batch.common()}))
+    with pytest.raises(Exception, match="images: the batch has some placeholder tokens but the inputs give a "
+                                        "different number of valid soft tokens"):
+        jax.block_until_ready(embed(ref, jnp.asarray(batch.input_ids), kw))
 
 
 def test_unknown_mask_mode_is_an_error(models):

@@ -20,23 +20,23 @@ from .. import checkpoint as ckpt
 from ..config import Gemma4Config
 from .model import Gemma4NNX
 
-_VISION_PROJECTION_PATH = ("embed_vision", "multimodal_embedder", "embedding_projection", "kernel")
+_PROJECTIONS = {
+    ("embed_vision", "multimodal_embedder", "embedding_projection", "kernel"): ckpt.VISION_PROJECTION,
+    ("embed_audio", "embedding_projection", "kernel"): ckpt.AUDIO_PROJECTION,
+}
 
 
 def disk_name(path: tuple) -> str:
     """On-disk tensor name of the NNX parameter at `path` (as `nnx.to_flat_state` spells it)."""
+    if tuple(path) in _PROJECTIONS:
+        return _PROJECTIONS[tuple(path)]
     parts = [str(p) for p in path]
-    if tuple(path) == _VISION_PROJECTION_PATH:
-        return ckpt.VISION_PROJECTION
     if parts[-1] in ("kernel", "embedding"):
         parts[-1] = "weight"
-    head, rest = parts[0], ".".join(parts[1:])
-    if head in ("embed_tokens", "layers", "norm"):
+    if parts[0] in ("embed_tokens", "layers", "norm"):
         return ckpt.TEXT_PREFIX + ".".join(parts)
-    if head == "embed_vision":
-        return ckpt.VISION_PREFIX + rest
-    if head == "embed_audio":
-        return "model.embed_audio." + rest
+    if parts[0] == "embed_vision":
+        return ckpt.VISION_PREFIX + ".".join(parts[1:])
     raise KeyError(f"{'.'.join(parts)}: no checkpoint name for this parameter")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx  # only for eqx.error_if: a readable error from inside jit
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,14 +38,16 @@ def masked_scatter(
     what: str,
 ) -> Float[Array, "batch seq hidden"]:
     """transformers' `masked_scatter`: the kept feature rows, in order, fill the placeholder rows in row-major
-    (batch, position) order. Counts are checked when the inputs are concrete (eagerly)."""
+    (batch, position) order. The two counts must agree (checked eagerly, and at run time under jit)."""
     b, s, d = inputs_embeds.shape
     flat_slots = slots.reshape(-1)
-    if not isinstance(flat_slots, jax.core.Tracer) and not isinstance(keep, jax.core.Tracer):
-        n_slots, n_keep = int(jnp.sum(flat_slots)), int(jnp.sum(keep))
-        if n_slots != n_keep:
-            raise ValueError(f"{what}: the batch has {n_slots} placeholder tokens but the inputs give {n_keep} "
-                             "valid soft tokens; they must match")
+    n_slots, n_keep = jnp.sum(flat_slots), jnp.sum(keep)
+    message = f"{what}: the batch has {{}} placeholder tokens but the inputs give {{}} valid soft tokens; they must match"
+    if not isinstance(n_slots, jax.core.Tracer) and not isinstance(n_keep, jax.core.Tracer):
+        if int(n_slots) != int(n_keep):
+            raise ValueError(message.format(int(n_slots), int(n_keep)))
+    else:
+        inputs_embeds = eqx.error_if(inputs_embeds, n_slots != n_keep, message.format("some", "a different number of"))
     n = features.shape[0]
     dest = jnp.nonzero(flat_slots, size=n, fill_value=b * s)[0]  # k-th placeholder row (out of range: dropped)
     src = jnp.nonzero(keep, size=n, fill_value=0)[0]  # k-th kept feature row
@@ -72,7 +75,7 @@ class Gemma4NNX(nnx.Module):
 
     @property
     def dtype(self):
-        return self.embed_tokens.embedding[...].dtype
+        return self.embed_tokens.embedding.get_value().dtype
 
     # ---- multimodal features ---------------------------------------------------------------------
     def get_image_features(
@@ -90,6 +93,11 @@ class Gemma4NNX(nnx.Module):
         if image_position_ids.shape != (*pixel_values.shape[:2], 2):
             raise ValueError(f"image_position_ids: expected shape {[*pixel_values.shape[:2], 2]}, "
                              f"found {list(image_position_ids.shape)}")
+        if not isinstance(image_position_ids, jax.core.Tracer):
+            lo, hi = int(np.min(image_position_ids)), int(np.max(image_position_ids))
+            if lo < -1 or hi >= v.mm_posemb_size:
+                raise ValueError(f"image_position_ids: coordinates must lie in [0, {v.mm_posemb_size}) (mm_posemb_size) "
+                                 f"or be -1 for padding; found values in [{lo}, {hi}]")
         return self.embed_vision(jnp.asarray(pixel_values), jnp.asarray(image_position_ids))
 
     def get_audio_features(
