@@ -7,7 +7,7 @@ from .cache import KVCache
 from .generation import generate
 from .model import Gemma4, count_parameters
 from .processing import Processor
-from . import batching
+from . import assets, batching
 
 __all__ = ["AudioConfig", "CheckpointError", "ConfigError", "Gemma4", "Gemma4Config", "KVCache", "Processor",
            "TextConfig", "VisionConfig", "batching", "count_parameters", "generate", "load", "save", "small_config"]

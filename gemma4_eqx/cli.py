@@ -36,8 +36,11 @@ def cmd_info(args) -> int:
     from .config import Gemma4Config
     from .model import Gemma4, count_parameters
 
-    folder = hub.resolve(_resolve_model(args.model), allow_patterns=("config.json",))
-    cfg = Gemma4Config.from_pretrained(folder)
+    name = _resolve_model(args.model)
+    if os.path.isfile(name):  # a bare config.json is enough: nothing else is read
+        cfg = Gemma4Config.from_pretrained(name)
+    else:
+        cfg = Gemma4Config.from_pretrained(hub.resolve(name, allow_patterns=("config.json",)))
     dtype = _jnp_dtype(args.dtype) or jnp.bfloat16
     abstract = eqx.filter_eval_shape(lambda: Gemma4(cfg, key=jax.random.key(0), dtype=dtype))
     total = count_parameters(abstract)
@@ -187,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="config, parameter counts, memory estimate (no weights are read)")
-    _model_arg(p)
+    p.add_argument("--model", default=None, help="checkpoint folder, Hub repo id or a config.json file "
+                   "(default: the bundled small checkpoint)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--context", type=int, nargs="*", default=[8192, 262144])
     p.add_argument("--json", action="store_true")
