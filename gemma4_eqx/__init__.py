@@ -10,5 +10,14 @@ from .processing import Processor
 from . import assets, batching
 
 __all__ = ["AudioConfig", "CheckpointError", "ConfigError", "Gemma4", "Gemma4Config", "KVCache", "Processor",
-           "TextConfig", "VisionConfig", "batching", "count_parameters", "generate", "load", "save", "small_config"]
+           "TextConfig", "VisionConfig", "batching", "bridge", "nnx", "count_parameters", "generate", "load", "save", "small_config"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The NNX reference and the bridge import flax: load them on first use only.
+    if name in ("bridge", "nnx", "sharding", "surgery", "train"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'gemma4_eqx' has no attribute {name!r}")

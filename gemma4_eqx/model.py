@@ -11,7 +11,10 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+ArrayLike = jax.Array | np.ndarray  # public entry points take numpy arrays (e.g. from the Processor) too
 
 from ._checks import check_shape, check_value, is_concrete
 from .config import Gemma4Config
@@ -69,9 +72,9 @@ class Gemma4(eqx.Module):
     # ---- multimodal features ---------------------------------------------------------------------
     def image_features(
         self,
-        pixel_values: Float[Array, "images patches patch_dim"],
-        image_position_ids: Int[Array, "images patches 2"],
-    ) -> Float[Array, "images patches hidden"]:
+        pixel_values: Float[ArrayLike, "images patches patch_dim"],
+        image_position_ids: Int[ArrayLike, "images patches 2"],
+    ) -> Float[ArrayLike, "images patches hidden"]:
         """Soft tokens of every patch (padding patches included; drop rows whose position is (-1, -1))."""
         if self.embed_vision is None:
             raise ValueError("pixel_values: this model has no vision_config, so it cannot embed images")
@@ -79,6 +82,7 @@ class Gemma4(eqx.Module):
         check_shape("pixel_values", pixel_values, (None, None, v.patch_dim),
                     f"(patch_dim = {v.model_patch_size}x{v.model_patch_size}x3)")
         check_shape("image_position_ids", image_position_ids, (pixel_values.shape[0], pixel_values.shape[1], 2))
+        pixel_values, image_position_ids = jnp.asarray(pixel_values), jnp.asarray(image_position_ids)
         too_far = jnp.any(image_position_ids >= v.mm_posemb_size) | jnp.any(image_position_ids < -1)
         image_position_ids = check_value(
             image_position_ids, too_far,
@@ -89,29 +93,31 @@ class Gemma4(eqx.Module):
         return jax.vmap(self.embed_vision)(pixel_values, image_position_ids)
 
     def audio_features(
-        self, input_features: Float[Array, "clips frames samples"]
-    ) -> Float[Array, "clips frames hidden"]:
+        self, input_features: Float[ArrayLike, "clips frames samples"]
+    ) -> Float[ArrayLike, "clips frames hidden"]:
         """Soft tokens of every 640-sample frame (padding frames included)."""
         if self.embed_audio is None:
             raise ValueError("input_features: this model has no audio_config, so it cannot embed audio")
         size = self.config.audio.audio_embed_dim
         check_shape("input_features", input_features, (None, None, size), f"({size} samples per frame)")
+        input_features = jnp.asarray(input_features)
         return jax.vmap(self.embed_audio)(input_features)
 
     # ---- embedding with the splice ---------------------------------------------------------------
     def embed(
         self,
-        input_ids: Int[Array, " seq"],
+        input_ids: Int[ArrayLike, " seq"],
         *,
-        pixel_values: Float[Array, "images patches patch_dim"] | None = None,
-        image_position_ids: Int[Array, "images patches 2"] | None = None,
-        pixel_values_videos: Float[Array, "frames vpatches patch_dim"] | None = None,
-        video_position_ids: Int[Array, "frames vpatches 2"] | None = None,
-        input_features: Float[Array, "clips aframes samples"] | None = None,
-        input_features_mask: Bool[Array, "clips aframes"] | None = None,
-    ) -> Float[Array, "seq hidden"]:
+        pixel_values: Float[ArrayLike, "images patches patch_dim"] | None = None,
+        image_position_ids: Int[ArrayLike, "images patches 2"] | None = None,
+        pixel_values_videos: Float[ArrayLike, "frames vpatches patch_dim"] | None = None,
+        video_position_ids: Int[ArrayLike, "frames vpatches 2"] | None = None,
+        input_features: Float[ArrayLike, "clips aframes samples"] | None = None,
+        input_features_mask: Bool[ArrayLike, "clips aframes"] | None = None,
+    ) -> Float[ArrayLike, "seq hidden"]:
         """Token embeddings times sqrt(hidden); placeholders embedded as pad, then overwritten by soft tokens."""
         cfg = self.config
+        input_ids = jnp.asarray(input_ids)
         check_shape("input_ids", input_ids, (None,), "(one sequence; vmap for a batch)")
         is_image = input_ids == cfg.image_token_id
         is_video = input_ids == cfg.video_token_id
@@ -124,18 +130,19 @@ class Gemma4(eqx.Module):
             if image_position_ids is None:
                 raise ValueError("image_position_ids: required with pixel_values ((x, y) per patch, (-1, -1) = padding)")
             feats = self.image_features(pixel_values, image_position_ids)
-            valid = jnp.all(image_position_ids != -1, axis=-1)
+            valid = jnp.all(jnp.asarray(image_position_ids) != -1, axis=-1)
             h = _splice(h, is_image, feats.reshape(-1, feats.shape[-1]), valid.reshape(-1), "images")
         if pixel_values_videos is not None:
             if video_position_ids is None:
                 raise ValueError("video_position_ids: required with pixel_values_videos")
             feats = self.image_features(pixel_values_videos, video_position_ids)
-            valid = jnp.all(video_position_ids != -1, axis=-1)
+            valid = jnp.all(jnp.asarray(video_position_ids) != -1, axis=-1)
             h = _splice(h, is_video, feats.reshape(-1, feats.shape[-1]), valid.reshape(-1), "video frames")
         if input_features is not None:
             if input_features_mask is None:
                 raise ValueError("input_features_mask: required with input_features (True = real frame)")
             check_shape("input_features_mask", input_features_mask, input_features.shape[:2])
+            input_features_mask = jnp.asarray(input_features_mask)
             feats = self.audio_features(input_features)
             h = _splice(h, is_audio, feats.reshape(-1, feats.shape[-1]), input_features_mask.reshape(-1), "audio")
         return h
@@ -143,14 +150,14 @@ class Gemma4(eqx.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def hidden_states(
         self,
-        input_ids: Int[Array, " seq"],
+        input_ids: Int[ArrayLike, " seq"],
         *,
-        positions: Int[Array, " seq"] | None = None,
-        attention_mask: Bool[Array, " seq"] | None = None,
-        mm_token_type_ids: Int[Array, " seq"] | None = None,
+        positions: Int[ArrayLike, " seq"] | None = None,
+        attention_mask: Bool[ArrayLike, " seq"] | None = None,
+        mm_token_type_ids: Int[ArrayLike, " seq"] | None = None,
         mask_mode: MaskMode = "intended",
         **media,
-    ) -> Float[Array, "seq hidden"]:
+    ) -> Float[ArrayLike, "seq hidden"]:
         """Final-norm hidden states of every position."""
         h = self.embed(input_ids, **media)
         return self.norm(self.decode_hidden(h, positions=positions, attention_mask=attention_mask,
@@ -158,31 +165,29 @@ class Gemma4(eqx.Module):
 
     def decode_hidden(
         self,
-        h: Float[Array, "seq hidden"],
+        h: Float[ArrayLike, "seq hidden"],
         *,
-        positions: Int[Array, " seq"] | None = None,
-        attention_mask: Bool[Array, " seq"] | None = None,
-        mm_token_type_ids: Int[Array, " seq"] | None = None,
+        positions: Int[ArrayLike, " seq"] | None = None,
+        attention_mask: Bool[ArrayLike, " seq"] | None = None,
+        mm_token_type_ids: Int[ArrayLike, " seq"] | None = None,
         mask_mode: MaskMode = "intended",
-    ) -> Float[Array, "seq hidden"]:
+    ) -> Float[ArrayLike, "seq hidden"]:
         """Run the decoder stack over embeddings (before the final norm)."""
         seq = h.shape[0]
         slots = jnp.arange(seq)
-        if positions is None:
-            positions = slots
+        positions = slots if positions is None else jnp.asarray(positions)
         check_shape("positions", positions, (seq,))
-        if attention_mask is None:
-            attention_mask = jnp.ones((seq,), bool)
+        attention_mask = jnp.ones((seq,), bool) if attention_mask is None else jnp.asarray(attention_mask)
         check_shape("attention_mask", attention_mask, (seq,))
         blocks = None
         if mm_token_type_ids is not None and self.config.text.use_bidirectional_attention == "vision":
             check_shape("mm_token_type_ids", mm_token_type_ids, (seq,), "(one type per token)")
-            blocks = vision_block_ids(mm_token_type_ids)
+            blocks = vision_block_ids(jnp.asarray(mm_token_type_ids))
         masks = layer_masks(slots, slots, attention_mask.astype(bool), self.config.text.sliding_window,
                             blocks, blocks, mask_mode)
         return self.layers(h, positions, masks)
 
-    def logits_from_hidden(self, h: Float[Array, "*seq hidden"]) -> Float[Array, "*seq vocab"]:
+    def logits_from_hidden(self, h: Float[ArrayLike, "*seq hidden"]) -> Float[ArrayLike, "*seq vocab"]:
         """Tied lm head (no embedding scale) and the final soft cap, in the activation dtype."""
         logits = jnp.matmul(h, self.embed_tokens.T.astype(h.dtype))
         cap = self.config.text.final_logit_softcapping
@@ -192,19 +197,19 @@ class Gemma4(eqx.Module):
 
     def __call__(
         self,
-        input_ids: Int[Array, " seq"],
+        input_ids: Int[ArrayLike, " seq"],
         *,
-        positions: Int[Array, " seq"] | None = None,
-        attention_mask: Bool[Array, " seq"] | None = None,
-        mm_token_type_ids: Int[Array, " seq"] | None = None,
-        pixel_values: Float[Array, "images patches patch_dim"] | None = None,
-        image_position_ids: Int[Array, "images patches 2"] | None = None,
-        pixel_values_videos: Float[Array, "frames vpatches patch_dim"] | None = None,
-        video_position_ids: Int[Array, "frames vpatches 2"] | None = None,
-        input_features: Float[Array, "clips aframes samples"] | None = None,
-        input_features_mask: Bool[Array, "clips aframes"] | None = None,
+        positions: Int[ArrayLike, " seq"] | None = None,
+        attention_mask: Bool[ArrayLike, " seq"] | None = None,
+        mm_token_type_ids: Int[ArrayLike, " seq"] | None = None,
+        pixel_values: Float[ArrayLike, "images patches patch_dim"] | None = None,
+        image_position_ids: Int[ArrayLike, "images patches 2"] | None = None,
+        pixel_values_videos: Float[ArrayLike, "frames vpatches patch_dim"] | None = None,
+        video_position_ids: Int[ArrayLike, "frames vpatches 2"] | None = None,
+        input_features: Float[ArrayLike, "clips aframes samples"] | None = None,
+        input_features_mask: Bool[ArrayLike, "clips aframes"] | None = None,
         mask_mode: MaskMode = "intended",
-    ) -> Float[Array, "seq vocab"]:
+    ) -> Float[ArrayLike, "seq vocab"]:
         """Soft-capped logits for every position of one sequence."""
         h = self.hidden_states(
             input_ids, positions=positions, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
@@ -215,7 +220,7 @@ class Gemma4(eqx.Module):
 
 
     # ---- cached generation (decode.py) -------------------------------------------------------------
-    def prefill(self, input_ids: Int[Array, " seq"], cache, **kwargs):
+    def prefill(self, input_ids: Int[ArrayLike, " seq"], cache, **kwargs):
         """Write a prompt (one sequence, media and `mm_token_type_ids` included) into `cache`.
 
         Returns `(logits of the last token, new cache)`; jit-compiled once per shape, the cache donated.
@@ -224,7 +229,7 @@ class Gemma4(eqx.Module):
 
         return prefill_jitted(self, input_ids, cache, **kwargs)
 
-    def decode_step(self, token: Int[Array, ""], cache):
+    def decode_step(self, token: Int[ArrayLike, ""], cache):
         """One new token at the cache's next slot: `(logits, new cache)`; jit-compiled, the cache donated."""
         from .decode import decode_step_jitted
 
