@@ -158,6 +158,55 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _verify_cases(folder: str, cfg) -> list[tuple[str, dict, "np.ndarray | None", str]]:
+    """(name, batch inputs, recorded transformers logits or None, mask mode) to run both models on."""
+    import numpy as np
+
+    path = os.path.join(folder, "hf_reference.npz")
+    if os.path.isfile(path):
+        data = np.load(path)
+        mode = json.loads(str(data["meta"]))["mask_mode"]
+        names = sorted({k.split("/")[0] for k in data.files if "/" in k})
+        return [(n, {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(n + "/") and
+                     not k.endswith("/logits")}, data[f"{n}/logits"], mode) for n in names]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, min(cfg.text.vocab_size, cfg.image_token_id) - 8, size=(2, 3 * cfg.text.sliding_window // 2 + 8))
+    mask = np.ones(ids.shape, bool)
+    mask[1, :5] = False
+    positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 0)
+    return [("text", {"input_ids": ids.astype(np.int32), "attention_mask": mask,
+                      "positions": positions.astype(np.int32)}, None, "intended")]
+
+
+def cmd_verify(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from . import hub
+    from . import nnx as g4nnx
+    from .batching import split_batch, stack_samples
+
+    folder = hub.resolve(_resolve_model(args.model))
+    model = hub.load(folder, dtype=jnp.float32)
+    ref = g4nnx.load(folder, dtype=jnp.float32)
+    ok = True
+    print(f"{'case':<8} {'mask mode':<11} {'|eqx - nnx|':>12} {'|eqx - hf|':>12} {'|nnx - hf|':>12}")
+    for name, inputs, hf, mode in _verify_cases(folder, model.config):
+        samples = split_batch({("position_ids" if k == "positions" else k): v for k, v in inputs.items()},
+                              model.config)
+        eqx_logits = np.asarray(jax.jit(jax.vmap(lambda b: model(**b, mask_mode=mode)))(stack_samples(samples)))
+        nnx_logits = np.asarray(ref.logits(**{k: jnp.asarray(v) for k, v in inputs.items()}, mask_mode=mode))
+        valid = np.asarray(inputs.get("attention_mask", np.ones(inputs["input_ids"].shape, bool)), bool)
+        d = lambda a, b: float(np.abs(a - b)[valid].max())
+        row = [d(eqx_logits, nnx_logits)] + ([d(eqx_logits, hf), d(nnx_logits, hf)] if hf is not None else [])
+        ok &= all(x <= args.tolerance for x in row)
+        cells = [f"{x:>12.2e}" for x in row] + [f"{'-':>12}"] * (3 - len(row))
+        print(f"{name:<8} {mode:<11} " + " ".join(cells))
+    print(("OK" if ok else "MISMATCH") + f": every max |diff| <= {args.tolerance:g} (fp32 logits, valid positions)")
+    return 0 if ok else 1
+
+
 def cmd_convert(args) -> int:
     from . import hub
 
@@ -196,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, nargs="*", default=[8192, 262144])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", help="Equinox vs the NNX reference (and vs recorded transformers logits) on "
+                       "the same weights")
+    _model_arg(p)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("convert", help="load a checkpoint and write it back (e.g. to another dtype or sharding)")
     _model_arg(p)

@@ -41,3 +41,15 @@ def test_convert_to_bfloat16(tmp_path):
     assert {t.dtype.name for t in converted.values()} == {"bfloat16"}
     name = "model.language_model.embed_tokens.weight"
     np.testing.assert_allclose(converted[name].astype(np.float32), original[name], rtol=1e-2, atol=1e-2)
+
+
+def test_verify_compares_equinox_nnx_and_transformers_on_the_bundled_checkpoint(capsys):
+    assert cli.main(["verify"]) == 0
+    out = capsys.readouterr().out
+    assert "image" in out and "text" in out and out.strip().endswith("(fp32 logits, valid positions)")
+    assert "OK:" in out
+
+
+def test_verify_fails_loudly_on_a_tight_tolerance(capsys):
+    assert cli.main(["verify", "--tolerance", "1e-12"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
