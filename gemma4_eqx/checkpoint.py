@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Gemma4Config
+from .safetensors_io import DTYPE_NAMES, SafetensorsFile, aligned_empty, write_file
 
 TEXT_PREFIX = "model.language_model."
 # On-disk names of the multimodal tensors and the names transformers uses after its load-time rename;
@@ -119,11 +122,13 @@ def _canonical_name(name: str) -> str:
 
 # ---- reading -------------------------------------------------------------------------------------
 class SafetensorsReader:
-    """Lazily opened safetensors files of one checkpoint folder (single file or sharded with an index)."""
+    """The safetensors files of one checkpoint folder (single file or sharded with an index).
+
+    Headers are parsed up front; tensor bytes are read on demand with `preadv`, never memory-mapped (see
+    `safetensors_io`), so reading a checkpoint does not leave its pages in this process's resident memory.
+    """
 
     def __init__(self, folder: str):
-        from safetensors import safe_open
-
         self.folder = folder
         index_path = os.path.join(folder, SAFE_INDEX)
         single_path = os.path.join(folder, SAFE_SINGLE)
@@ -135,7 +140,7 @@ class SafetensorsReader:
         else:
             raise FileNotFoundError(f"{folder}: no {SAFE_SINGLE} or {SAFE_INDEX} (only safetensors checkpoints "
                                     "are read; pickled .bin files are refused)")
-        self._handles: dict[str, Any] = {}
+        self._files: dict[str, SafetensorsFile] = {}
         files = sorted(set(weight_map.values())) if weight_map is not None else [SAFE_SINGLE]
         self.location: dict[str, tuple[str, str]] = {}  # canonical name -> (file, name in file)
         for file in files:
@@ -143,10 +148,10 @@ class SafetensorsReader:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: listed in {SAFE_INDEX} but missing")
             try:
-                handle = safe_open(path, framework="np")
+                handle = SafetensorsFile(path)
             except Exception as e:  # a truncated or corrupt file fails here
                 raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from e
-            self._handles[file] = handle
+            self._files[file] = handle
             for name in handle.keys():
                 if weight_map is not None and weight_map.get(name) != file:
                     raise CheckpointError(f"{name}: found in {file} but {SAFE_INDEX} places it in "
@@ -165,13 +170,25 @@ class SafetensorsReader:
 
     def info(self, name: str) -> tuple[tuple[int, ...], str]:
         file, stored = self.location[name]
-        sl = self._handles[file].get_slice(stored)
-        return tuple(sl.get_shape()), sl.get_dtype()
+        return self._files[file].shape(stored), self._files[file].dtype_name(stored)
+
+    def nbytes(self, name: str) -> int:
+        file, stored = self.location[name]
+        return self._files[file].nbytes(stored)
 
     def read(self, name: str) -> np.ndarray:
+        """The whole tensor as a new host array in its stored dtype."""
         file, stored = self.location[name]
         try:
-            return self._handles[file].get_tensor(stored)
+            return self._files[file].read(stored)
+        except Exception as e:
+            raise CheckpointError(f"{name}: cannot be read from {os.path.join(self.folder, file)} ({e})") from e
+
+    def read_into(self, name: str, out: np.ndarray, region=None, transpose: bool = False) -> None:
+        """The tensor's `region` (on-disk coordinates, default all of it) cast into `out`, transposed if asked."""
+        file, stored = self.location[name]
+        try:
+            self._files[file].read_into(stored, out, region, transpose)
         except Exception as e:
             raise CheckpointError(f"{name}: cannot be read from {os.path.join(self.folder, file)} ({e})") from e
 
@@ -216,38 +233,76 @@ def validate(reader: SafetensorsReader, specs: list[TensorSpec], dtype=None) -> 
                                   "pass dtype= to cast the checkpoint on load")
 
 
-def fill_model(abstract, reader: SafetensorsReader, dtype, place: Callable[[np.ndarray, Any], Any] | None = None,
-               progress: Callable[[int], None] | None = None):
-    """Fill an abstract model (from `filter_eval_shape`) with the checkpoint's tensors.
+def _leaf_groups(abstract, specs: list[TensorSpec]) -> list[tuple[Callable[[Any], Any], list[TensorSpec]]]:
+    """The checkpoint tensors grouped by the model leaf they fill, in checkpoint order."""
+    groups: dict[int, tuple[Callable, list[TensorSpec]]] = {}
+    for s in specs:
+        groups.setdefault(id(s.leaf(abstract)), (s.leaf, []))[1].append(s)
+    return list(groups.values())
 
-    Each model leaf is assembled host-side from its tensors (cast to `dtype`, transposed, stacked), handed to
-    `place(array, abstract_leaf)` (default: `jnp.asarray`), and the host buffer is released before the next leaf.
+
+def _assemble(reader: SafetensorsReader, group: list[TensorSpec], shape: tuple[int, ...], dtype,
+              index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The part `index` (model coordinates; default all) of one model leaf, read from its checkpoint tensors.
+
+    Each tensor contributes the rectangle of it that falls inside `index`: only those rows are read from disk,
+    cast and transposed chunk by chunk straight into one page-aligned buffer of the part's shape.
+    """
+    index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index or (slice(None),) * len(shape), shape))
+    buffer = aligned_empty(tuple(sl.stop - sl.start for sl in index), dtype)
+    for s in group:
+        n_stack = len(s.index)
+        outer, inner = index[:n_stack], index[n_stack:]
+        if not all(sl.start <= i < sl.stop for i, sl in zip(s.index, outer)):
+            continue
+        dest = buffer[tuple(i - sl.start for i, sl in zip(s.index, outer))] if n_stack else buffer
+        reader.read_into(s.name, dest, inner[::-1] if s.transpose else inner, s.transpose)
+    return buffer
+
+
+def fill_model(abstract, reader: SafetensorsReader, dtype, place: Callable[[np.ndarray, Any], Any] | None = None,
+               progress: Callable[[int], None] | None = None, shardings=None):
+    """Fill an abstract model (from `filter_eval_shape`) with the checkpoint's tensors, one leaf at a time.
+
+    Placement, in order of precedence:
+    - `shardings` (a pytree like the model with a `jax.sharding.Sharding` per leaf, e.g. from
+      `g4.sharding.param_shardings`): each leaf is built with `jax.make_array_from_callback`, so every device's
+      shard is read from disk on its own (only its rows; shards that are equal are read once);
+    - `place(array, abstract_leaf)`: the whole leaf is assembled on the host and handed over;
+    - neither: the leaf goes to the default device.
+    Host buffers are page-aligned, which lets JAX's CPU backend adopt them without a copy, and each leaf is
+    finished (`block_until_ready`) before the next one is read, so host memory beyond the model stays near
+    one leaf's shards. `progress(nbytes, ntensors)` is called after each leaf with the on-disk bytes and the
+    number of checkpoint tensors it consumed.
     """
     specs = tensor_specs(abstract)
     validate(reader, specs, dtype)
     np_dtype = np.dtype(dtype)
-    place = place or (lambda a, _: jnp.asarray(a))
-    by_leaf: dict[int, list[TensorSpec]] = {}
-    leaves: dict[int, Callable] = {}
-    for s in specs:
-        leaf_obj = s.leaf(abstract)
-        by_leaf.setdefault(id(leaf_obj), []).append(s)
-        leaves[id(leaf_obj)] = s.leaf
+    if shardings is None and place is None:
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: default, abstract)
     wheres, values = [], []
-    for key, group in by_leaf.items():
-        get = leaves[key]
+    for get, group in _leaf_groups(abstract, specs):
         target = get(abstract)
-        buffer = np.empty(target.shape, np_dtype)
-        for s in group:
-            t = reader.read(s.name)
-            if s.transpose:
-                t = t.T
-            buffer[s.index] = t.astype(np_dtype, copy=False)
-            if progress is not None:
-                progress(t.nbytes)
-        values.append(place(buffer, target))
-        del buffer
+        if shardings is not None:
+            parts: dict[tuple, np.ndarray] = {}
+
+            def shard(index, group=group, shape=target.shape, parts=parts):
+                key = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+                key = tuple((sl.start, sl.stop) for sl in key)
+                if key not in parts:
+                    parts[key] = _assemble(reader, group, shape, np_dtype, index)
+                return parts[key]
+
+            value = jax.make_array_from_callback(target.shape, get(shardings), shard, dtype=np_dtype)
+            del parts
+        else:
+            value = place(_assemble(reader, group, target.shape, np_dtype), target)
+        jax.block_until_ready(value)
+        values.append(value)
         wheres.append(get)
+        if progress is not None:
+            progress(sum(reader.nbytes(s.name) for s in group), len(group))
     return eqx.tree_at(lambda m: tuple(w(m) for w in wheres), abstract, replace=tuple(values))
 
 
@@ -263,46 +318,55 @@ def _parse_size(size: int | str) -> int:
     return int(s)
 
 
-def host_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
-    """(on-disk name, `[out, in]` host array) for every tensor, one leaf fetched from device at a time."""
-    specs = tensor_specs(model)
-    cache_key, cache_val = None, None
-    for s in specs:
+def host_tensors(model, specs: list[TensorSpec] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(on-disk name, `[out, in]` host array) for every tensor, fetched from its devices one tensor at a time.
+
+    A stacked leaf is sliced on its devices first, so a sharded model is gathered one layer's tensor at a time.
+    """
+    for s in specs if specs is not None else tensor_specs(model):
         leaf = s.leaf(model)
-        if cache_key is not leaf:
-            cache_key, cache_val = leaf, np.asarray(jax.device_get(leaf))
-        t = cache_val[s.index] if s.index else cache_val
+        t = np.asarray(jax.device_get(leaf[s.index] if s.index else leaf))
         yield s.name, np.ascontiguousarray(t.T if s.transpose else t)
 
 
-def write_safetensors(model, folder: str, max_shard_size: int | str = "5GB") -> list[str]:
-    """Write HF-named safetensors: one file, or shards plus `model.safetensors.index.json` above the size."""
-    from safetensors.numpy import save_file
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
 
+
+def write_safetensors(model, folder: str, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write HF-named safetensors: one file, or shards plus `model.safetensors.index.json` above the size.
+
+    The file layout is planned from the shapes alone; tensors are then fetched and written one at a time, so host
+    memory stays near the largest tensor whatever the model's size or sharding.
+    """
     os.makedirs(folder, exist_ok=True)
     limit = _parse_size(max_shard_size)
-    shards: list[dict[str, np.ndarray]] = [{}]
+    specs = tensor_specs(model)
+    shards: list[list[tuple[TensorSpec, str]]] = [[]]
     sizes = [0]
-    for name, t in host_tensors(model):
-        if sizes[-1] and sizes[-1] + t.nbytes > limit:
-            shards.append({})
+    for s in specs:
+        dtype = np.dtype(s.leaf(model).dtype)
+        if dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"{s.name}: dtype {dtype} cannot be written to safetensors")
+        nbytes = math.prod(s.shape) * dtype.itemsize
+        if sizes[-1] and sizes[-1] + nbytes > limit:
+            shards.append([])
             sizes.append(0)
-        shards[-1][name] = t
-        sizes[-1] += t.nbytes
-    for stale in (SAFE_SINGLE, SAFE_INDEX):
-        if os.path.exists(os.path.join(folder, stale)):
+        shards[-1].append((s, DTYPE_NAMES[dtype]))
+        sizes[-1] += nbytes
+    for stale in os.listdir(folder):
+        if stale in (SAFE_SINGLE, SAFE_INDEX) or _SHARD_FILE.match(stale):
             os.remove(os.path.join(folder, stale))
     metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, SAFE_SINGLE), metadata=metadata)
-        return [SAFE_SINGLE]
-    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = ([SAFE_SINGLE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for file, shard in zip(files, shards):
-        save_file(shard, os.path.join(folder, file), metadata=metadata)
-        weight_map.update({name: file for name in shard})
-    with open(os.path.join(folder, SAFE_INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+        layout = [(s.name, d, s.shape) for s, d in shard]
+        write_file(os.path.join(folder, file), layout, host_tensors(model, [s for s, _ in shard]), metadata)
+        weight_map.update({s.name: file for s, _ in shard})
+    if len(shards) > 1:
+        with open(os.path.join(folder, SAFE_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
     return files
 
 
@@ -312,21 +376,61 @@ def dtype_name(dtype) -> str:
 
 
 def save(model, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
-    """Write `config.json` and HF-named safetensors that transformers' `from_pretrained` loads."""
+    """Write `config.json` and HF-named safetensors that transformers' `from_pretrained` loads.
+
+    Works on a model sharded over a mesh too: each tensor is gathered to the host on its own as it is written.
+    """
     folder = os.fspath(folder)
     write_safetensors(model, folder, max_shard_size=max_shard_size)
     model.config.save_pretrained(folder, dtype=dtype_name(model.dtype))
 
 
-def load_from_folder(folder: str, *, dtype=None, place=None, progress=None, model_kwargs=None):
+PROGRESS_MIN_BYTES = 2**30  # `progress=None` shows a bar only for checkpoints at least this large
+
+
+def _progress_callback(progress, reader: SafetensorsReader, specs: list[TensorSpec]):
+    """(callback, close) for `progress`: True/False, None (auto: on from PROGRESS_MIN_BYTES) or a callable."""
+    if callable(progress):
+        return (lambda nbytes, ntensors: progress(nbytes)), (lambda: None)
+    total = sum(reader.nbytes(s.name) for s in specs)
+    if progress is False or (progress is None and total < PROGRESS_MIN_BYTES):
+        return None, (lambda: None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", leave=False)
+    done = [0]
+
+    def update(nbytes: int, ntensors: int) -> None:
+        done[0] += ntensors
+        bar.set_postfix_str(f"{done[0]}/{len(specs)} tensors", refresh=False)
+        bar.update(nbytes)
+
+    return update, bar.close
+
+
+def load_from_folder(folder: str, *, dtype=None, place=None, progress=None, model_kwargs=None, mesh=None,
+                     rules=None):
+    """A checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`."""
     from .model import Gemma4
 
     config = Gemma4Config.from_pretrained(folder)
     reader = SafetensorsReader(folder)
     model_kwargs = model_kwargs or {}
     probe = eqx.filter_eval_shape(lambda: Gemma4(config, key=jax.random.key(0), **model_kwargs))
-    validate(reader, tensor_specs(probe), dtype)
+    specs = tensor_specs(probe)
+    validate(reader, specs, dtype)
     if dtype is None:
-        dtype = checkpoint_dtype(reader, tensor_specs(probe))
+        dtype = checkpoint_dtype(reader, specs)
     abstract = eqx.filter_eval_shape(lambda: Gemma4(config, key=jax.random.key(0), dtype=dtype, **model_kwargs))
-    return fill_model(abstract, reader, dtype, place=place, progress=progress)
+    shardings = None
+    if mesh is not None:
+        from . import sharding
+
+        shardings = sharding.param_shardings(abstract, mesh, sharding.FSDP_TP if rules is None else rules)
+    elif rules is not None:
+        raise ValueError("rules: given without a mesh; pass mesh=g4.sharding.make_mesh(...) as well")
+    update, close = _progress_callback(progress, reader, specs)
+    try:
+        return fill_model(abstract, reader, dtype, place=place, progress=update, shardings=shardings)
+    finally:
+        close()

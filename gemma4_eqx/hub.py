@@ -1,7 +1,15 @@
-"""`g4.load` / `g4.save`: a local folder or a Hugging Face Hub repo id, through `huggingface_hub`."""
+"""`g4.load` / `g4.save`: a local folder or a Hugging Face Hub repo id, through `huggingface_hub`.
+
+A repo id is resolved with `snapshot_download` (only the files a model load needs; `revision` a branch, tag or
+commit; `token` from the argument, `HF_TOKEN` or the stored login). Offline mode, `HF_HUB_OFFLINE=1` or
+`local_files_only=True`, reads the local cache only (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, laid out as
+`models--owner--name/{blobs,refs,snapshots/<commit>/...}`) and fails at once, naming the repo and revision,
+when the revision or a file is not there. The environment is read at each call, not at import.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 
 from . import checkpoint
@@ -11,9 +19,56 @@ MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "preprocessor_config.json")
 
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def offline_mode() -> bool:
+    """`HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) as set now."""
+    return any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_cache_dir() -> str:
+    """The Hub cache folder as the environment names it now (huggingface_hub reads it only at import)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expanduser(os.path.expandvars(os.environ[var]))
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return os.path.join(os.path.expanduser(os.path.expandvars(home)), "hub")
+
+
+def _cached_revisions(cache: str, repo_id: str) -> str:
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    refs = sorted(os.listdir(os.path.join(repo, "refs"))) if os.path.isdir(os.path.join(repo, "refs")) else []
+    snaps = sorted(os.listdir(os.path.join(repo, "snapshots"))) if os.path.isdir(os.path.join(repo, "snapshots")) else []
+    if not refs and not snaps:
+        return f"the cache {cache} holds no copy of {repo_id}"
+    return f"the cache {cache} holds refs {refs} and snapshots {snaps}"
+
+
+def _check_snapshot(folder: str, allow_patterns, what: str) -> None:
+    """The files a model load needs are in the snapshot (a partial cache fails here, not deep in the loader)."""
+    patterns = set(allow_patterns)
+    needed = ["config.json"] if "config.json" in patterns else []
+    for file in needed:
+        if not os.path.isfile(os.path.join(folder, file)):
+            raise FileNotFoundError(f"{what}: {file} is missing from the snapshot {folder}")
+    if "*.safetensors" in patterns:
+        index = os.path.join(folder, checkpoint.SAFE_INDEX)
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            for file in files:
+                if not os.path.isfile(os.path.join(folder, file)):
+                    raise FileNotFoundError(f"{what}: {file} (listed in {checkpoint.SAFE_INDEX}) is missing from the "
+                                            f"snapshot {folder}")
+        elif not os.path.isfile(os.path.join(folder, checkpoint.SAFE_SINGLE)):
+            raise FileNotFoundError(f"{what}: neither {checkpoint.SAFE_SINGLE} nor {checkpoint.SAFE_INDEX} is in "
+                                    f"the snapshot {folder}")
+
 
 def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
-            local_files_only: bool | None = None, allow_patterns=MODEL_FILES) -> str:
+            local_files_only: bool | None = None, allow_patterns=MODEL_FILES, cache_dir: str | None = None) -> str:
     """A local folder as is; otherwise a Hub repo id resolved to a snapshot folder in the local cache.
 
     Offline mode (`HF_HUB_OFFLINE=1` or `local_files_only=True`) uses the cache only and fails at once with a
@@ -27,25 +82,45 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
     if path.count("/") != 1 or path.startswith((".", "/")):
         raise FileNotFoundError(f"{path}: no such folder, and not a Hub repo id of the form 'owner/name'")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+    offline = offline_mode() if local_files_only is None else bool(local_files_only)
+    cache = cache_dir or hub_cache_dir()
+    what = path + (f"@{revision}" if revision else "")
+    why = ("offline mode is on (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline
+           else "the Hub cannot be reached")
     try:
-        return snapshot_download(path, revision=revision, token=token, allow_patterns=list(allow_patterns),
-                                 local_files_only=local_files_only if local_files_only is not None else False)
+        folder = snapshot_download(path, revision=revision, token=token, allow_patterns=list(allow_patterns),
+                                   local_files_only=offline, cache_dir=cache)
+    except IncompleteSnapshotError as e:
+        raise FileNotFoundError(f"{what}: the cached snapshot is incomplete and {why} ({e})") from e
     except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(f"{path}" + (f"@{revision}" if revision else "") +
-                                f": not in the local Hugging Face cache and the Hub cannot be reached ({e})") from e
+        raise FileNotFoundError(f"{what}: revision {revision or 'main'!r} is not in the local Hugging Face cache "
+                                f"and {why}; {_cached_revisions(cache, path)}") from e
+    _check_snapshot(folder, allow_patterns, what)
+    return folder
 
 
 def load(path_or_repo_id: str | os.PathLike, *, dtype=None, revision: str | None = None,
-         token: str | bool | None = None, local_files_only: bool | None = None, remat: bool = False):
+         token: str | bool | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
+         remat: bool = False, mesh=None, rules=None, progress=None):
     """Load a transformers-format Gemma 4 Unified checkpoint into a `Gemma4`.
 
     `dtype=None` keeps the checkpoint's precision (bit-exact); `dtype=jnp.bfloat16` etc. casts on load.
+    `mesh=` (a `jax.sharding.Mesh`, see `g4.sharding.make_mesh`) places every parameter with the sharding that
+    `rules` name (default `g4.sharding.FSDP_TP`), each device reading only its rows of the checkpoint.
+    Tensors are read one at a time, so host memory stays near the largest leaf plus what the model keeps on
+    the host. `progress`: a tqdm bar over bytes and tensors; `None` shows it for checkpoints of 1 GiB or more.
     """
-    folder = resolve(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only)
-    return checkpoint.load_from_folder(folder, dtype=dtype, model_kwargs={"remat": remat})
+    folder = resolve(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only,
+                     cache_dir=cache_dir)
+    return checkpoint.load_from_folder(folder, dtype=dtype, model_kwargs={"remat": remat}, mesh=mesh, rules=rules,
+                                       progress=progress)
 
 
 def save(model, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
-    """config.json + HF-named safetensors (sharded with an index above `max_shard_size`)."""
+    """config.json + HF-named safetensors (sharded with an index above `max_shard_size`).
+
+    A sharded model is gathered one tensor at a time as it is written.
+    """
     checkpoint.save(model, folder, max_shard_size=max_shard_size)
