@@ -4,14 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 find_python() {
-  for cand in python3.13 python3.12 python3; do
+  for cand in python3.12 python3.13 python3; do
     if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
       command -v "$cand"; return 0
     fi
   done
   local root
   root=$( (pyenv root 2>/dev/null) || echo "$HOME/.pyenv")
-  for cand in "$root"/versions/3.13*/bin/python3 "$root"/versions/3.12*/bin/python3; do
+  for cand in "$root"/versions/3.12*/bin/python3 "$root"/versions/3.13*/bin/python3; do
     if [ -x "$cand" ]; then echo "$cand"; return 0; fi
   done
   echo "gemma4-eqx needs Python >= 3.12 (JAX 0.12 requires it); none found on PATH or under pyenv" >&2
