@@ -21,6 +21,11 @@ if [ ! -x .venv/bin/python ]; then
   PY=$(find_python)
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+log=$(mktemp)
+if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[test]'; } >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "bootstrap: pip install failed (output above)" >&2
+  exit 1
+fi
+rm -f "$log"
 .venv/bin/python -c 'import gemma4_eqx, jax; print("gemma4-eqx", gemma4_eqx.__version__, "with jax", jax.__version__, "ready in .venv")'
