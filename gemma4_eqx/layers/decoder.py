@@ -18,6 +18,26 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..config import TextConfig
 from .attention import Attention
+
+# Remat policies by name (`jax.checkpoint_policies`); `remat=True` is `jax.checkpoint`'s default (save nothing
+# inside a layer body but its inputs). Only the policies that need no arguments can be named here.
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+
+
+def check_remat(remat: bool | str) -> bool | str:
+    if isinstance(remat, bool) or remat in REMAT_POLICIES:
+        return remat
+    raise ValueError(f"remat: expected a bool or one of {REMAT_POLICIES} (jax.checkpoint_policies), found {remat!r}")
+
+
+def rematerialised(body: Callable, remat: bool | str) -> Callable:
+    """`body` under `jax.checkpoint` (with the named policy) when `remat` asks for it."""
+    if remat is False:
+        return body
+    if remat is True:
+        return jax.checkpoint(body)
+    return jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, check_remat(remat)))
 from .mlp import MLP
 from .norm import RMSNorm
 
@@ -91,10 +111,10 @@ class DecoderStack(eqx.Module):
     runs: tuple[DecoderLayer, ...]  # run j: every array has leading axes [num_repeats, run_length_j]
     pattern: tuple[tuple[str, int], ...] = eqx.field(static=True)
     num_repeats: int = eqx.field(static=True)
-    remat: bool = eqx.field(static=True, default=False)
+    remat: bool | str = eqx.field(static=True, default=False)  # True, False or a name in REMAT_POLICIES
     unroll: bool = eqx.field(static=True, default=False)
 
-    def __init__(self, cfg: TextConfig, *, key: PRNGKeyArray, dtype=jnp.float32, remat: bool = False,
+    def __init__(self, cfg: TextConfig, *, key: PRNGKeyArray, dtype=jnp.float32, remat: bool | str = False,
                  unroll: bool = False):
         self.pattern, self.num_repeats = layer_pattern(cfg.layer_types)
         keys = jax.random.split(key, len(self.pattern))
@@ -104,7 +124,7 @@ class DecoderStack(eqx.Module):
             ks = jax.random.split(k, (self.num_repeats, length))
             runs.append(eqx.filter_vmap(eqx.filter_vmap(make))(ks))
         self.runs = tuple(runs)
-        self.remat = remat
+        self.remat = check_remat(remat)
         self.unroll = unroll
 
     # ---- layer indexing (checkpoint names use the flat HF index) ---------------------------------
@@ -142,7 +162,7 @@ class DecoderStack(eqx.Module):
             def body(h, layer_params):
                 layer = eqx.combine(layer_params, static_layer)
                 return layer(h, positions, masks[layer.layer_type]), None
-            return jax.checkpoint(body) if self.remat else body
+            return rematerialised(body, self.remat)
 
         def period(h, period_params):
             for run_params, static_layer in zip(period_params, static):
@@ -161,7 +181,7 @@ class DecoderStack(eqx.Module):
                 layer_params, kv = xs
                 h, kv = eqx.combine(layer_params, static_layer).with_cache(h, positions, kv, ctx)
                 return h, kv
-            return jax.checkpoint(body) if self.remat else body
+            return rematerialised(body, self.remat)
 
         def period(h, xs):
             period_params, period_kv = xs

@@ -1,0 +1,461 @@
+"""Model surgery on `Gemma4`: swap attention modules, freeze, add low-rank adapters, save what has no HF name.
+
+Everything is built on `eqx.tree_at`; every result is an ordinary `Gemma4` pytree that jits, vmaps and grads.
+
+Where things live. The decoder keeps its layers *stacked* per run of the repeating pattern
+(`model.layers.runs[j]`, every array with leading axes `[repeats, run_length]`; `model.layers.locate(i)` maps a
+flat layer index to `(run, repeat, slot)`). For the 12B the runs are `(5 sliding, 1 full) x 8`, so
+`model.layers.runs[1].self_attn` *is* the attention of the 8 global layers, stacked `[8, 1, ...]`.
+
+How an edit is applied (`map_layers`, which `replace_attention` and `add_lora` use):
+- the chosen layers cover whole runs (e.g. `layers="full"`): the new per-layer modules are stacked into that run
+  in place; nothing else moves and the KV-cache layout is unchanged;
+- they cover part of a run (e.g. `layers=[5]` of the 12B, or `[2]`): the decoder is *regrouped*: layers are
+  gathered, and stacked again into the shortest repeating pattern of layer kinds (a kind = a pytree structure
+  plus shapes). `[2, 8, 14, ...]` (the same slot in every period) keeps 8 repeats with a run split in three;
+  an irregular set unrolls the repeats (one period of 48 layers: more scan bodies, a longer compile). The
+  weights are copied once.
+Either way the stack becomes an `EditedStack`: a `DecoderStack` that knows where each of its layers sits in
+the stock KV-cache layout (so `g4.generate` keeps working) and fails clearly when a replacement has no
+`with_cache`.
+
+Saving. `g4.save` writes transformers' names, and only the stock modules have them: for a model holding a
+replacement attention or `LoRALinear` it raises instead of writing a checkpoint that silently lacks the new
+parameters. Use `merge_lora` first (the result is stock again), or `save` / `load` below (Equinox's
+`tree_serialise_leaves` plus config.json; loading re-runs your surgery on an abstract model to get the skeleton).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+from .config import FULL, SLIDING, Gemma4Config
+from .layers.attention import Attention
+from .layers.decoder import DecoderStack
+from .layers.linear import Linear
+from .layers.norm import compute_dtype
+from .model import Gemma4
+
+Layers = str | int | Sequence[int]
+
+
+# ---- which layers --------------------------------------------------------------------------------
+def layer_indices(model: Gemma4, layers: Layers = "full") -> tuple[int, ...]:
+    """`"all"`, `"full"` (global layers), `"sliding"`, one index or a sequence of flat HF layer indices."""
+    types = model.config.text.layer_types
+    if isinstance(layers, str):
+        if layers == "all":
+            return tuple(range(len(types)))
+        if layers in ("full", "sliding"):
+            want = FULL if layers == "full" else SLIDING
+            return tuple(i for i, t in enumerate(types) if t == want)
+        raise ValueError(f"layers: expected 'all', 'full', 'sliding' or layer indices, found {layers!r}")
+    picked = (layers,) if isinstance(layers, int) else tuple(layers)
+    for i in picked:
+        if not isinstance(i, int) or not 0 <= i < len(types):
+            raise ValueError(f"layers: {i!r} is not a layer index in [0, {len(types)})")
+    if not picked:
+        raise ValueError("layers: no layer selected")
+    return tuple(sorted(set(picked)))
+
+
+# ---- stacking ------------------------------------------------------------------------------------
+def _slice(tree, repeat: int, slot: int):
+    return jax.tree.map(lambda a: a[repeat, slot] if eqx.is_array(a) else a, tree)
+
+
+def _difference(a, b) -> str | None:
+    """Why two modules cannot be stacked together (None when they can)."""
+    (arrays_a, static_a), (arrays_b, static_b) = eqx.partition(a, eqx.is_array), eqx.partition(b, eqx.is_array)
+    if jax.tree.structure(arrays_a) != jax.tree.structure(arrays_b) or eqx.tree_equal(static_a, static_b) is not True:
+        return "structure or static fields"
+    for x, y in zip(jax.tree.leaves(arrays_a), jax.tree.leaves(arrays_b)):
+        if (x.shape, x.dtype) != (y.shape, y.dtype):
+            return f"an array {x.shape} {x.dtype} vs {y.shape} {y.dtype}"
+    return None
+
+
+def stack_modules(modules: Sequence[Any], lead: tuple[int, ...], what: str = "modules"):
+    """Stack equal-structure modules along new leading axes `lead` (row-major), the inverse of `_slice`."""
+    for k, m in enumerate(modules[1:], 1):
+        why = _difference(modules[0], m)
+        if why is not None:
+            raise ValueError(f"{what}: item {k} ({type(m).__name__}) differs from item 0 "
+                             f"({type(modules[0]).__name__}) in {why}; stacked layers must agree")
+    parts = [eqx.partition(m, eqx.is_array) for m in modules]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(lead + xs[0].shape), *(a for a, _ in parts))
+    return eqx.combine(stacked, parts[0][1])
+
+
+def _kind_ids(layers: Sequence[Any]) -> list[int]:
+    """Layers that may share a stacked run get the same id (same structure, shapes, dtypes, static fields)."""
+    reps: list[Any] = []
+    ids = []
+    for layer in layers:
+        k = next((k for k, rep in enumerate(reps) if _difference(rep, layer) is None), None)
+        if k is None:
+            reps.append(layer)
+            k = len(reps) - 1
+        ids.append(k)
+    return ids
+
+
+class EditedStack(DecoderStack):
+    """A `DecoderStack` after surgery: same scan, plus the map from its layout to the stock KV-cache layout."""
+
+    # stock KV-cache (run, repeat, slot) of each flat layer; None when this stack's layout is the stock one
+    cache_slots: tuple[tuple[int, int, int], ...] | None = eqx.field(static=True, default=None)
+
+    def __init__(self, runs, pattern, num_repeats, remat=False, unroll=False, cache_slots=None):
+        self.runs, self.pattern, self.num_repeats = tuple(runs), tuple(pattern), num_repeats
+        self.remat, self.unroll, self.cache_slots = remat, unroll, cache_slots
+
+    def check_cacheable(self) -> None:
+        for j, run in enumerate(self.runs):
+            if not callable(getattr(run.self_attn, "with_cache", None)):
+                idx = [i for i in range(self.num_layers) if self.locate(i)[0] == j]
+                raise NotImplementedError(
+                    f"layers {idx}: {type(run.self_attn).__name__} has no with_cache(x, positions, kv, ctx, sliding), "
+                    "which g4.generate / model.prefill / model.decode_step call with this layer's KV-cache entry "
+                    "(see gemma4_eqx.layers.attention.Attention.with_cache, or surgery.LinearAttention). Implement "
+                    "it, or run the model without a cache: model(input_ids) over the whole sequence")
+
+    def with_cache(self, h, positions, kv_runs: tuple, ctx):
+        self.check_cacheable()
+        if self.cache_slots is None:
+            return super().with_cache(h, positions, kv_runs, ctx)
+        # Regather the stock cache into this stack's layout, run, and scatter it back.
+        per_layer = [_slice(kv_runs[j], r, s) for j, r, s in self.cache_slots]
+        mine = []
+        for j, (_, length) in enumerate(self.pattern):
+            members = [i for i in range(self.num_layers) if self.locate(i)[0] == j]
+            mine.append(stack_modules([per_layer[i] for i in members], (self.num_repeats, length), "cache"))
+        h, mine = super().with_cache(h, positions, tuple(mine), ctx)
+        updated = [_slice(mine[run], r, s) for run, r, s in map(self.locate, range(self.num_layers))]
+        out = []
+        for j, stock in enumerate(kv_runs):
+            members = sorted((r, s, i) for i, (jj, r, s) in enumerate(self.cache_slots) if jj == j)
+            lead = jax.tree.leaves(stock)[0].shape[:2]
+            out.append(stack_modules([updated[i] for _, _, i in members], lead, "cache"))
+        return h, tuple(out)
+
+
+def _cache_slots(stack: DecoderStack) -> list[tuple[int, int, int]]:
+    slots = getattr(stack, "cache_slots", None)
+    return list(slots) if slots is not None else [stack.locate(i) for i in range(stack.num_layers)]
+
+
+def _regroup(stack: DecoderStack, layers: list) -> EditedStack:
+    """Stack per-layer modules into the shortest repeating pattern of layer kinds."""
+    n = len(layers)
+    kinds = _kind_ids(layers)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)))
+    runs_at: list[list[int]] = []  # [start, length] within the period
+    for off in range(period):
+        if runs_at and kinds[off] == kinds[runs_at[-1][0]]:
+            runs_at[-1][1] += 1
+        else:
+            runs_at.append([off, 1])
+    repeats = n // period
+    runs = [stack_modules([layers[r * period + start + s] for r in range(repeats) for s in range(length)],
+                          (repeats, length), f"layers of run {start}..{start + length - 1}")
+            for start, length in runs_at]
+    pattern = tuple((layers[start].layer_type, length) for start, length in runs_at)
+    slots = tuple(_cache_slots(stack))
+    new = EditedStack(runs, pattern, repeats, stack.remat, stack.unroll, slots)
+    if [new.locate(i) for i in range(n)] == list(slots):
+        new = EditedStack(runs, pattern, repeats, stack.remat, stack.unroll, None)
+    return new
+
+
+def map_layers(model: Gemma4, fn: Callable[[Any, int], Any], layers: Layers = "all",
+               where: Callable[[Any], Any] = lambda layer: layer) -> Gemma4:
+    """Replace `where(layer)` by `fn(where(layer), i)` in every chosen layer `i` (one unstacked layer at a time).
+
+    `fn` sees one layer's subtree (e.g. its `self_attn`) and its flat index, and returns the new subtree; the
+    results are stacked back (see the module docstring for whole vs partial runs).
+    """
+    idx = layer_indices(model, layers)
+    stack = model.layers
+    by_run: dict[int, list[int]] = {}
+    for i in idx:
+        by_run.setdefault(stack.locate(i)[0], []).append(i)
+    whole = all(len(members) == stack.num_repeats * stack.pattern[j][1] for j, members in by_run.items())
+    if whole:
+        runs = list(stack.runs)
+        for j, members in by_run.items():
+            new = [fn(_slice(where(runs[j]), *stack.locate(i)[1:]), i) for i in members]  # members in (r, s) order
+            lead = (stack.num_repeats, stack.pattern[j][1])
+            runs[j] = eqx.tree_at(where, runs[j], stack_modules(new, lead, f"replacements of layers {members}"))
+        slots = getattr(stack, "cache_slots", None)
+        new_stack = EditedStack(runs, stack.pattern, stack.num_repeats, stack.remat, stack.unroll, slots)
+    else:
+        views = [stack.layer(i) for i in range(stack.num_layers)]
+        for i in idx:
+            views[i] = eqx.tree_at(where, views[i], fn(where(views[i]), i))
+        new_stack = _regroup(stack, views)
+    return eqx.tree_at(lambda m: m.layers, model, new_stack)
+
+
+def replace_attention(model: Gemma4, replacement: Callable[[Attention, int], eqx.Module] | eqx.Module,
+                      layers: Layers = "full") -> Gemma4:
+    """Swap the attention of the chosen layers (default: the global ones) for a module of the same interface.
+
+    `replacement(old_attention, layer_index) -> module` (or `replacement(old_attention)`, e.g. a class such as
+    `LinearAttention`) is called once per layer with that layer's current attention (unstacked, so it can reuse
+    the pretrained projections); a ready module is copied to every layer.
+    The module must provide `__call__(x [seq, hidden], positions [seq], mask [seq, seq]) -> [seq, hidden]`, and
+    `with_cache(x, positions, kv, ctx, sliding)` for generation (without it `g4.generate` raises).
+    """
+    if isinstance(replacement, eqx.Module) or not callable(replacement):
+        make = lambda old, i: replacement
+    else:
+        try:
+            inspect.signature(replacement).bind(None, 0)
+            make = replacement
+        except TypeError:  # a one-argument factory, e.g. the class LinearAttention
+            make = lambda old, i: replacement(old)
+    model = map_layers(model, make, layers, where=lambda layer: layer.self_attn)
+    attn = [run.self_attn for run in model.layers.runs]
+    missing = {type(a).__name__ for a in attn if not callable(getattr(a, "with_cache", None))}
+    if missing:
+        warnings.warn(f"{', '.join(sorted(missing))} has no with_cache: the model runs, grads and vmaps, but "
+                      "g4.generate / prefill / decode_step will raise", stacklevel=2)
+    return model
+
+
+# ---- an example replacement: causal linear attention over Gemma's own projections ---------------------
+def linear_attention(
+    q: Float[Array, "q_seq heads head_dim"],
+    k: Float[Array, "kv_seq kv_heads head_dim"],
+    v: Float[Array, "kv_seq kv_heads head_dim"],
+    mask: Bool[Array, "q_seq kv_seq"],
+    feature_map: Float[Array, "kv_heads head_dim features"],
+) -> Float[Array, "q_seq heads head_dim"]:
+    """`sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j)` over visible keys, `phi(x) = elu(x W) + 1`.
+
+    Written in its masked (parallel) form, which honours any mask (padding, bidirectional vision blocks) and
+    equals the O(1)-state recurrent form on causal masks. A row with no visible key gives 0.
+    """
+    t, h, d = q.shape
+    kv_heads = k.shape[1]
+    dt = compute_dtype(q.dtype)
+    w = feature_map.astype(dt)
+    fq = jax.nn.elu(jnp.einsum("tkgd,kdf->tkgf", q.reshape(t, kv_heads, h // kv_heads, d).astype(dt), w)) + 1
+    fk = jax.nn.elu(jnp.einsum("skd,kdf->skf", k.astype(dt), w)) + 1
+    scores = jnp.einsum("tkgf,skf->tkgs", fq, fk) * mask[:, None, None, :]
+    out = jnp.einsum("tkgs,skd->tkgd", scores, v.astype(dt)) / (scores.sum(-1, keepdims=True) + 1e-6)
+    return out.reshape(t, h, d).astype(q.dtype)
+
+
+class LinearAttention(eqx.Module):
+    """Linear attention that reuses a pretrained `Attention`'s projections, norms and RoPE (a learnable,
+    identity-initialised feature map per KV head). Same interface as `Attention`, KV cache included."""
+
+    attention: Attention
+    feature_map: Float[Array, "kv_heads head_dim features"]
+
+    def __init__(self, attention: Attention):
+        self.attention = attention
+        eye = jnp.eye(attention.head_dim, dtype=attention.o_proj.weight.dtype)
+        self.feature_map = jnp.broadcast_to(eye, (attention.num_kv_heads,) + eye.shape)
+
+    def _out(self, q, k, v, mask):
+        out = linear_attention(q, k, v, mask, self.feature_map)
+        a = self.attention
+        return a.o_proj(out.reshape(q.shape[0], a.num_heads * a.head_dim))
+
+    def __call__(
+        self,
+        x: Float[Array, "seq hidden"],
+        positions: Int[Array, " seq"],
+        mask: Bool[Array, "seq seq"],
+    ) -> Float[Array, "seq hidden"]:
+        k, v = self.attention.keys_values(x, positions)
+        return self._out(self.attention.queries(x, positions), k, v, mask)
+
+    def with_cache(self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv, ctx, sliding: bool):
+        """The cache holds the same keys/values as for softmax attention (see `Attention.with_cache`)."""
+        a = self.attention
+        q = a.queries(x, positions)
+        raw_k, raw_v = a.raw_kv(x)
+        if sliding:
+            k_new, v_new = a.finish_kv(raw_k, raw_v, positions)
+            k, v = jnp.concatenate([kv.k, k_new]), jnp.concatenate([kv.v, v_new])
+            m = ctx.ring_write.shape[0]
+            kv = type(kv)(k=kv.k.at[ctx.ring_write].set(k_new[-m:]), v=kv.v.at[ctx.ring_write].set(v_new[-m:]))
+            mask = ctx.sliding_mask
+        elif kv.raw is not None:
+            raw = jax.lax.dynamic_update_slice_in_dim(kv.raw, raw_k, ctx.start, axis=0)
+            k, v = a.finish_kv(raw, None, ctx.full_positions)
+            kv, mask = type(kv)(raw=raw), ctx.full_mask
+        else:
+            k_new, v_new = a.finish_kv(raw_k, raw_v, positions)
+            k = jax.lax.dynamic_update_slice_in_dim(kv.k, k_new, ctx.start, axis=0)
+            v = jax.lax.dynamic_update_slice_in_dim(kv.v, v_new, ctx.start, axis=0)
+            kv, mask = type(kv)(k=k, v=v), ctx.full_mask
+        return self._out(q, k, v, mask), kv
+
+
+# ---- low-rank adapters -----------------------------------------------------------------------------
+class LoRALinear(eqx.Module):
+    """`base(x) + scale * (x @ lora_a) @ lora_b`; `lora_b` starts at zero, so the wrapped model is unchanged."""
+
+    base: Linear
+    lora_a: Float[Array, "in_features rank"]
+    lora_b: Float[Array, "rank out_features"]
+    scale: float = eqx.field(static=True)
+
+    def __init__(self, base: Linear, rank: int, *, key: PRNGKeyArray, alpha: float | None = None):
+        dtype = base.weight.dtype
+        self.base = base
+        self.lora_a = (jax.random.normal(key, (base.in_features, rank), jnp.float32)
+                       / jnp.sqrt(base.in_features)).astype(dtype)
+        self.lora_b = jnp.zeros((rank, base.out_features), dtype)
+        self.scale = float(alpha if alpha is not None else rank) / rank
+
+    @property
+    def weight(self):
+        raise AttributeError("LoRALinear has no single weight: fold the adapters in with "
+                             "g4.surgery.merge_lora(model) first (g4.save writes plain Linear weights), or save with "
+                             "g4.surgery.save")
+
+    def __call__(self, x: Float[Array, "*batch in_features"]) -> Float[Array, "*batch out_features"]:
+        low = jnp.matmul(jnp.matmul(x, self.lora_a.astype(x.dtype)), self.lora_b.astype(x.dtype))
+        return self.base(x) + (self.scale * low).astype(x.dtype)
+
+    def merged(self) -> Linear:
+        dt = compute_dtype(self.base.weight.dtype)
+        delta = self.scale * jnp.matmul(self.lora_a.astype(dt), self.lora_b.astype(dt))  # broadcasts stacked axes
+        return eqx.tree_at(lambda l: l.weight, self.base, (self.base.weight.astype(dt) + delta).astype(
+            self.base.weight.dtype))
+
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model: Gemma4, *, key: PRNGKeyArray, rank: int = 8, alpha: float | None = None,
+             targets: Sequence[str] = ("q_proj", "v_proj"), layers: Layers = "all") -> Gemma4:
+    """Wrap the named projections (`q_proj` ... `o_proj`, `gate_proj` ... `down_proj`) of the chosen layers in
+    `LoRALinear`. Projections a layer lacks (the global layers' `v_proj` when keys are values) are skipped."""
+    unknown = set(targets) - set(ATTENTION_PROJECTIONS + MLP_PROJECTIONS)
+    if unknown:
+        raise ValueError(f"targets: unknown projection(s) {sorted(unknown)}; expected names from "
+                         f"{ATTENTION_PROJECTIONS + MLP_PROJECTIONS}")
+
+    def wrap(layer, i):
+        for k, name in enumerate(targets):
+            owner = (lambda l: l.self_attn) if name in ATTENTION_PROJECTIONS else (lambda l: l.mlp)
+            base = getattr(owner(layer), name, None)
+            if isinstance(base, Linear):
+                lora = LoRALinear(base, rank, key=jax.random.fold_in(key, i * 16 + k), alpha=alpha)
+                layer = eqx.tree_at(lambda l: getattr(owner(l), name), layer, lora)
+        return layer
+
+    return map_layers(model, wrap, layers)
+
+
+def merge_lora(model: PyTree) -> PyTree:
+    """Fold every `LoRALinear` into a plain `Linear` (`W + scale * A @ B`, in fp32 then cast back)."""
+    is_lora = lambda x: isinstance(x, LoRALinear)
+    return jax.tree.map(lambda x: x.merged() if is_lora(x) else x, model, is_leaf=is_lora)
+
+
+# ---- freezing: filter specs for eqx.partition ------------------------------------------------------
+def trainable(model: PyTree, *wheres: Callable[[Any], Any]) -> PyTree[bool]:
+    """A filter spec: True on the floating arrays under any `where(model)` (a node or a tuple/list of nodes)."""
+    spec = jax.tree.map(lambda _: False, model)
+    for where in wheres:
+        nodes = lambda s: tuple(n for n in _as_tuple(where(s)) if n is not None)
+        spec = eqx.tree_at(nodes, spec, replace_fn=lambda sub: jax.tree.map(lambda _: True, sub))
+    return jax.tree.map(lambda keep, x: bool(keep) and eqx.is_inexact_array(x), spec, model)
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _whole_runs(model: Gemma4, layers: Layers) -> tuple[int, ...]:
+    stack = model.layers
+    idx = set(layer_indices(model, layers))
+    runs = sorted({stack.locate(i)[0] for i in idx})
+    for j in runs:
+        members = {i for i in range(stack.num_layers) if stack.locate(i)[0] == j}
+        if not members <= idx:
+            raise ValueError(f"layers: {sorted(idx & members)} share stacked arrays with layers {sorted(members - idx)}"
+                             f" (run {j}); a filter spec selects whole arrays. Select the whole run, or regroup first "
+                             "(e.g. replace those layers' attention with g4.surgery.replace_attention)")
+    return tuple(runs)
+
+
+def only_layers(model: Gemma4, layers: Layers = "full",
+                where: Callable[[Any], Any] = lambda layer: layer) -> PyTree[bool]:
+    """Train `where(layer)` of the chosen layers only (whole stacked runs)."""
+    runs = _whole_runs(model, layers)
+    return trainable(model, lambda m: tuple(where(m.layers.runs[j]) for j in runs))
+
+
+def only_attention(model: Gemma4, layers: Layers = "full") -> PyTree[bool]:
+    """Train only the attention modules (stock or replaced) of the chosen layers."""
+    return only_layers(model, layers, lambda layer: layer.self_attn)
+
+
+def only_full_attention(model: Gemma4) -> PyTree[bool]:
+    """Train only the attention of the global (full) layers: the swap point of linear-attention surgery."""
+    return only_attention(model, "full")
+
+
+def only_embedders(model: Gemma4, *, tokens: bool = False) -> PyTree[bool]:
+    """Train only the vision and audio embedders (and the tied token embedding with `tokens=True`)."""
+    return trainable(model, lambda m: (m.embed_vision, m.embed_audio) + ((m.embed_tokens,) if tokens else ()))
+
+
+def only_lora(model: PyTree) -> PyTree[bool]:
+    """Train only the adapters (`lora_a`, `lora_b`) of every `LoRALinear`."""
+    is_lora = lambda x: isinstance(x, LoRALinear)
+    loras = lambda m: [x for x in jax.tree.leaves(m, is_leaf=is_lora) if is_lora(x)]
+    return trainable(model, lambda m: tuple(a for x in loras(m) for a in (x.lora_a, x.lora_b)))
+
+
+def union(*specs: PyTree[bool]) -> PyTree[bool]:
+    return jax.tree.map(lambda *xs: any(xs), *specs)
+
+
+# ---- saving what has no checkpoint name ------------------------------------------------------------
+LEAVES_FILE = "model.eqx"
+
+
+def save(model: Gemma4, folder: str | os.PathLike) -> None:
+    """config.json (with the dtype) + every leaf in `model.eqx` (`eqx.tree_serialise_leaves`)."""
+    from .checkpoint import dtype_name
+
+    os.makedirs(folder, exist_ok=True)
+    model.config.save_pretrained(folder, dtype=dtype_name(model.dtype))
+    eqx.tree_serialise_leaves(os.path.join(folder, LEAVES_FILE), model)
+
+
+def load(folder: str | os.PathLike, surgery: Callable[[Gemma4], Gemma4], *, dtype=None) -> Gemma4:
+    """Load what `save` wrote. `surgery(stock_model) -> edited_model` must redo the edits (it runs abstractly,
+    on shapes only, to build the skeleton the leaves are read into)."""
+    config = Gemma4Config.from_pretrained(folder)
+    if dtype is None:
+        with open(os.path.join(folder, "config.json")) as f:
+            dtype = jnp.dtype(json.load(f).get("dtype", "float32"))
+    like = eqx.filter_eval_shape(lambda: surgery(Gemma4(config, key=jax.random.key(0), dtype=dtype)))
+    model = eqx.tree_deserialise_leaves(os.path.join(folder, LEAVES_FILE), like)
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(like), jax.tree.leaves(model)):
+        if (want.shape, want.dtype) != (got.shape, got.dtype):
+            raise ValueError(f"{jax.tree_util.keystr(path)}: the surgery builds {want.shape} {want.dtype}, "
+                             f"the file holds {got.shape} {got.dtype}")
+    return model

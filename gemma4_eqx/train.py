@@ -1,0 +1,168 @@
+"""Next-token training with optax: the loss (text and multimodal), its mask, and a jitted train step.
+
+Which positions count. Position `t` predicts token `t + 1` and is in the loss iff
+- both `t` and `t + 1` are real tokens (`attention_mask`; a left pad predicting the first real token is out);
+- token `t + 1` is not a multimodal soft token (an image, video or audio placeholder, by id or by a non-zero
+  `mm_token_type_ids`): soft tokens are inputs, replaced by embedder outputs, and have no target. So the
+  position *before* an image/audio block (`<|image>` / boi) does not predict into it, while the block's last soft
+  token does predict the closing marker (`<image|>` / eoi), and text after it counts as usual;
+- `loss_mask[t + 1]` is True when a `loss_mask` is given (True = "this token is a target": e.g. only the
+  assistant's answer).
+The loss is the mean cross-entropy over counted positions (over the whole batch for `batch_loss`: each token
+weighs the same, whatever its sequence's length).
+
+Precision. Logits and the cross-entropy are computed in fp32 (fp64 for fp64 models) from the final hidden
+states, whatever the parameter dtype. `make_train_step(compute_dtype=jnp.bfloat16)` keeps the parameters you
+pass (e.g. fp32 master weights) and casts them to bf16 inside the step: activations are bf16, gradients arrive
+in the master dtype (the cast's transpose) and optax updates the master copy. With bf16 parameters and no
+`compute_dtype`, everything but the loss is bf16; give optax fp32 moments then (`optax.adam(..., mu_dtype=jnp.float32)`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from .layers.decoder import check_remat
+from .layers.norm import compute_dtype as _compute_dtype
+from .masks import MaskMode
+
+
+def target_mask(
+    input_ids: Int[Array, " seq"],
+    config,
+    *,
+    attention_mask: Bool[Array, " seq"] | None = None,
+    mm_token_type_ids: Int[Array, " seq"] | None = None,
+    loss_mask: Bool[Array, " seq"] | None = None,
+) -> Bool[Array, " seq-1"]:
+    """Entry `t` says whether position `t` (predicting token `t + 1`) counts in the loss (see the module doc)."""
+    real = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    soft = ((input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+            | (input_ids == config.audio_token_id))
+    if mm_token_type_ids is not None:
+        soft = soft | (mm_token_type_ids != 0)
+    target_ok = real & ~soft
+    if loss_mask is not None:
+        target_ok = target_ok & loss_mask.astype(bool)
+    return real[:-1] & target_ok[1:]
+
+
+def sequence_nll(
+    model, input_ids: Int[Array, " seq"], *, loss_mask: Bool[Array, " seq"] | None = None,
+    mask_mode: MaskMode = "intended", **inputs
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """(sum of the next-token cross-entropies over counted positions, their number) for one sequence.
+
+    `inputs` are the keywords of `model(...)` (attention_mask, positions, mm_token_type_ids, media).
+    """
+    h = model.hidden_states(input_ids, mask_mode=mask_mode, **inputs)
+    h = h.astype(_compute_dtype(h.dtype))
+    logits = model.logits_from_hidden(h[:-1])
+    mask = target_mask(input_ids, model.config, attention_mask=inputs.get("attention_mask"),
+                       mm_token_type_ids=inputs.get("mm_token_type_ids"), loss_mask=loss_mask)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, input_ids[1:, None], axis=-1)[:, 0]
+    nll = jnp.where(mask, logz - picked, 0.0)
+    return nll.sum(), mask.sum().astype(nll.dtype)
+
+
+def sequence_loss(model, sample: dict[str, Any], *, mask_mode: MaskMode = "intended") -> Float[Array, ""]:
+    """Mean next-token cross-entropy of one sequence (`sample`: `input_ids` and `model(...)` keywords)."""
+    sample = dict(sample)
+    total, count = sequence_nll(model, sample.pop("input_ids"), mask_mode=mask_mode, **sample)
+    return total / jnp.maximum(count, 1)
+
+
+def batch_loss(model, batch: dict[str, Any], *, mask_mode: MaskMode = "intended") -> Float[Array, ""]:
+    """Token-weighted mean over a stacked batch (leading batch axis on every entry, e.g. from
+    `g4.batching.stack_samples`), computed with `jax.vmap` over `sequence_nll`."""
+    def one(sample):
+        sample = dict(sample)
+        return sequence_nll(model, sample.pop("input_ids"), mask_mode=mask_mode, **sample)
+
+    totals, counts = jax.vmap(one)(batch)
+    return totals.sum() / jnp.maximum(counts.sum(), 1)
+
+
+# ---- model-wide switches ----------------------------------------------------------------------------
+def with_remat(model, remat: bool | str):
+    """The same model with the decoder scan's remat setting replaced (True, False or a policy name)."""
+    stack = copy.copy(model.layers)
+    object.__setattr__(stack, "remat", check_remat(remat))  # a static field: a new module, the same arrays
+    return eqx.tree_at(lambda m: m.layers, model, stack)
+
+
+def cast(model: PyTree, dtype) -> PyTree:
+    """Every floating array cast to `dtype` (integer arrays and static fields untouched)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
+
+
+# ---- the train step ---------------------------------------------------------------------------------
+FilterSpec = PyTree[bool] | Callable[[Any], Any]
+
+
+def _spec(filter_spec: FilterSpec | None, model):
+    if filter_spec is None:
+        return jax.tree.map(eqx.is_inexact_array, model)
+    if callable(filter_spec) and not isinstance(filter_spec, eqx.Module):
+        spec = filter_spec(model)  # a spec factory such as g4.surgery.only_full_attention
+        if isinstance(spec, bool):
+            raise ValueError("filter_spec: a function given here is called on the whole model and must return a "
+                             "pytree of bools (e.g. g4.surgery.only_full_attention); for a per-leaf filter such as "
+                             "eqx.is_inexact_array pass jax.tree.map(eqx.is_inexact_array, model)")
+        return spec
+    return filter_spec
+
+
+def init_optimizer(optimizer, model, filter_spec: FilterSpec | None = None):
+    """`optimizer.init` on the trainable part of `model` (the same `filter_spec` as the step)."""
+    return optimizer.init(eqx.filter(model, _spec(filter_spec, model)))
+
+
+def make_train_step(optimizer, filter_spec: FilterSpec | None = None, *, remat: bool | str | None = None,
+                    compute_dtype=None, mask_mode: MaskMode = "intended", donate: bool = True):
+    """A jitted `step(model, opt_state, batch) -> (model, opt_state, loss)` minimising `batch_loss`.
+
+    - `filter_spec`: which arrays train (a pytree of bools, or a function of the model such as
+      `g4.surgery.only_full_attention`); the rest is frozen and gets no gradient. Default: every float array.
+    - `remat`: rematerialise each decoder layer in the backward pass (True or a `jax.checkpoint_policies` name
+      such as "dots_saveable"); None keeps the model's own setting. The returned model keeps its setting.
+    - `compute_dtype`: cast the parameters to it inside the step (mixed precision, see the module doc).
+    - `donate`: the trainable arrays and the optimizer state are donated (updated in place). The arrays you pass
+      are invalid afterwards, and so are other models sharing them (e.g. the one you did surgery on); frozen
+      arrays and the batch are never donated.
+    `opt_state` comes from `init_optimizer(optimizer, model, filter_spec)`.
+    """
+    if remat is not None:
+        check_remat(remat)
+
+    def loss_of(params, frozen, batch):
+        model = eqx.combine(params, frozen)
+        if remat is not None:
+            model = with_remat(model, remat)
+        if compute_dtype is not None:
+            model = cast(model, compute_dtype)
+        return batch_loss(model, batch, mask_mode=mask_mode)
+
+    def update(params, opt_state, frozen, batch):
+        loss, grads = eqx.filter_value_and_grad(loss_of)(params, frozen, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return eqx.apply_updates(params, updates), opt_state, loss
+
+    # (frozen, batch) first so that "all-except-first" donates exactly the params and the optimizer state
+    jitted = eqx.filter_jit(lambda kept, params, opt_state: update(params, opt_state, *kept),
+                            donate="all-except-first" if donate else "none")
+
+    def step(model, opt_state, batch):
+        params, frozen = eqx.partition(model, _spec(filter_spec, model))
+        params, opt_state, loss = jitted((frozen, batch), params, opt_state)
+        return eqx.combine(params, frozen), opt_state, loss
+
+    return step
