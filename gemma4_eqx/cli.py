@@ -158,7 +158,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _verify_cases(folder: str, cfg) -> list[tuple[str, dict, "np.ndarray | None", str]]:
+def _verify_cases(folder: str, cfg) -> list[tuple]:
     """(name, batch inputs, recorded transformers logits or None, mask mode) to run both models on."""
     import numpy as np
 

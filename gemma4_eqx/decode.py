@@ -22,7 +22,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ._checks import check_shape, check_value
 from .cache import KVCache
 from .config import FULL, SLIDING
-from .masks import MaskMode, layer_masks, vision_block_ids
+from .masks import MaskMode, layer_masks
 
 
 class CacheContext(eqx.Module):
@@ -88,15 +88,8 @@ def forward_with_cache(
     t = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
     if t > cache.max_len:
         raise ValueError(f"input_ids: a chunk of {t} tokens does not fit a cache of max_len {cache.max_len}")
-    if positions is None:
-        positions = cache.next_position + jnp.arange(t)
-    check_shape("positions", positions, (t,))
-    chunk_valid = jnp.ones((t,), bool) if attention_mask is None else attention_mask.astype(bool)
-    check_shape("attention_mask", chunk_valid, (t,))
-    blocks = None
-    if mm_token_type_ids is not None and model.config.text.use_bidirectional_attention == "vision":
-        check_shape("mm_token_type_ids", mm_token_type_ids, (t,), "(one type per token)")
-        blocks = vision_block_ids(mm_token_type_ids)
+    positions, chunk_valid, blocks = model.token_inputs(t, positions, attention_mask, mm_token_type_ids,
+                                                        cache.next_position + jnp.arange(t))
     h = model.embed(input_ids, **media) if inputs_embeds is None else inputs_embeds
     h = check_value(h, cache.length + t > cache.max_len,
                     lambda: f"KVCache: writing {t} more tokens exceeds max_len {cache.max_len}; "

@@ -175,17 +175,21 @@ class Gemma4(eqx.Module):
         """Run the decoder stack over embeddings (before the final norm)."""
         seq = h.shape[0]
         slots = jnp.arange(seq)
-        positions = slots if positions is None else jnp.asarray(positions)
+        positions, valid, blocks = self.token_inputs(seq, positions, attention_mask, mm_token_type_ids, slots)
+        masks = layer_masks(slots, slots, valid, self.config.text.sliding_window, blocks, blocks, mask_mode)
+        return self.layers(h, positions, masks)
+
+    def token_inputs(self, seq: int, positions, attention_mask, mm_token_type_ids, default_positions):
+        """Checked per-token inputs: (positions, key validity, vision block ids or None)."""
+        positions = default_positions if positions is None else jnp.asarray(positions)
         check_shape("positions", positions, (seq,))
-        attention_mask = jnp.ones((seq,), bool) if attention_mask is None else jnp.asarray(attention_mask)
-        check_shape("attention_mask", attention_mask, (seq,))
+        valid = jnp.ones((seq,), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        check_shape("attention_mask", valid, (seq,))
         blocks = None
         if mm_token_type_ids is not None and self.config.text.use_bidirectional_attention == "vision":
             check_shape("mm_token_type_ids", mm_token_type_ids, (seq,), "(one type per token)")
             blocks = vision_block_ids(jnp.asarray(mm_token_type_ids))
-        masks = layer_masks(slots, slots, attention_mask.astype(bool), self.config.text.sliding_window,
-                            blocks, blocks, mask_mode)
-        return self.layers(h, positions, masks)
+        return positions, valid, blocks
 
     def logits_from_hidden(self, h: Float[ArrayLike, "*seq hidden"]) -> Float[ArrayLike, "*seq vocab"]:
         """Tied lm head (no embedding scale) and the final soft cap, in the activation dtype."""
