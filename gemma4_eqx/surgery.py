@@ -453,7 +453,10 @@ def load(folder: str | os.PathLike, surgery: Callable[[Gemma4], Gemma4], *, dtyp
         with open(os.path.join(folder, "config.json")) as f:
             dtype = jnp.dtype(json.load(f).get("dtype", "float32"))
     like = eqx.filter_eval_shape(lambda: surgery(Gemma4(config, key=jax.random.key(0), dtype=dtype)))
-    model = eqx.tree_deserialise_leaves(os.path.join(folder, LEAVES_FILE), like)
+    try:
+        model = eqx.tree_deserialise_leaves(os.path.join(folder, LEAVES_FILE), like)
+    except RuntimeError as e:  # a shape that differs from the skeleton
+        raise ValueError(f"{folder}: {e}; `surgery` must rebuild the structure that was saved") from e
     for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(like), jax.tree.leaves(model)):
         if (want.shape, want.dtype) != (got.shape, got.dtype):
             raise ValueError(f"{jax.tree_util.keystr(path)}: the surgery builds {want.shape} {want.dtype}, "

@@ -1,0 +1,254 @@
+"""g4.surgery: swapping attention (whole runs and arbitrary layers), generation through the KV cache after a
+swap, freezing with filter specs, LoRA and its merge, saving what has no checkpoint name."""
+
+import functools
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gemma4_eqx as g4
+from gemma4_eqx import surgery, train
+from gemma4_eqx.batching import stack_samples
+from gemma4_eqx.checkpoint import CheckpointError
+from gemma4_eqx.layers.attention import Attention
+
+from test_transforms import as_jax, mixed_batch, tree_max_diff
+
+# 12 layers = 2 repeats of (5 sliding, 1 full): enough to tell "the same slot of every period" from "one layer".
+CONFIG = g4.small_config(vocab_size=256, num_hidden_layers=12, sliding_window=6)
+
+
+@functools.lru_cache(maxsize=None)
+def model():
+    """Random weights filled from numpy into an abstract model: nothing is compiled to build it."""
+    abstract = eqx.filter_eval_shape(lambda: g4.Gemma4(CONFIG, key=jax.random.key(0)))
+    rng = np.random.default_rng(0)
+
+    def fill(path, x):
+        name = jax.tree_util.keystr(path)
+        ones = any(k in name for k in ("norm", "ln", "layer_scalar")) and not name.endswith(".bias")
+        scale = 1.0 if "embed_tokens" in name else 0.1
+        return jnp.asarray(float(ones) + scale * rng.standard_normal(x.shape), x.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+class Wrapped(eqx.Module):
+    """A replacement that computes exactly what it wraps but has another pytree type, forcing a regroup."""
+
+    inner: Attention
+
+    def __call__(self, x, positions, mask):
+        return self.inner(x, positions, mask)
+
+    def with_cache(self, x, positions, kv, ctx, sliding):
+        return self.inner.with_cache(x, positions, kv, ctx, sliding)
+
+
+class NoCache(eqx.Module):
+    inner: Attention
+
+    def __call__(self, x, positions, mask):
+        return self.inner(x, positions, mask)
+
+
+IDS = jnp.asarray(np.random.default_rng(1).integers(3, 240, 20), jnp.int32)
+logits_of = eqx.filter_jit(lambda m, ids: m(ids))
+greedy = functools.partial(g4.generate, max_new_tokens=6, temperature=0.0, stop_ids=())
+
+
+# ---- swapping attention ----------------------------------------------------------------------------
+def test_swapping_the_global_layers_replaces_one_stacked_run_in_place():
+    m = model()
+    swapped = surgery.replace_attention(m, surgery.LinearAttention)  # layers="full" by default
+    stack = swapped.layers
+    assert stack.pattern == m.layers.pattern and stack.num_repeats == 2 and stack.cache_slots is None
+    assert isinstance(stack.runs[1].self_attn, surgery.LinearAttention)
+    assert stack.runs[1].self_attn.feature_map.shape == (2, 1, 1, 32, 32)  # [repeats, run, kv_heads, d, d]
+    assert all(a is b for a, b in zip(jax.tree.leaves(stack.runs[0]), jax.tree.leaves(m.layers.runs[0])))
+    # the replacement starts from the pretrained projections of each global layer
+    for i in (5, 11):
+        np.testing.assert_array_equal(stack.layer(i).self_attn.attention.q_proj.weight,
+                                      m.layers.layer(i).self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("layers, pattern_lengths, repeats", [
+    ("full", (5, 1), 2),
+    ([2, 8], (2, 1, 2, 1), 2),  # the same slot in both periods: a run split in three, repeats kept
+    ([2], (2, 1, 2, 1, 5, 1), 1),  # one layer: the repeats are unrolled
+])
+def test_an_identity_replacement_of_any_layers_keeps_logits(layers, pattern_lengths, repeats):
+    m = model()
+    edited = surgery.replace_attention(m, lambda old, i: Wrapped(old), layers)
+    assert tuple(n for _, n in edited.layers.pattern) == pattern_lengths
+    assert edited.layers.num_repeats == repeats
+    for i in surgery.layer_indices(m, layers):
+        assert isinstance(edited.layers.layer(i).self_attn, Wrapped)
+    for i in range(12):  # every layer is where it was, with its own weights
+        mine, theirs = edited.layers.layer(i), m.layers.layer(i)
+        mine = eqx.tree_at(lambda l: l.self_attn, mine, getattr(mine.self_attn, "inner", mine.self_attn))
+        assert tree_max_diff(mine, theirs) == 0
+    np.testing.assert_allclose(logits_of(edited, IDS), logits_of(m, IDS), atol=2e-5, rtol=1e-5)
+
+
+def test_decoding_with_the_cache_after_surgery_equals_recomputation():
+    """LinearAttention on the global layers (its own with_cache) and a regrouped stack (layer 2 wrapped, so the
+    repeats are unrolled and the stock KV-cache layout must be regathered): prefill + decode_step logits equal a
+    forward over the whole sequence."""
+    swapped = surgery.replace_attention(model(), surgery.LinearAttention, "full")
+    edited = surgery.replace_attention(swapped, lambda old, i: Wrapped(old), [2])
+    assert edited.layers.cache_slots is not None and edited.layers.num_repeats == 1
+    cache = g4.KVCache.init(CONFIG, max_len=IDS.shape[0] + 4, dtype=jnp.float32)
+    last, cache = edited.prefill(IDS, cache)
+    stepped, tokens = [last], []
+    for _ in range(4):
+        tokens.append(jnp.argmax(stepped[-1]).astype(jnp.int32))
+        logits, cache = edited.decode_step(tokens[-1], cache)
+        stepped.append(logits)
+    full = logits_of(edited, jnp.concatenate([IDS, jnp.stack(tokens)]))[IDS.shape[0] - 1:]
+    np.testing.assert_allclose(jnp.stack(stepped), full, atol=1e-4, rtol=1e-4)
+
+
+def test_a_replacement_without_with_cache_runs_but_generation_says_why_not():
+    with pytest.warns(UserWarning, match="NoCache has no with_cache"):
+        edited = surgery.replace_attention(model(), lambda old, i: NoCache(old))
+    np.testing.assert_allclose(logits_of(edited, IDS), logits_of(model(), IDS), atol=2e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match=r"layers \[5, 11\]: NoCache has no with_cache"):
+        greedy(edited, IDS)
+
+
+def test_replacements_that_cannot_be_stacked_are_named():
+    def make(old, i):  # a different feature-map size in one layer
+        lin = surgery.LinearAttention(old)
+        return lin if i == 5 else eqx.tree_at(lambda l: l.feature_map, lin, lin.feature_map[..., :8])
+
+    with pytest.raises(ValueError, match="replacements of layers \\[5, 11\\]: item 1"):
+        surgery.replace_attention(model(), make)
+
+
+def test_a_swapped_model_vmaps():
+    swapped = surgery.replace_attention(model(), surgery.LinearAttention)
+    samples = [{"input_ids": np.asarray(IDS)}, {"input_ids": np.asarray(IDS[::-1])}]
+    batched = eqx.filter_jit(jax.vmap(lambda m, s: m(**s), in_axes=(None, 0)))(swapped, as_jax(stack_samples(samples)))
+    for b, s in enumerate(samples):
+        np.testing.assert_allclose(batched[b], logits_of(swapped, s["input_ids"]), atol=2e-5, rtol=1e-5)
+
+
+def test_a_swapped_model_saves_and_loads_through_surgery_save(tmp_path):
+    swapped = surgery.replace_attention(model(), surgery.LinearAttention)
+    swapped = eqx.tree_at(lambda m: m.layers.runs[1].self_attn.feature_map, swapped,
+                          swapped.layers.runs[1].self_attn.feature_map * 1.5)  # a trained-looking map
+    surgery.save(swapped, tmp_path)
+    loaded = surgery.load(tmp_path, lambda m: surgery.replace_attention(m, surgery.LinearAttention))
+    assert tree_max_diff(loaded, swapped) == 0
+    assert jax.tree.structure(loaded) == jax.tree.structure(swapped)
+    with pytest.raises(ValueError, match="feature_map"):  # a skeleton that does not match the file is named
+        surgery.load(tmp_path, lambda m: surgery.replace_attention(
+            m, lambda old: eqx.tree_at(lambda l: l.feature_map, surgery.LinearAttention(old),
+                                       jnp.zeros((1, 32, 16)))))
+
+
+def test_g4_save_refuses_a_model_whose_attention_has_no_checkpoint_names(tmp_path):
+    """transformers' names exist only for the stock modules; writing the rest would drop parameters silently."""
+    swapped = surgery.replace_attention(model(), surgery.LinearAttention)
+    with pytest.raises((AttributeError, CheckpointError)):
+        g4.save(swapped, tmp_path)
+
+
+# ---- freezing ---------------------------------------------------------------------------------------
+def _changed(a, b):
+    return jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))), a, b)
+
+
+def _marked(spec):
+    return {jax.tree_util.keystr(p) for p, keep in jax.tree_util.tree_leaves_with_path(spec) if keep}
+
+
+def test_filter_specs_select_exactly_the_named_parts():
+    m = model()
+    assert _marked(surgery.only_full_attention(m)) == {
+        ".layers.runs[1].self_attn." + s for s in ("q_proj.weight", "k_proj.weight", "o_proj.weight",
+                                                   "q_norm.weight", "k_norm.weight")}
+    assert all(k.startswith((".embed_vision", ".embed_audio")) for k in _marked(surgery.only_embedders(m)))
+    assert ".embed_tokens" in _marked(surgery.only_embedders(m, tokens=True))
+    both = surgery.union(surgery.only_full_attention(m), surgery.only_embedders(m))
+    assert _marked(both) == _marked(surgery.only_full_attention(m)) | _marked(surgery.only_embedders(m))
+    swapped = surgery.replace_attention(m, surgery.LinearAttention)
+    assert ".layers.runs[1].self_attn.feature_map" in _marked(surgery.only_full_attention(swapped))
+
+
+def test_a_filter_spec_cannot_split_a_stacked_run():
+    with pytest.raises(ValueError, match=r"layers: \[2\] share stacked arrays"):
+        surgery.only_attention(model(), [2])
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------
+def _with_random_adapters(m, seed):
+    """LoRA with non-zero B (as after training), so the adapters change the output."""
+    is_lora = lambda x: isinstance(x, surgery.LoRALinear)
+    loras = [x for x in jax.tree.leaves(m, is_leaf=is_lora) if is_lora(x)]
+    rng = np.random.default_rng(seed)
+    new_b = [jnp.asarray(0.05 * rng.standard_normal(x.lora_b.shape), x.lora_b.dtype) for x in loras]
+    return eqx.tree_at(lambda m: [x.lora_b for x in jax.tree.leaves(m, is_leaf=is_lora) if is_lora(x)], m, new_b)
+
+
+ALL_PROJECTIONS = surgery.ATTENTION_PROJECTIONS + surgery.MLP_PROJECTIONS
+
+
+@pytest.mark.parametrize("layers, targets", [("all", ALL_PROJECTIONS), ([3], ("q_proj", "v_proj"))])
+def test_merged_adapters_give_the_same_logits(layers, targets, tmp_path):
+    m = model()
+    adapted = surgery.add_lora(m, key=jax.random.key(1), rank=4, alpha=8.0, targets=targets, layers=layers)
+    # B = 0: the identity at first (a regrouped stack may fuse differently: rounding only)
+    np.testing.assert_allclose(logits_of(adapted, IDS), logits_of(m, IDS), atol=2e-5, rtol=1e-5)
+    if layers == "all":
+        assert isinstance(adapted.layers.runs[0].self_attn.v_proj, surgery.LoRALinear)
+        assert adapted.layers.runs[1].self_attn.v_proj is None  # keys are values on the global layers: skipped
+        assert adapted.layers.runs[0].mlp.down_proj.lora_a.shape == (2, 5, CONFIG.text.intermediate_size, 4)
+    adapted = _with_random_adapters(adapted, 2)
+    merged = surgery.merge_lora(adapted)
+    assert not any(isinstance(x, surgery.LoRALinear) for x in jax.tree.leaves(
+        merged, is_leaf=lambda x: isinstance(x, surgery.LoRALinear)))
+    with_adapters, folded = logits_of(adapted, IDS), logits_of(merged, IDS)
+    assert float(jnp.abs(with_adapters - logits_of(m, IDS)).max()) > 1e-2  # the adapters do something
+    np.testing.assert_allclose(folded, with_adapters, atol=5e-5, rtol=1e-5)
+    if layers != "all":
+        return
+    # the merged model is stock again: transformers' names, g4.save / g4.load
+    g4.save(merged, tmp_path)
+    np.testing.assert_allclose(logits_of(g4.load(tmp_path), IDS), folded, atol=2e-5, rtol=1e-5)
+
+
+def test_g4_save_asks_for_merge_lora_first(tmp_path):
+    adapted = surgery.add_lora(model(), key=jax.random.key(0))
+    with pytest.raises(AttributeError, match="merge_lora"):
+        g4.save(adapted, tmp_path)
+
+
+def test_a_swapped_model_grads_and_trains_only_the_selected_arrays():
+    """LinearAttention on the global layers plus LoRA on the sliding layers; train the swapped attention and the
+    adapters: every selected array moves (it has a gradient), nothing else does."""
+    swapped = surgery.replace_attention(model(), surgery.LinearAttention)
+    adapted = surgery.add_lora(swapped, key=jax.random.key(0), rank=2, layers="sliding")
+    only_lora = surgery.only_lora(adapted)
+    assert _marked(only_lora) and all(k.endswith((".lora_a", ".lora_b")) for k in _marked(only_lora))
+    spec = surgery.union(surgery.only_full_attention(adapted), only_lora)
+    optimizer = optax.sgd(1e-2)
+    step = train.make_train_step(optimizer, spec, donate=False)
+    new, _, loss = step(adapted, train.init_optimizer(optimizer, adapted, spec),
+                        as_jax(stack_samples([{"input_ids": np.asarray(IDS)}])))
+    assert np.isfinite(float(loss)) and all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
+    changed = _marked(_changed(new, adapted))
+    # lora_a has no gradient while lora_b is still zero (d loss / dA = x^T g B^T), so the first step moves only B
+    assert changed == {k for k in _marked(spec) if not k.endswith(".lora_a")}
+    assert ".layers.runs[1].self_attn.feature_map" in changed
+
+
+def test_lora_targets_are_checked():
+    with pytest.raises(ValueError, match="qproj"):
+        surgery.add_lora(model(), key=jax.random.key(0), targets=("qproj",))
