@@ -96,8 +96,12 @@ def write_checkpoint(folder: str, dtype_name: str, max_shard_size: str = "5GB") 
     return total
 
 
-def measure(folder: str, dtype_name: str) -> dict:
-    """In this (fresh) process: load `folder` as `dtype_name` and report peak memory and time."""
+def measure(folder: str, dtype_name: str, layer_by_layer: bool = False) -> dict:
+    """In this (fresh) process: load `folder` as `dtype_name` and report peak memory and time.
+
+    `layer_by_layer`: force the accelerator path (stacked leaves allocated on the device and filled one
+    tensor at a time, in place) on the CPU device.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -106,7 +110,12 @@ def measure(folder: str, dtype_name: str) -> dict:
     jnp.zeros(1).block_until_ready()  # initialise the backend before the baseline
     base = status_kib("VmRSS")
     t0 = time.perf_counter()
-    model = g4.load(folder, dtype=jnp.dtype(dtype_name))
+    if layer_by_layer:
+        from gemma4_eqx.checkpoint import load_from_folder
+
+        model = load_from_folder(folder, dtype=jnp.dtype(dtype_name), layer_by_layer=True)
+    else:
+        model = g4.load(folder, dtype=jnp.dtype(dtype_name))
     jax.block_until_ready(model)
     seconds = time.perf_counter() - t0
     peak = status_kib("VmHWM")
@@ -147,13 +156,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--measure")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--layer-by-layer", action="store_true", help="with --measure: force the accelerator path")
     ap.add_argument("--workdir")
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     ap.add_argument("--pythonpath", help="load with another copy of the package (e.g. an older commit)")
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.dtype)))
+        print(json.dumps(measure(args.measure, args.dtype, args.layer_by_layer)))
         return
     work = args.workdir or tempfile.mkdtemp(prefix="g4_load_memory_")
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, "

@@ -9,6 +9,7 @@ the decoder stack's `[repeats, run_length, ...]` arrays. The model is built abst
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -260,20 +261,75 @@ def _assemble(reader: SafetensorsReader, group: list[TensorSpec], shape: tuple[i
     return buffer
 
 
+def _from_callback(reader: SafetensorsReader, group: list[TensorSpec], shape: tuple[int, ...], sharding, np_dtype):
+    """`jax.make_array_from_callback`: each device's shard read on its own; equal shards (replicas) read once."""
+    parts: dict[tuple, np.ndarray] = {}
+
+    def shard(index):
+        key = tuple((sl.indices(n)[0], sl.indices(n)[1]) for sl, n in zip(index, shape))
+        if key not in parts:
+            parts[key] = _assemble(reader, group, shape, np_dtype, index)
+        return parts[key]
+
+    return jax.block_until_ready(jax.make_array_from_callback(shape, sharding, shard, dtype=np_dtype))
+
+
+def _inner_sharding(sharding, n_stack: int, ndim: int):
+    """The sharding of one layer's slice of a stacked leaf (the stacked axes are never split)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        if any(e is not None for e in spec[:n_stack]):
+            raise ValueError(f"{sharding.spec}: the stacked leading axes of a decoder leaf cannot be sharded")
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[n_stack:]))
+    return sharding
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_writer(sharding):
+    """jit: write one layer's slice into a stacked leaf in place (the stack is donated), keeping its sharding."""
+
+    def write(stack, piece, index):
+        return jax.lax.dynamic_update_slice(stack, piece.reshape((1,) * index.shape[0] + piece.shape),
+                                            (*index, *(0,) * piece.ndim))
+
+    return jax.jit(write, donate_argnums=0, out_shardings=sharding)
+
+
+def _stacked_layer_by_layer(reader, group: list[TensorSpec], target, sharding, np_dtype):
+    """A stacked leaf built on its devices one layer's tensor at a time: host memory stays at one tensor's shards."""
+    n_stack = len(group[0].index)
+    inner_shape = tuple(target.shape[n_stack:])
+    inner = _inner_sharding(sharding, n_stack, len(target.shape))
+    stack = jax.jit(lambda: jnp.zeros(target.shape, np_dtype), out_shardings=sharding)()
+    write = _layer_writer(sharding)
+    for s in group:
+        piece = _from_callback(reader, [dataclasses.replace(s, index=())], inner_shape, inner, np_dtype)
+        stack = write(stack, piece, jnp.asarray(s.index, jnp.int32))
+        del piece
+    return jax.block_until_ready(stack)
+
+
+def _on_host(sharding) -> bool:
+    return all(d.platform == "cpu" for d in sharding.device_set)
+
+
 def fill_model(abstract, reader: SafetensorsReader, dtype, place: Callable[[np.ndarray, Any], Any] | None = None,
-               progress: Callable[[int], None] | None = None, shardings=None):
+               progress: Callable[[int, int], None] | None = None, shardings=None,
+               layer_by_layer: bool | None = None):
     """Fill an abstract model (from `filter_eval_shape`) with the checkpoint's tensors, one leaf at a time.
 
     Placement, in order of precedence:
     - `shardings` (a pytree like the model with a `jax.sharding.Sharding` per leaf, e.g. from
-      `g4.sharding.param_shardings`): each leaf is built with `jax.make_array_from_callback`, so every device's
-      shard is read from disk on its own (only its rows; shards that are equal are read once);
+      `g4.sharding.param_shardings`): every device's shard is read from disk on its own (only its rows; equal
+      shards once), through `jax.make_array_from_callback`;
     - `place(array, abstract_leaf)`: the whole leaf is assembled on the host and handed over;
     - neither: the leaf goes to the default device.
-    Host buffers are page-aligned, which lets JAX's CPU backend adopt them without a copy, and each leaf is
-    finished (`block_until_ready`) before the next one is read, so host memory beyond the model stays near
-    one leaf's shards. `progress(nbytes, ntensors)` is called after each leaf with the on-disk bytes and the
-    number of checkpoint tensors it consumed.
+    Host buffers are page-aligned, which lets JAX's CPU backend adopt them without a copy, so a model on the CPU
+    costs its own bytes and one read chunk. A stacked decoder leaf that lives on accelerators
+    (`layer_by_layer=None`; force with True/False) is instead allocated on its devices and filled one layer's
+    tensor at a time (in place, the stack donated), so host memory stays near one tensor's shards rather than a
+    whole stacked leaf. Each leaf is finished (`block_until_ready`) before the next is read.
+    `progress(nbytes, ntensors)` is called after each leaf with the on-disk bytes and checkpoint tensors it used.
     """
     specs = tensor_specs(abstract)
     validate(reader, specs, dtype)
@@ -284,21 +340,15 @@ def fill_model(abstract, reader: SafetensorsReader, dtype, place: Callable[[np.n
     wheres, values = [], []
     for get, group in _leaf_groups(abstract, specs):
         target = get(abstract)
-        if shardings is not None:
-            parts: dict[tuple, np.ndarray] = {}
-
-            def shard(index, group=group, shape=target.shape, parts=parts):
-                key = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
-                key = tuple((sl.start, sl.stop) for sl in key)
-                if key not in parts:
-                    parts[key] = _assemble(reader, group, shape, np_dtype, index)
-                return parts[key]
-
-            value = jax.make_array_from_callback(target.shape, get(shardings), shard, dtype=np_dtype)
-            del parts
-        else:
+        if shardings is None:
             value = place(_assemble(reader, group, target.shape, np_dtype), target)
-        jax.block_until_ready(value)
+        else:
+            sharding = get(shardings)
+            by_layer = not _on_host(sharding) if layer_by_layer is None else layer_by_layer
+            if by_layer and group[0].index:
+                value = _stacked_layer_by_layer(reader, group, target, sharding, np_dtype)
+            else:
+                value = _from_callback(reader, group, tuple(target.shape), sharding, np_dtype)
         values.append(value)
         wheres.append(get)
         if progress is not None:
@@ -318,6 +368,14 @@ def _parse_size(size: int | str) -> int:
     return int(s)
 
 
+@jax.jit
+def _take_layer(leaf, index):
+    """One layer's slice of a stacked leaf, on the leaf's devices (traced indices: one compile per leaf shape)."""
+    n = index.shape[0]
+    start = (*index, *(0,) * (leaf.ndim - n))
+    return jax.lax.dynamic_slice(leaf, start, (1,) * n + leaf.shape[n:]).reshape(leaf.shape[n:])
+
+
 def host_tensors(model, specs: list[TensorSpec] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(on-disk name, `[out, in]` host array) for every tensor, fetched from its devices one tensor at a time.
 
@@ -325,7 +383,8 @@ def host_tensors(model, specs: list[TensorSpec] | None = None) -> Iterator[tuple
     """
     for s in specs if specs is not None else tensor_specs(model):
         leaf = s.leaf(model)
-        t = np.asarray(jax.device_get(leaf[s.index] if s.index else leaf))
+        t = leaf if not s.index else _take_layer(leaf, np.asarray(s.index, np.int32))
+        t = np.asarray(jax.device_get(t))
         yield s.name, np.ascontiguousarray(t.T if s.transpose else t)
 
 
@@ -409,7 +468,7 @@ def _progress_callback(progress, reader: SafetensorsReader, specs: list[TensorSp
 
 
 def load_from_folder(folder: str, *, dtype=None, place=None, progress=None, model_kwargs=None, mesh=None,
-                     rules=None):
+                     rules=None, layer_by_layer: bool | None = None):
     """A checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`."""
     from .model import Gemma4
 
@@ -431,6 +490,7 @@ def load_from_folder(folder: str, *, dtype=None, place=None, progress=None, mode
         raise ValueError("rules: given without a mesh; pass mesh=g4.sharding.make_mesh(...) as well")
     update, close = _progress_callback(progress, reader, specs)
     try:
-        return fill_model(abstract, reader, dtype, place=place, progress=update, shardings=shardings)
+        return fill_model(abstract, reader, dtype, place=place, progress=update, shardings=shardings,
+                          layer_by_layer=layer_by_layer)
     finally:
         close()

@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 import gemma4_eqx as g4  # noqa: E402
 from gemma4_eqx import sharding as gs  # noqa: E402
+from gemma4_eqx.checkpoint import load_from_folder  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT = os.path.join(HERE, "fixtures", "hf", "tiny_b", "checkpoint")
@@ -164,6 +165,10 @@ def run_checks(out_dir: str, ref: Reference) -> dict:
     tokens = g4.generate(model, case["gen_left_pad/input_ids"], attention_mask=case["gen_left_pad/attention_mask"],
                          max_new_tokens=case["gen_left_pad/generated"].shape[1], temperature=0.0)
     out["generate_equal_hf"] = bool(np.array_equal(np.asarray(tokens), case["gen_left_pad/generated"]))
+    # stacked leaves built on their devices one layer's tensor at a time (the accelerator path), forced on CPU
+    by_layer = load_from_folder(CHECKPOINT, dtype=jnp.float32, mesh=mesh, layer_by_layer=True)
+    out["layer_by_layer"] = shard_specs(by_layer, mesh, gs.FSDP_TP)
+    out["layer_by_layer"]["max_diff"] = max_diff(by_layer, ref.model32)
     # save from the sharded model (gathered tensor by tensor), sharded files + index, and load it back
     folder = os.path.join(out_dir, "from_sharded")
     g4.save(model, folder, max_shard_size="300KB")

@@ -101,6 +101,12 @@ def test_generate_runs_sharded(sharded):
     assert sharded["generate_equal_hf"]  # greedy tokens transformers recorded, left-padded batch of 3
 
 
+def test_stacked_leaves_built_layer_by_layer_on_their_devices(sharded):
+    r = sharded["layer_by_layer"]  # the path taken for accelerators, forced here on CPU devices
+    assert r["mismatches"] == [] and r["stacked_axes_unsharded"]
+    assert r["max_diff"] == 0.0
+
+
 def test_save_from_a_sharded_model(sharded):
     files = sharded["saved_files"]
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
