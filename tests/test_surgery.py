@@ -122,6 +122,23 @@ def test_a_replacement_without_with_cache_runs_but_generation_says_why_not():
         greedy(edited, IDS)
 
 
+class Narrow(eqx.Module):
+    """A broken replacement: returns heads * head_dim / 2 features instead of hidden."""
+
+    inner: Attention
+
+    def __call__(self, x, positions, mask):
+        return self.inner(x, positions, mask)[:, : x.shape[1] // 2]
+
+
+def test_jaxtyping_names_a_replacement_that_returns_the_wrong_shape():
+    """Under the jaxtyping hook the decoder layer's annotations catch it where the output enters the residual."""
+    with pytest.warns(UserWarning, match="no with_cache"):
+        edited = surgery.replace_attention(model(), lambda old: Narrow(old), layers="full")
+    with pytest.raises(Exception, match="feed_forward|hidden"):
+        edited(IDS)
+
+
 def test_replacements_that_cannot_be_stacked_are_named():
     def make(old, i):  # a different feature-map size in one layer
         lin = surgery.LinearAttention(old)
@@ -242,7 +259,7 @@ def test_a_swapped_model_grads_and_trains_only_the_selected_arrays():
     step = train.make_train_step(optimizer, spec, donate=False)
     new, _, loss = step(adapted, train.init_optimizer(optimizer, adapted, spec),
                         as_jax(stack_samples([{"input_ids": np.asarray(IDS)}])))
-    assert np.isfinite(float(loss)) and all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
+    assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new))
     changed = _marked(_changed(new, adapted))
     # lora_a has no gradient while lora_b is still zero (d loss / dA = x^T g B^T), so the first step moves only B
     assert changed == {k for k in _marked(spec) if not k.endswith(".lora_a")}

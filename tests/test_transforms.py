@@ -237,11 +237,12 @@ def test_batch_loss_is_the_token_weighted_mean_of_the_sequence_losses(mm_batch):
                                for b in range(3)]
 
 
-def test_jaxtyping_catches_a_transposed_weight():
-    """The test session runs the package under the jaxtyping import hook: a transposed projection fails at
-    once, naming the module, instead of producing a wrong but well-shaped result later."""
-    attn = model32().layers.layer(0).self_attn
-    bad = eqx.tree_at(lambda a: a.k_proj.weight, attn, attn.k_proj.weight.T)
-    x = jnp.zeros((5, CONFIG.text.hidden_size))
-    with pytest.raises(Exception, match="k_proj|Linear|hidden|out_features|in_features|shape"):
-        bad(x, jnp.arange(5), jnp.ones((5, 5), bool))
+def test_jaxtyping_names_the_argument_with_the_wrong_shape():
+    """The test session runs the package under the jaxtyping import hook (as notebook 02 does): a shape error
+    fails at the call, naming the argument, rather than deep inside a matmul or as a silently wrong result."""
+    m = model32()
+    with pytest.raises(Exception, match="input_ids"):
+        m(jnp.zeros((2, 5), jnp.int32))  # a batch axis: vmap instead
+    attn = m.layers.layer(0).self_attn
+    with pytest.raises(Exception, match="positions"):
+        attn(jnp.zeros((5, CONFIG.text.hidden_size)), jnp.arange(4), jnp.ones((5, 5), bool))
