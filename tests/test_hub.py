@@ -1,4 +1,4 @@
-"""`g4.load("owner/name")` from a Hugging Face cache folder, offline, with clear errors and no network."""
+"""`g4.load("owner/name")` from a Hugging Face cache folder, offline, with clear errors and no network; progress."""
 
 import hashlib
 import json
@@ -150,3 +150,18 @@ def test_copy_of_the_cache_elsewhere_still_resolves(tmp_path, offline_cache, mon
     shutil.copytree(offline_cache, moved, symlinks=True)
     monkeypatch.setenv("HF_HUB_CACHE", str(moved))
     _assert_same(g4.load(REPO), g4.load(TINY))
+
+
+def test_progress_reports_every_byte():
+    seen = []
+    g4.load(TINY, progress=seen.append)
+    data = os.path.getsize(os.path.join(TINY, "model.safetensors"))
+    assert 0 < data - sum(seen) < 64 * 1024  # all tensor bytes; the rest is the header
+
+
+def test_progress_bar_can_be_forced_on_and_off(capsys):
+    g4.load(TINY, progress=True)
+    assert "loading" in capsys.readouterr().err
+    g4.load(TINY, progress=False)
+    g4.load(TINY)  # a tiny checkpoint: no bar by default
+    assert "loading" not in capsys.readouterr().err
