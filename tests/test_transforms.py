@@ -220,7 +220,7 @@ def test_remat_is_applied_inside_the_decoder_scan(mm_batch):
 
 def test_per_example_gradients_equal_a_loop(mm_batch):
     m = model32()
-    per_example = eqx.filter_jit(jax.vmap(eqx.filter_grad(train.sequence_loss), in_axes=(None, 0)))(m, mm_batch)
+    per_example = eqx.filter_jit(eqx.filter_vmap(eqx.filter_grad(train.sequence_loss), in_axes=(None, 0)))(m, mm_batch)
     for b in range(3):
         one = grad(m, row(mm_batch, b))
         assert tree_max_diff(row(per_example, b), one) <= 1e-5 * tree_max(one)
