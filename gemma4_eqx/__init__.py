@@ -10,7 +10,8 @@ from .processing import Processor
 from . import assets, batching
 
 __all__ = ["AudioConfig", "CheckpointError", "ConfigError", "Gemma4", "Gemma4Config", "KVCache", "Processor",
-           "TextConfig", "VisionConfig", "batching", "bridge", "nnx", "count_parameters", "generate", "load", "save", "small_config"]
+           "TextConfig", "VisionConfig", "batching", "bridge", "count_parameters", "generate", "load", "nnx",
+           "save", "sharding", "small_config", "surgery", "train"]
 __version__ = "0.1.0"
 
 

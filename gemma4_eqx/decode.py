@@ -59,7 +59,8 @@ def _context(cache: KVCache, positions, chunk_valid, blocks, mask_mode) -> tuple
     new = eqx.tree_at(
         lambda c: (c.length, c.next_position, c.full_valid, c.full_positions, c.ring_slots, c.ring_valid),
         cache,
-        (start + t, positions[-1] + 1, full_valid, full_positions,
+        ((start + t).astype(cache.length.dtype), (positions[-1] + 1).astype(cache.next_position.dtype),
+         full_valid, full_positions,
          cache.ring_slots.at[ring_write].set(q_slots[t - m:].astype(jnp.int32)), cache.ring_valid.at[ring_write].set(chunk_valid[t - m:])))
     return ctx, new
 

@@ -219,3 +219,11 @@ def test_12b_cache_memory_at_256k():
     full = 8 * 262_144 * 1 * 512 * 2  # one raw key projection per slot serves as K and V
     assert sliding + full < n < sliding + full + 4 * 2**20  # plus slot bookkeeping
     assert cache_bytes(cfg, 2_048, jnp.bfloat16) - 8 * 2_048 * 512 * 2 > sliding - 2**20
+
+
+def test_generate_runs_in_float64():
+    with jax.enable_x64(True):
+        m = g4.load(ref.checkpoint_dir("tiny_c"), dtype=jnp.float64)
+        ids = jnp.asarray(ref.cases("tiny_c")["gen_text"]["input_ids"][0])
+        out = g4.generate(m, ids, max_new_tokens=4, temperature=0.0, stop_ids=())
+        assert out.shape == (4,)
