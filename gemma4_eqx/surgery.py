@@ -325,6 +325,14 @@ class LoRALinear(eqx.Module):
         self.scale = float(alpha if alpha is not None else rank) / rank
 
     @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
     def weight(self):
         raise AttributeError("LoRALinear has no single weight: fold the adapters in with "
                              "g4.surgery.merge_lora(model) first (g4.save writes plain Linear weights), or save with "

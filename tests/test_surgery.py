@@ -2,7 +2,6 @@
 swap, freezing with filter specs, LoRA and its merge, saving what has no checkpoint name."""
 
 import functools
-import warnings
 
 import equinox as eqx
 import jax
@@ -17,7 +16,7 @@ from gemma4_eqx.batching import stack_samples
 from gemma4_eqx.checkpoint import CheckpointError
 from gemma4_eqx.layers.attention import Attention
 
-from test_transforms import as_jax, mixed_batch, tree_max_diff
+from test_transforms import as_jax, tree_max_diff
 
 # 12 layers = 2 repeats of (5 sliding, 1 full): enough to tell "the same slot of every period" from "one layer".
 CONFIG = g4.small_config(vocab_size=256, num_hidden_layers=12, sliding_window=6)
