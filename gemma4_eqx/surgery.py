@@ -286,25 +286,8 @@ class LinearAttention(eqx.Module):
 
     def with_cache(self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv, ctx, sliding: bool):
         """The cache holds the same keys/values as for softmax attention (see `Attention.with_cache`)."""
-        a = self.attention
-        q = a.queries(x, positions)
-        raw_k, raw_v = a.raw_kv(x)
-        if sliding:
-            k_new, v_new = a.finish_kv(raw_k, raw_v, positions)
-            k, v = jnp.concatenate([kv.k, k_new]), jnp.concatenate([kv.v, v_new])
-            m = ctx.ring_write.shape[0]
-            kv = type(kv)(k=kv.k.at[ctx.ring_write].set(k_new[-m:]), v=kv.v.at[ctx.ring_write].set(v_new[-m:]))
-            mask = ctx.sliding_mask
-        elif kv.raw is not None:
-            raw = jax.lax.dynamic_update_slice_in_dim(kv.raw, raw_k, ctx.start, axis=0)
-            k, v = a.finish_kv(raw, None, ctx.full_positions)
-            kv, mask = type(kv)(raw=raw), ctx.full_mask
-        else:
-            k_new, v_new = a.finish_kv(raw_k, raw_v, positions)
-            k = jax.lax.dynamic_update_slice_in_dim(kv.k, k_new, ctx.start, axis=0)
-            v = jax.lax.dynamic_update_slice_in_dim(kv.v, v_new, ctx.start, axis=0)
-            kv, mask = type(kv)(k=k, v=v), ctx.full_mask
-        return self._out(q, k, v, mask), kv
+        k, v, mask, kv = self.attention.read_write_cache(x, positions, kv, ctx, sliding)
+        return self._out(self.attention.queries(x, positions), k, v, mask), kv
 
 
 # ---- low-rank adapters -----------------------------------------------------------------------------

@@ -121,12 +121,18 @@ class Attention(eqx.Module):
         ctx,
         sliding: bool,
     ):
-        """Attention of a chunk of new tokens over the cache plus themselves; returns (output, updated cache).
+        """Attention of a chunk of new tokens over the cache plus themselves; returns (output, updated cache)."""
+        k, v, mask, kv = self.read_write_cache(x, positions, kv, ctx, sliding)
+        out = dot_product_attention(self.queries(x, positions), k, v, mask)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim)), kv
+
+    def read_write_cache(self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv, ctx,
+                         sliding: bool):
+        """Keys, values and mask to attend over for a chunk of new tokens, and the cache with the chunk written.
 
         Sliding layers attend over `[ring entries, chunk]` and then write the chunk's last keys into the ring.
         Full layers write the chunk into its slots first and attend over all slots (`ctx` masks the unwritten).
         """
-        q = self.queries(x, positions)
         raw_k, raw_v = self.raw_kv(x)
         if sliding:
             k_new, v_new = self.finish_kv(raw_k, raw_v, positions)
@@ -134,17 +140,12 @@ class Attention(eqx.Module):
             v = jnp.concatenate([kv.v, v_new])
             m = ctx.ring_write.shape[0]
             kv = type(kv)(k=kv.k.at[ctx.ring_write].set(k_new[-m:]), v=kv.v.at[ctx.ring_write].set(v_new[-m:]))
-            mask = ctx.sliding_mask
-        elif kv.raw is not None:
+            return k, v, ctx.sliding_mask, kv
+        if kv.raw is not None:
             raw = jax.lax.dynamic_update_slice_in_dim(kv.raw, raw_k, ctx.start, axis=0)
             k, v = self.finish_kv(raw, None, ctx.full_positions)
-            kv = type(kv)(raw=raw)
-            mask = ctx.full_mask
-        else:
-            k_new, v_new = self.finish_kv(raw_k, raw_v, positions)
-            k = jax.lax.dynamic_update_slice_in_dim(kv.k, k_new, ctx.start, axis=0)
-            v = jax.lax.dynamic_update_slice_in_dim(kv.v, v_new, ctx.start, axis=0)
-            kv = type(kv)(k=k, v=v)
-            mask = ctx.full_mask
-        out = dot_product_attention(q, k, v, mask)
-        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim)), kv
+            return k, v, ctx.full_mask, type(kv)(raw=raw)
+        k_new, v_new = self.finish_kv(raw_k, raw_v, positions)
+        k = jax.lax.dynamic_update_slice_in_dim(kv.k, k_new, ctx.start, axis=0)
+        v = jax.lax.dynamic_update_slice_in_dim(kv.v, v_new, ctx.start, axis=0)
+        return k, v, ctx.full_mask, type(kv)(k=k, v=v)
