@@ -87,8 +87,8 @@ class Gemma4(eqx.Module):
         image_position_ids = check_value(
             image_position_ids, too_far,
             lambda: f"image_position_ids: coordinates must lie in [0, {v.mm_posemb_size}) (mm_posemb_size) or be -1 "
-                    f"for padding; found values in [{int(jnp.min(image_position_ids))}, "
-                    f"{int(jnp.max(image_position_ids))}]" if is_concrete(image_position_ids) else
+                    f"for padding; found values in [{int(np.min(np.asarray(image_position_ids)))}, "
+                    f"{int(np.max(np.asarray(image_position_ids)))}]" if is_concrete(image_position_ids) else
                     f"image_position_ids: coordinates must lie in [0, {v.mm_posemb_size}) or be -1")
         return jax.vmap(self.embed_vision)(pixel_values, image_position_ids)
 
