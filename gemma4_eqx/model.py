@@ -19,6 +19,7 @@ ArrayLike = jax.Array | np.ndarray  # public entry points take numpy arrays (e.g
 from ._checks import check_shape, check_value, is_concrete
 from .config import Gemma4Config
 from .embedders import AudioEmbedder, VisionEmbedder
+from .layers.attention import Attention, check_implementation
 from .layers.decoder import DecoderStack
 from .layers.norm import RMSNorm
 from .masks import MaskMode, layer_masks, vision_block_ids
@@ -44,6 +45,13 @@ def _splice(
     return jnp.where(slots[:, None], features[order[rank]].astype(embeds.dtype), embeds)
 
 
+def _with_attention_implementation(tree, implementation: str):
+    check_implementation(implementation)
+    is_attention = lambda x: isinstance(x, Attention)
+    return jax.tree.map(lambda x: x.with_implementation(implementation) if is_attention(x) else x, tree,
+                        is_leaf=is_attention)
+
+
 class Gemma4(eqx.Module):
     """`Gemma4UnifiedForConditionalGeneration` as an immutable pytree."""
 
@@ -54,8 +62,8 @@ class Gemma4(eqx.Module):
     embed_audio: AudioEmbedder | None
     config: Gemma4Config = eqx.field(static=True)
 
-    def __init__(self, config: Gemma4Config, *, key: PRNGKeyArray, dtype=jnp.float32, remat: bool = False,
-                 unroll: bool = False):
+    def __init__(self, config: Gemma4Config, *, key: PRNGKeyArray, dtype=jnp.float32, remat: bool | str = False,
+                 unroll: bool = False, attention_implementation: str = "xla"):
         ke, kl, kv, ka = jax.random.split(key, 4)
         t = config.text
         self.config = config
@@ -64,6 +72,17 @@ class Gemma4(eqx.Module):
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=dtype)
         self.embed_vision = None if config.vision is None else VisionEmbedder(config.vision, t, key=kv, dtype=dtype)
         self.embed_audio = None if config.audio is None else AudioEmbedder(config.audio, t, key=ka, dtype=dtype)
+        if attention_implementation != "xla":
+            self.layers = _with_attention_implementation(self.layers, attention_implementation)
+
+    def with_attention_implementation(self, implementation: str) -> "Gemma4":
+        """The same model (same arrays) with every attention layer on another implementation.
+
+        `"xla"` (default, rounds as transformers does), `"cudnn"` (cuDNN flash attention where it accepts the
+        shape: bf16/f16, head_dim <= 256, i.e. the sliding layers; needs a GPU) or `"auto"` (cuDNN for GPU
+        prefill, XLA otherwise). See `gemma4_eqx.layers.attention`.
+        """
+        return _with_attention_implementation(self, implementation)
 
     @property
     def dtype(self):

@@ -3,9 +3,26 @@
 Sliding layers: GQA, `head_dim` 256, 8 KV heads, own `v_proj`. Full (global) layers: MQA, `head_dim` 512,
 one KV head and no `v_proj`: the values are the *raw* key projection (before `k_norm` and RoPE).
 Both: q/k RMSNorm with weights, scale-free `v_norm`, RoPE on q and k only, attention scale 1.0.
+
+The softmax-attention core has two implementations, chosen per module by the static field `implementation`:
+
+- `"xla"` (default): `dot_product_attention` below, plain einsums that round where transformers' eager path
+  rounds (scores in the activation dtype), so bf16 outputs match transformers bit for bit almost everywhere.
+- `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash kernel, for every call
+  whose shape cuDNN accepts (bf16/f16, head_dim <= 256: the 40 sliding layers of the 12B); other calls (the
+  head_dim-512 global layers, fp32 models) stay on `"xla"`. Scores are kept in fp32 inside the kernel, so bf16
+  results differ from transformers by rounding. Needs a GPU backend.
+- `"auto"`: `"cudnn"` when JAX's default backend is a GPU and the call is a prefill (more than one query; for
+  one query the XLA path is faster, see shared/spec/gpu-measurements.md), `"xla"` otherwise.
+
+`g4.Gemma4.with_attention_implementation` switches a whole model.
 """
 
 from __future__ import annotations
+
+import copy
+
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -41,6 +58,56 @@ def dot_product_attention(
     return out.reshape(t, h, d)
 
 
+AttentionImplementation = Literal["xla", "cudnn", "auto"]
+IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+CUDNN_MAX_HEAD_DIM = 256
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def check_implementation(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation: expected one of {IMPLEMENTATIONS}, found {implementation!r}")
+    return implementation
+
+
+def cudnn_accepts(q: Array, k: Array) -> bool:
+    """Whether cuDNN's fused attention takes these shapes and dtypes (checked at trace time)."""
+    return q.dtype in CUDNN_DTYPES and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
+
+
+def fused_attention(
+    q: Float[Array, "q_seq heads head_dim"],
+    k: Float[Array, "kv_seq kv_heads head_dim"],
+    v: Float[Array, "kv_seq kv_heads head_dim"],
+    mask: Bool[Array, "q_seq kv_seq"],
+    implementation: Literal["xla", "cudnn"] = "cudnn",
+) -> Float[Array, "q_seq heads head_dim"]:
+    """The same attention through `jax.nn.dot_product_attention` (scale 1.0, the boolean mask as given).
+
+    `implementation="xla"` runs JAX's reference of the same call, which the tests compare with ours on CPU.
+    """
+    return jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask[None, None], scale=1.0,
+                                        implementation=implementation)[0]
+
+
+def backend() -> str:
+    return jax.default_backend()
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str) -> Array:
+    """Dispatch one attention call to the implementation named by the layer (see the module docstring)."""
+    if implementation == "auto":
+        use_cudnn = backend() == "gpu" and q.shape[0] > 1 and cudnn_accepts(q, k)
+    elif implementation == "cudnn":
+        if backend() != "gpu":
+            raise ValueError(f"attention implementation 'cudnn' needs a GPU backend; JAX's default backend is "
+                             f"{backend()!r} (use 'xla' or 'auto')")
+        use_cudnn = cudnn_accepts(q, k)
+    else:
+        use_cudnn = False
+    return fused_attention(q, k, v, mask) if use_cudnn else dot_product_attention(q, k, v, mask)
+
+
 class Attention(eqx.Module):
     q_proj: Linear
     k_proj: Linear
@@ -53,9 +120,10 @@ class Attention(eqx.Module):
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
     rope: RopeConfig = eqx.field(static=True)
+    implementation: str = eqx.field(static=True, default="xla")  # one of IMPLEMENTATIONS
 
     def __init__(self, hidden_size: int, num_heads: int, geometry: LayerGeometry, *, eps: float,
-                 key: PRNGKeyArray, std: float = 0.02, dtype=jnp.float32):
+                 key: PRNGKeyArray, std: float = 0.02, dtype=jnp.float32, implementation: str = "xla"):
         kq, kk, kv, ko = jax.random.split(key, 4)
         hd, nkv = geometry.head_dim, geometry.num_key_value_heads
         self.q_proj = Linear(hidden_size, num_heads * hd, key=kq, std=std, dtype=dtype)
@@ -67,6 +135,13 @@ class Attention(eqx.Module):
         self.v_norm = RMSNorm(hd, eps=eps, with_scale=False)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, nkv, hd
         self.rope = geometry.rope
+        self.implementation = check_implementation(implementation)
+
+    def with_implementation(self, implementation: str) -> "Attention":
+        """The same module (same arrays) with another attention implementation."""
+        new = copy.copy(self)
+        object.__setattr__(new, "implementation", check_implementation(implementation))
+        return new
 
     def rope_tables(self, positions: Int[Array, " seq"], dtype):
         return rope_cos_sin(positions, inv_frequencies(self.rope, self.head_dim), dtype)
@@ -110,7 +185,7 @@ class Attention(eqx.Module):
     ) -> Float[Array, "seq hidden"]:
         q = self.queries(x, positions)
         k, v = self.keys_values(x, positions)
-        out = dot_product_attention(q, k, v, mask)
+        out = attend(q, k, v, mask, self.implementation)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
     def with_cache(
@@ -123,7 +198,7 @@ class Attention(eqx.Module):
     ):
         """Attention of a chunk of new tokens over the cache plus themselves; returns (output, updated cache)."""
         k, v, mask, kv = self.read_write_cache(x, positions, kv, ctx, sliding)
-        out = dot_product_attention(self.queries(x, positions), k, v, mask)
+        out = attend(self.queries(x, positions), k, v, mask, self.implementation)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim)), kv
 
     def read_write_cache(self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv, ctx,

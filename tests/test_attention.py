@@ -1,0 +1,107 @@
+"""The attention implementations: ours (`"xla"`), `jax.nn.dot_product_attention` (`"cudnn"`), and the dispatch.
+
+cuDNN itself needs a GPU; here the same call runs through JAX's XLA reference of `jax.nn.dot_product_attention`,
+which checks our argument layout, mask and scale, and the dispatch is exercised by pretending the backend is a
+GPU with the fused call routed to that reference.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gemma4_eqx as g4
+from gemma4_eqx.assets import TINY_CHECKPOINT
+from gemma4_eqx.layers import attention as attn
+from gemma4_eqx.masks import inside_window, causal
+
+
+def _inputs(heads, kv_heads, head_dim, t=24, s=24, dtype=jnp.float32, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(k1, (t, heads, head_dim), dtype)
+    k = jax.random.normal(k2, (s, kv_heads, head_dim), dtype)
+    v = jax.random.normal(k3, (s, kv_heads, head_dim), dtype)
+    slots = jnp.arange(s)
+    mask = causal(slots[-t:], slots) & inside_window(slots[-t:], slots, 8)
+    mask = mask.at[:, :3].set(False)  # left padding
+    mask = mask.at[10:15, 10:15].set(True)  # a bidirectional vision block: non-causal entries
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (4, 1, 32), (8, 8, 8)])
+def test_fused_call_equals_ours_in_float32(heads, kv_heads, head_dim):
+    q, k, v, mask = _inputs(heads, kv_heads, head_dim)
+    ours = attn.dot_product_attention(q, k, v, mask)
+    fused = attn.fused_attention(q, k, v, mask, implementation="xla")
+    valid = np.asarray(mask.any(-1))  # fully masked (padding) queries are garbage in both
+    assert np.abs(np.asarray(ours - fused))[valid].max() <= 2e-6
+
+
+def test_fused_call_in_bf16_differs_only_by_rounding():
+    q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
+    ours = np.asarray(attn.dot_product_attention(q, k, v, mask).astype(jnp.float32))
+    fused = np.asarray(attn.fused_attention(q, k, v, mask, implementation="xla").astype(jnp.float32))
+    exact = np.asarray(attn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask))
+    valid = np.asarray(mask.any(-1))
+    # jax keeps the scores in fp32, we round them to bf16 as transformers does: both are bf16-accurate.
+    for out in (ours, fused):
+        assert np.abs(out - exact)[valid].max() <= 0.05
+    assert np.abs(fused - exact)[valid].max() <= np.abs(ours - exact)[valid].max() + 1e-2
+
+
+def test_auto_is_our_xla_path_on_cpu():
+    q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
+    assert jax.default_backend() == "cpu"
+    same = attn.attend(q, k, v, mask, "auto")
+    assert np.array_equal(np.asarray(same), np.asarray(attn.dot_product_attention(q, k, v, mask)))
+
+
+def test_cudnn_without_a_gpu_is_a_clear_error():
+    q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs a GPU backend.*'cpu'"):
+        attn.attend(q, k, v, mask, "cudnn")
+
+
+def test_unknown_implementation_is_rejected():
+    model = g4.load(TINY_CHECKPOINT)
+    with pytest.raises(ValueError, match="expected one of .*'flash'"):
+        model.with_attention_implementation("flash")
+
+
+def test_with_attention_implementation_keeps_the_arrays():
+    model = g4.load(TINY_CHECKPOINT)
+    auto = model.with_attention_implementation("auto")
+    attentions = [x for x in jax.tree.leaves(auto, is_leaf=lambda x: isinstance(x, attn.Attention))
+                  if isinstance(x, attn.Attention)]
+    assert attentions and all(a.implementation == "auto" for a in attentions)
+    assert all(a is b for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(auto)))
+    loaded = g4.load(TINY_CHECKPOINT, attention_implementation="auto")
+    assert jax.tree.structure(loaded) == jax.tree.structure(auto)
+
+
+def test_dispatch_on_a_gpu_routes_prefill_through_the_fused_call(monkeypatch):
+    """With the backend reported as a GPU, "auto" sends multi-query bf16 calls with head_dim <= 256 to the fused
+    call (here JAX's XLA reference of it) and keeps decode steps (one query) on our path."""
+    calls = []
+
+    def fused_reference(q, k, v, mask, implementation="cudnn"):
+        calls.append(q.shape)
+        return jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask[None, None], scale=1.0,
+                                            implementation="xla")[0]
+
+    monkeypatch.setattr(attn, "backend", lambda: "gpu")
+    monkeypatch.setattr(attn, "fused_attention", fused_reference)
+    model = g4.load(TINY_CHECKPOINT, dtype=jnp.bfloat16)
+    auto = model.with_attention_implementation("auto")
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 200, 40), jnp.int32)
+    ours, fused = model(ids), auto(ids)
+    assert calls and all(shape[0] == 40 for shape in calls)
+    # Same model, scores kept in fp32 instead of bf16: agreement within bf16 noise, same ranking.
+    assert np.abs(np.asarray(ours, np.float32) - np.asarray(fused, np.float32)).max() <= 0.5
+    n_prefill = len(calls)
+    cache = g4.KVCache.init(model.config, max_len=48, dtype=jnp.bfloat16)
+    _, cache = auto.prefill(ids, cache)
+    assert len(calls) > n_prefill
+    n_after_prefill = len(calls)
+    auto.decode_step(jnp.int32(5), cache)
+    assert len(calls) == n_after_prefill  # one query: our XLA path
