@@ -62,9 +62,12 @@ def _samples(name, case_name):
 def test_cached_decoding_equals_recomputation_over_60_steps(case_name):
     """tiny_a has sliding_window 8: over 60 steps the ring buffer wraps many times.
 
-    In fp32 the two paths sum the same terms in different orders (a 9-key ring vs a 70-key masked row), which
-    leaves ~1e-5 of rounding on logits of size ~10 (measured max 1.2e-5); the fp64 test below shows the
-    computations are the same to 1e-12.
+    In fp32 the reference itself is only defined to rounding: XLA's CPU row reductions (RMSNorm means, softmax
+    sums) round differently depending on how many rows they reduce, so the no-cache forward over prompt + 60
+    tokens differs from the no-cache forward over prompt + 30 tokens at the same positions by up to 1.2e-5 on
+    these logits of size ~20 (measured). The cache must be within 1e-5 of the recomputation or, where the
+    reference's own floor is above that, within 1.5x of it (measured max 1.35e-5 against a floor of 1.19e-5);
+    the fp64 test below shows the two computations are the same to 1e-12.
     """
     m = model("tiny_a")
     assert m.config.text.sliding_window == 8
@@ -72,7 +75,9 @@ def test_cached_decoding_equals_recomputation_over_60_steps(case_name):
         stepped = _greedy_with_cache(m, dict(sample), 60)
         tokens = stepped.argmax(-1)
         again = _recompute(m, sample, tokens)
-        assert np.abs(stepped - again).max() <= 2e-5
+        floor = np.abs(_recompute(m, sample, tokens[:30]) - again[:30]).max()
+        error = np.abs(stepped - again).max()
+        assert error <= max(1e-5, 1.5 * floor) and error <= 2e-5, f"cache {error:.3g}, reference floor {floor:.3g}"
 
 
 def test_cached_decoding_is_exact_in_float64():
