@@ -72,7 +72,7 @@ def forward_with_cache(
     *,
     inputs_embeds: Float[Array, "chunk hidden"] | None = None,
     positions: Int[Array, " chunk"] | None = None,
-    attention_mask: Bool[Array, " chunk"] | None = None,
+    attention_mask: Bool[Array, " chunk"] | Int[Array, " chunk"] | None = None,
     mm_token_type_ids: Int[Array, " chunk"] | None = None,
     mask_mode: MaskMode = "intended",
     **media,

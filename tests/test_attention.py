@@ -105,3 +105,17 @@ def test_dispatch_on_a_gpu_routes_prefill_through_the_fused_call(monkeypatch):
     n_after_prefill = len(calls)
     auto.decode_step(jnp.int32(5), cache)
     assert len(calls) == n_after_prefill  # one query: our XLA path
+
+
+def test_an_int_attention_mask_as_the_processor_returns_it_equals_the_bool_mask():
+    model = g4.load(TINY_CHECKPOINT)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 200, 12), jnp.int32)
+    mask = np.ones(12, np.int64)
+    mask[:3] = 0
+    positions = jnp.asarray(np.maximum(np.cumsum(mask) - 1, 0), jnp.int32)
+    as_int = model(ids, attention_mask=jnp.asarray(mask), positions=positions)
+    as_bool = model(ids, attention_mask=jnp.asarray(mask, bool), positions=positions)
+    assert np.array_equal(np.asarray(as_int)[3:], np.asarray(as_bool)[3:])
+    cache = g4.KVCache.init(model.config, max_len=16, dtype=model.dtype)
+    logits, _ = model.prefill(ids, cache, attention_mask=jnp.asarray(mask), positions=positions)
+    assert np.abs(np.asarray(logits) - np.asarray(as_bool)[-1]).max() <= 1e-5
