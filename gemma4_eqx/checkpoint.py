@@ -23,6 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Gemma4Config
+from .layers.attention import Attention
+from .layers.linear import Linear
+from .layers.mlp import MLP
 from .safetensors_io import DTYPE_NAMES, SafetensorsFile, aligned_empty, write_file
 
 TEXT_PREFIX = "model.language_model."
@@ -88,13 +91,52 @@ def _disk_shape(leaf_shape: tuple[int, ...], n_stack: int, transpose: bool) -> t
     return shape[::-1] if transpose else shape
 
 
+# The modules of a decoder layer that carry transformers' names, and what each must be.
+_STOCK_MODULES: tuple[tuple[str, type, str], ...] = (
+    ("self_attn", Attention, "a standard Gemma 4 attention layer (gemma4_eqx.layers.attention.Attention)"),
+    ("mlp", MLP, "the standard Gemma 4 MLP (gemma4_eqx.layers.mlp.MLP)"),
+    *((f"self_attn.{p}", Linear, "a plain Linear") for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+    *((f"mlp.{p}", Linear, "a plain Linear") for p in ("gate_proj", "up_proj", "down_proj")),
+)
+
+
+def _check_stock_run(stack, run: int) -> None:
+    """Only the stock modules have checkpoint names: name the first module of a run that is not one (e.g. after
+    `g4.surgery.replace_attention` or `add_lora`) instead of failing on a missing attribute."""
+    layers = [i for i in range(stack.num_layers) if stack.locate(i)[0] == run]
+    for path, cls, what in _STOCK_MODULES:
+        module = stack.runs[run]
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if module is None and path == "self_attn.v_proj":
+            continue  # full layers with attention_k_eq_v
+        if not isinstance(module, cls):
+            hint = ("fold adapters in with g4.surgery.merge_lora(model) first, or save the edited model with "
+                    "g4.surgery.save" if cls is Linear else
+                    "save the edited model with g4.surgery.save (read it back with g4.surgery.load)")
+            raise CheckpointError(
+                f"{TEXT_PREFIX}layers.{layers[0]}.{path} (model.layers.runs[{run}].{path}, layers {layers}): "
+                f"expected {what}, found {type(module).__name__}; only the stock modules have transformers' "
+                f"checkpoint names, and g4.save does not drop parameters that have none. To save this model, "
+                f"{hint}")
+
+
 def tensor_specs(model) -> list[TensorSpec]:
     """Every on-disk tensor of `model` (concrete or abstract), in transformers' order."""
     specs: list[TensorSpec] = []
-    add = lambda name, leaf, index, transpose: specs.append(
-        TensorSpec(name, leaf, index, transpose, _disk_shape(leaf(model).shape, len(index), transpose)))
+
+    def add(name, leaf, index, transpose):
+        try:
+            shape = leaf(model).shape
+        except AttributeError as e:  # a module swapped for one without this parameter
+            raise CheckpointError(f"{name}: the model has no such parameter ({e}); only a stock Gemma 4 model "
+                                  "has transformers' checkpoint names (see g4.surgery.save)") from e
+        specs.append(TensorSpec(name, leaf, index, transpose, _disk_shape(shape, len(index), transpose)))
+
     add(TEXT_PREFIX + "embed_tokens.weight", lambda m: m.embed_tokens, (), False)
     stack = model.layers
+    for run in range(len(stack.runs)):
+        _check_stock_run(stack, run)
     for i in range(stack.num_layers):
         run, repeat, slot = stack.locate(i)
         for suffix, get, transpose in _LAYER_TENSORS:

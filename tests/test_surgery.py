@@ -113,6 +113,26 @@ def test_decoding_with_the_cache_after_surgery_equals_recomputation():
     np.testing.assert_allclose(jnp.stack(stepped), full, atol=1e-4, rtol=1e-4)
 
 
+def test_greedy_generation_on_a_regrouped_stack_equals_recomputation_without_a_cache():
+    """LinearAttention on the global layers and on the sliding layers 2 and 8 (a run split in three, so the stock
+    KV-cache layout is regathered at every step): g4.generate's greedy tokens are those of a loop that runs the
+    whole model again for every new token."""
+    # Small token embeddings, so the next token depends on the context: with the fixture's scale-1 embeddings,
+    # greedy decoding repeats the last prompt token whatever the attention computes.
+    quiet = eqx.tree_at(lambda m: m.embed_tokens, model(), model().embed_tokens / 20)
+    edited = surgery.replace_attention(quiet, surgery.LinearAttention, [2, 5, 8, 11])
+    assert edited.layers.cache_slots is not None and tuple(n for _, n in edited.layers.pattern) == (2, 1, 2, 1)
+    steps, n = 8, IDS.shape[0]
+    generated = greedy(edited, IDS, max_new_tokens=steps, suppress_ids=())
+    # The model is causal, so the logits at position t of a fixed-length buffer are those of the sequence up to
+    # t: the same recomputation as a growing sequence, with one compilation instead of one per length.
+    seq = jnp.concatenate([IDS, jnp.zeros(steps, jnp.int32)])
+    for t in range(steps):
+        seq = seq.at[n + t].set(jnp.argmax(logits_of(edited, seq)[n - 1 + t]).astype(jnp.int32))
+    np.testing.assert_array_equal(generated, seq[n:])
+    assert len(set(np.asarray(generated).tolist())) > 1  # the tokens follow the context, not one repeated token
+
+
 def test_a_replacement_without_with_cache_runs_but_generation_says_why_not():
     with pytest.warns(UserWarning, match="NoCache has no with_cache"):
         edited = surgery.replace_attention(model(), lambda old, i: NoCache(old))
@@ -169,10 +189,15 @@ def test_a_swapped_model_saves_and_loads_through_surgery_save(tmp_path):
                                        jnp.zeros((1, 32, 16)))))
 
 
-def test_g4_save_refuses_a_model_whose_attention_has_no_checkpoint_names(tmp_path):
+@pytest.mark.parametrize("layers, named", [
+    ("full", r"layers\.5\.self_attn \(model\.layers\.runs\[1\]\.self_attn, layers \[5, 11\]\)"),
+    ([2], r"layers\.2\.self_attn \(model\.layers\.runs\[1\]\.self_attn, layers \[2\]\)"),  # regrouped
+])
+def test_g4_save_names_the_swapped_attention_it_cannot_write(layers, named, tmp_path):
     """transformers' names exist only for the stock modules; writing the rest would drop parameters silently."""
-    swapped = surgery.replace_attention(model(), surgery.LinearAttention)
-    with pytest.raises((AttributeError, CheckpointError)):
+    swapped = surgery.replace_attention(model(), surgery.LinearAttention, layers)
+    with pytest.raises(CheckpointError, match=named + r": expected a standard Gemma 4 attention layer "
+                                                       r".*found LinearAttention.*g4\.surgery\.save"):
         g4.save(swapped, tmp_path)
 
 
@@ -241,8 +266,11 @@ def test_merged_adapters_give_the_same_logits(layers, targets, tmp_path):
 
 
 def test_g4_save_asks_for_merge_lora_first(tmp_path):
+    """Saving after merge_lora works (test_merged_adapters_give_the_same_logits); before, the wrapped projection
+    is named."""
     adapted = surgery.add_lora(model(), key=jax.random.key(0))
-    with pytest.raises(AttributeError, match="merge_lora"):
+    with pytest.raises(CheckpointError, match=r"layers\.0\.self_attn\.q_proj .*expected a plain Linear, found "
+                                              r"LoRALinear.*merge_lora"):
         g4.save(adapted, tmp_path)
 
 
