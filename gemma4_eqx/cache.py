@@ -2,8 +2,11 @@
 
 Sliding layers keep a ring buffer of `min(sliding_window, max_len)` slots, so their memory does not grow with the
 context. Full layers keep every slot; when their values are the raw keys (`attention_k_eq_v`, the 12B's global
-layers) the cache stores that one raw key projection and applies `k_norm` + RoPE and `v_norm` when reading:
-half the bytes of storing K and V, and the same numbers (the same operations on the same inputs).
+layers) the cache stores, by default, that one raw key projection and applies `k_norm` + RoPE and `v_norm` when
+reading: half the bytes of storing K and V, and the same numbers (the same operations on the same inputs). The
+price is that every decode step normalises and rotates the whole context of those layers again; at long contexts
+on a GPU, where decode is bound by bytes moved, `raw_keys=False` stores the finished K and V instead (twice the
+memory of those layers, nothing recomputed).
 
 Slot bookkeeping (which absolute slot, position and padding flag each entry holds) is shared by all layers of a
 kind; the per-layer tensors are stacked exactly like the decoder stack's runs (`[repeats, run_length, ...]`) so
@@ -45,10 +48,12 @@ class KVCache(eqx.Module):
         return self.ring_slots.shape[-1]
 
     @classmethod
-    def init(cls, config: Gemma4Config, *, max_len: int, dtype=jnp.bfloat16, batch: int | None = None) -> KVCache:
+    def init(cls, config: Gemma4Config, *, max_len: int, dtype=jnp.bfloat16, batch: int | None = None,
+             raw_keys: bool = True) -> KVCache:
         """An empty cache for sequences of up to `max_len` slots (prompt, padding and new tokens together).
 
         `batch=None` gives one sequence's cache (the Equinox convention); `batch=B` stacks B of them for `vmap`.
+        `raw_keys`: for keys-as-values layers, store the raw key projection once (default) rather than K and V.
         """
         if max_len <= 0:
             raise ValueError(f"max_len: expected a positive number of slots, found {max_len}")
@@ -60,7 +65,7 @@ class KVCache(eqx.Module):
             g = t.layer_geometry_for_type(layer_type)
             slots = ring if layer_type == SLIDING else max_len
             shape = (repeats, length, slots, g.num_key_value_heads, g.head_dim)
-            if layer_type == FULL and not g.has_v_proj:
+            if layer_type == FULL and not g.has_v_proj and raw_keys:
                 layers.append(LayerKV(raw=jnp.zeros(shape, dtype)))
             else:
                 layers.append(LayerKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)))
@@ -84,7 +89,7 @@ class KVCache(eqx.Module):
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
 
-def cache_bytes(config: Gemma4Config, context: int, dtype=jnp.bfloat16, batch: int = 1) -> int:
+def cache_bytes(config: Gemma4Config, context: int, dtype=jnp.bfloat16, batch: int = 1, raw_keys: bool = True) -> int:
     """Bytes of a cache for `context` slots, computed from shapes only (nothing allocated)."""
-    abstract = jax.eval_shape(lambda: KVCache.init(config, max_len=context, dtype=dtype))
+    abstract = jax.eval_shape(lambda: KVCache.init(config, max_len=context, dtype=dtype, raw_keys=raw_keys))
     return batch * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))

@@ -33,6 +33,7 @@ def cmd_info(args) -> int:
     import jax.numpy as jnp
 
     from . import hub
+    from .cache import cache_bytes
     from .config import Gemma4Config
     from .model import Gemma4, count_parameters
 
@@ -63,14 +64,10 @@ def cmd_info(args) -> int:
         "parameters (vision + audio)": f"{mm:,}",
         f"weights in {jnp.dtype(dtype).name}": f"{total * itemsize / 2**30:.2f} GiB",
     }
-    try:
-        from .cache import cache_bytes
-    except ImportError:  # the KV cache module is optional for `info`
-        cache_bytes = None
-    if cache_bytes is not None:
-        for ctx in args.context:
-            info[f"KV cache at {ctx:,} tokens (batch 1, {jnp.dtype(dtype).name})"] = \
-                f"{cache_bytes(cfg, ctx, dtype) / 2**30:.3f} GiB"
+    for ctx in args.context:
+        raw, separate = (cache_bytes(cfg, ctx, dtype, raw_keys=r) / 2**30 for r in (True, False))
+        label = f"KV cache at {ctx:,} tokens (batch 1, {jnp.dtype(dtype).name})"
+        info[label] = f"{raw:.3f} GiB" if raw == separate else f"{raw:.3f} GiB (raw keys; {separate:.3f} GiB with K and V)"
     if args.json:
         print(json.dumps({k: str(v) for k, v in info.items()}, indent=2))
     else:

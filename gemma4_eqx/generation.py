@@ -153,6 +153,7 @@ def generate(
     pad_id: int | None = None,
     streamer: Callable[[np.ndarray], None] | None = None,
     cache_dtype=None,
+    cache_raw_keys: bool = True,
     prefill_chunk_size: int | None = None,
     mask_mode: str = "intended",
     **media,
@@ -162,6 +163,8 @@ def generate(
     `prompt_ids` 1-D (one prompt; media keywords as for `model(...)`) -> `[new]`, or 2-D left-padded with an
     `attention_mask` (media per row, stacked: see `g4.batching.stack_samples`) -> `[batch, new]`.
     `streamer(tokens)` receives each step's tokens (shape `[batch]`) as they are produced.
+    `cache_raw_keys=False` keeps K and V of the keys-as-values layers in the cache instead of their raw keys
+    (twice their memory, no per-step renormalisation of the context; see `g4.KVCache.init`).
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected a positive number, found {max_new_tokens}")
@@ -197,7 +200,8 @@ def generate(
     batch.update({k: jnp.asarray(v) for k, v in media.items() if v is not None})
     sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                     suppress_ids=tuple(suppress_ids or ()), stop_ids=tuple(stop_ids or ()), pad_id=int(pad_id))
-    cache = KVCache.init(cfg, max_len=seq + max_new_tokens, dtype=cache_dtype or model.dtype, batch=batch_size)
+    cache = KVCache.init(cfg, max_len=seq + max_new_tokens, dtype=cache_dtype or model.dtype, batch=batch_size,
+                         raw_keys=cache_raw_keys)
     state = _chunked_prefill(model, cache, key, batch, sampling, mask_mode, prefill_chunk_size)
     frozen = tuple(sampling.items())
     if streamer is None:

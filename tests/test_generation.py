@@ -96,6 +96,37 @@ def test_video_prompt_cached_decoding_equals_recomputation():
     assert np.array_equal(np.asarray(generated), tokens)
 
 
+def test_k_and_v_in_the_cache_equal_raw_keys():
+    """`raw_keys=False` stores the keys-as-values layers' finished K and V: same tokens, logits equal to rounding
+    (fp32) and to 1e-12 in fp64; twice those layers' bytes."""
+    m = model("tiny_a")
+    (sample,) = _samples("tiny_a", "gen_image")[:1]
+    prompt = dict(sample)
+    ids = prompt.pop("input_ids")
+    kw = dict(max_new_tokens=24, temperature=0.0, stop_ids=(), suppress_ids=())
+    raw = g4.generate(m, ids, **kw, **prompt)
+    separate = g4.generate(m, ids, cache_raw_keys=False, **kw, **prompt)
+    assert np.array_equal(np.asarray(raw), np.asarray(separate))
+    with jax.enable_x64(True):
+        m64 = g4.load(ref.checkpoint_dir("tiny_a"), dtype=jnp.float64)
+        caches = [g4.KVCache.init(m64.config, max_len=ids.shape[0] + 8, dtype=jnp.float64, raw_keys=r)
+                  for r in (True, False)]
+        assert caches[0].layers[-1].raw is not None and caches[1].layers[-1].raw is None
+        out = []
+        for cache in caches:
+            logits, cache = m64.prefill(ids, cache, **prompt)
+            steps = [logits]
+            for token in np.asarray(raw)[:7]:
+                logits, cache = m64.decode_step(jnp.int32(token), cache)
+                steps.append(logits)
+            out.append(np.stack([np.asarray(x) for x in steps]))
+        assert np.abs(out[0] - out[1]).max() <= 1e-12
+    cfg = m.config
+    full = sum(t == "full_attention" for t in cfg.text.layer_types)
+    extra = full * 100 * cfg.text.global_head_dim * 4  # one more [slots, 1, head_dim] fp32 tensor per global layer
+    assert cache_bytes(cfg, 100, jnp.float32, raw_keys=False) - cache_bytes(cfg, 100, jnp.float32) == extra
+
+
 def test_cached_decoding_is_exact_in_float64():
     with jax.enable_x64(True):
         m = g4.load(ref.checkpoint_dir("tiny_a"), dtype=jnp.float64)
