@@ -119,3 +119,16 @@ def test_an_int_attention_mask_as_the_processor_returns_it_equals_the_bool_mask(
     cache = g4.KVCache.init(model.config, max_len=16, dtype=model.dtype)
     logits, _ = model.prefill(ids, cache, attention_mask=jnp.asarray(mask), positions=positions)
     assert np.abs(np.asarray(logits) - np.asarray(as_bool)[-1]).max() <= 1e-5
+
+
+def test_auto_falls_back_to_ours_when_cudnn_declines(monkeypatch):
+    def declined(*args, **kwargs):
+        raise RuntimeError("cuDNN: unsupported configuration")
+
+    monkeypatch.setattr(attn, "backend", lambda: "gpu")
+    monkeypatch.setattr(attn, "fused_attention", declined)
+    q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
+    assert np.array_equal(np.asarray(attn.attend(q, k, v, mask, "auto")),
+                          np.asarray(attn.dot_product_attention(q, k, v, mask)))
+    with pytest.raises(RuntimeError, match="unsupported configuration"):  # an explicit "cudnn" does not hide it
+        attn.attend(q, k, v, mask, "cudnn")

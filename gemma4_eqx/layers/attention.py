@@ -12,8 +12,9 @@ The softmax-attention core has two implementations, chosen per module by the sta
   whose shape cuDNN accepts (bf16/f16, head_dim <= 256: the 40 sliding layers of the 12B); other calls (the
   head_dim-512 global layers, fp32 models) stay on `"xla"`. Scores are kept in fp32 inside the kernel, so bf16
   results differ from transformers by rounding. Needs a GPU backend.
-- `"auto"`: `"cudnn"` when JAX's default backend is a GPU and the call is a prefill (more than one query; for
-  one query the XLA path is faster, see shared/spec/gpu-measurements.md), `"xla"` otherwise.
+- `"auto"`: `"cudnn"` when JAX's default backend is a GPU, the call is a prefill (more than one query; for one
+  query the XLA path is faster, see shared/spec/gpu-measurements.md) and cuDNN takes it (JAX raises while
+  tracing when it does not, e.g. on a GPU without cuDNN); `"xla"` otherwise.
 
 `g4.Gemma4.with_attention_implementation` switches a whole model.
 """
@@ -21,7 +22,6 @@ The softmax-attention core has two implementations, chosen per module by the sta
 from __future__ import annotations
 
 import copy
-
 from typing import Literal
 
 import equinox as eqx
@@ -58,7 +58,6 @@ def dot_product_attention(
     return out.reshape(t, h, d)
 
 
-AttentionImplementation = Literal["xla", "cudnn", "auto"]
 IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 CUDNN_MAX_HEAD_DIM = 256
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -97,15 +96,19 @@ def backend() -> str:
 def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str) -> Array:
     """Dispatch one attention call to the implementation named by the layer (see the module docstring)."""
     if implementation == "auto":
-        use_cudnn = backend() == "gpu" and q.shape[0] > 1 and cudnn_accepts(q, k)
-    elif implementation == "cudnn":
+        if backend() == "gpu" and q.shape[0] > 1 and cudnn_accepts(q, k):
+            try:
+                return fused_attention(q, k, v, mask)
+            except (NotImplementedError, RuntimeError, ValueError):  # cuDNN declined this call
+                pass
+        return dot_product_attention(q, k, v, mask)
+    if implementation == "cudnn":
         if backend() != "gpu":
             raise ValueError(f"attention implementation 'cudnn' needs a GPU backend; JAX's default backend is "
                              f"{backend()!r} (use 'xla' or 'auto')")
-        use_cudnn = cudnn_accepts(q, k)
-    else:
-        use_cudnn = False
-    return fused_attention(q, k, v, mask) if use_cudnn else dot_product_attention(q, k, v, mask)
+        if cudnn_accepts(q, k):
+            return fused_attention(q, k, v, mask)
+    return dot_product_attention(q, k, v, mask)
 
 
 class Attention(eqx.Module):
