@@ -18,12 +18,36 @@ Layout written::
     <out>/<name>/checkpoint/{config.json, model.safetensors, generation_config.json}
     <out>/<name>/cases.npz      keys "<case>/<field>", plus "_info/meta"
 
+bf16 module trace (a separate mode; reads the checkpoints and cases above, rewrites only bf16_trace.npz)::
+
+    .venv-hf/bin/python scripts/record_hf_reference.py --out tests/fixtures/hf --bf16-trace [--only tiny_a]
+
+loads ``<name>/checkpoint`` with ``from_pretrained(..., dtype=torch.bfloat16, attn_implementation="eager")``, runs
+the inputs of the cases in ``TRACE_PLAN`` (``text_long_bf16``, ``left_pad_bf16``; ``position_ids`` passed when
+recorded) with forward hooks on ``layers.<i>`` and every submodule below it (to ``layers.<i>.mlp.act_fn``) and a
+wrapped ``eager_attention_forward``, asserts that the logits equal ``cases.npz``'s, and writes
+``<out>/<name>/bf16_trace.npz`` (np.savez_compressed):
+
+    "<case>/layers.<i>[.<module>]|in", "|out"   uint16: the bf16 bit patterns (``arr.view(ml_dtypes.bfloat16)``)
+        of the module's first input (positional or ``hidden_states=``) and first output, HF's shapes
+        ([B,T,hidden]; q/k/v_norm [B,T,heads,head_dim]); <module> is e.g. ``input_layernorm``,
+        ``self_attn.q_proj``, ``self_attn.v_norm``, ``self_attn``, ``mlp.act_fn``, ``mlp``; none = the whole layer
+    "<case>/layers.<i>.self_attn.core|q", "|k", "|v", "|out"   uint16 bf16 bits, the eager attention core's
+        q/k/v (after q/k norm, RoPE, v_norm) and output, all [B,T,heads,head_dim] (q/k/v transposed from HF's
+        [B,heads,T,D]; k/v unrepeated, kv_heads)
+    "<case>/layers.<i>.self_attn.core|mask"   bool [B,T,T] (query, key), True = attend (HF's additive mask == 0)
+    "<case>/position_ids"   i32 [B,T] (arange when the case passes none);  "<case>/attention_mask"   bool [B,T]
+    "_aliases"   0-d JSON {key: [stored key, shape]}: a tensor equal to one already stored (e.g. k_proj|in ==
+        q_proj|in == input_layernorm|out) is stored once; read a key as data[stored].reshape(shape)
+    "_info"      0-d JSON: checkpoint, cases, layers (traced: the first n), layer_types, versions
+
 See tests/fixtures/hf/README.md for the key layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -932,10 +956,130 @@ def process_checkpoint(name: str, spec: dict, out_dir: str):
           f"cases.npz {os.path.getsize(npz_path)/1e6:.2f} MB ({len(rec.arrays)} arrays)")
 
 
+# ---------------------------------------------------------------------------------------------
+# bf16 module trace (--bf16-trace): every decoder submodule's bf16 input and output
+# ---------------------------------------------------------------------------------------------
+TRACE_FILE = "bf16_trace.npz"
+# checkpoint -> (cases, number of leading layers traced). bf16 bit patterns compress only to ~73%, so a full trace
+# of tiny_b (12 layers, 96-wide, both cases) is 8.4 MB; its trace keeps text_long_bf16 over the first period
+# (5 sliding + 1 full layer), ~2.1 MB. tiny_a and tiny_c: everything, ~1.4 MB each.
+TRACE_PLAN = {
+    "tiny_a": (("text_long_bf16", "left_pad_bf16"), 6),
+    "tiny_b": (("text_long_bf16",), 6),
+    "tiny_c": (("text_long_bf16", "left_pad_bf16"), 6),
+}
+
+
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    """A bf16 tensor as its uint16 bit patterns (a copy: hooks see tensors that later code may reuse)."""
+    assert t.dtype == torch.bfloat16, t.dtype
+    return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16).copy()
+
+
+class TraceStore:
+    """Arrays by key, each distinct content stored once; a repeat becomes an alias `key -> [stored key, shape]`."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+        self.aliases: dict[str, list] = {}
+        self._by_content: dict[tuple, str] = {}
+
+    def put(self, key: str, arr: np.ndarray):
+        assert key not in self.arrays and key not in self.aliases, key
+        content = (arr.dtype.str, hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
+        first = self._by_content.get(content)
+        if first is not None and np.array_equal(self.arrays[first].reshape(-1), arr.reshape(-1)):
+            self.aliases[key] = [first, list(arr.shape)]
+        else:
+            self.arrays[key] = arr
+            self._by_content[content] = key
+
+
+def trace_case(model, store: TraceStore, case: str, inputs: dict, n_layers: int) -> np.ndarray:
+    """One bf16 forward with hooks on `layers.<i>` and its submodules (up to `layers.<i>.<a>.<b>`), i < n_layers.
+
+    Records `<case>/<module>|in` and `|out` (first positional argument or `hidden_states=`, first output), and the
+    eager attention core's `<case>/layers.<i>.self_attn.core|{q,k,v,mask,out}`. Returns the logits (float32).
+    """
+    lm = model.model.language_model
+    handles = []
+
+    def hook(name):
+        def record(mod, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            store.put(f"{case}/{name}|in", bf16_bits(x))
+            store.put(f"{case}/{name}|out", bf16_bits(out[0] if isinstance(out, tuple) else out))
+        return record
+
+    for name, mod in lm.named_modules():
+        parts = name.split(".")
+        if parts[0] == "layers" and 2 <= len(parts) <= 4 and int(parts[1]) < n_layers:
+            handles.append(mod.register_forward_hook(hook(name), with_kwargs=True))
+
+    eager = mg.eager_attention_forward
+
+    def traced_eager(module, query, key, value, attention_mask, **kw):
+        out, weights = eager(module, query, key, value, attention_mask, **kw)
+        if module.layer_idx < n_layers:
+            p = f"{case}/layers.{module.layer_idx}.self_attn.core"
+            # HF's [B, heads, T, D] -> [B, T, heads, D], the layout of q_norm's output and of our modules
+            store.put(f"{p}|q", bf16_bits(query.transpose(1, 2)))
+            store.put(f"{p}|k", bf16_bits(key.transpose(1, 2)))
+            store.put(f"{p}|v", bf16_bits(value.transpose(1, 2)))
+            m = attention_mask[:, 0]
+            lowest = torch.finfo(m.dtype).min
+            assert bool(((m == 0) | (m == lowest)).all()), "additive mask holds values other than 0 and min"
+            store.put(f"{p}|mask", (m == 0).numpy())
+            store.put(f"{p}|out", bf16_bits(out))
+        return out, weights
+
+    mg.eager_attention_forward = traced_eager
+    try:
+        with torch.no_grad():
+            logits = model(**to_torch(inputs), use_cache=False).logits
+    finally:
+        mg.eager_attention_forward = eager
+        for h in handles:
+            h.remove()
+    return logits.to(torch.float32).numpy()
+
+
+def trace_checkpoint(name: str, out_dir: str):
+    """Write `<out>/<name>/bf16_trace.npz` from the existing checkpoint and cases (rebuilds nothing)."""
+    case_dir = os.path.join(out_dir, name)
+    ckpt_dir = os.path.join(case_dir, "checkpoint")
+    cases = np.load(os.path.join(case_dir, "cases.npz"))
+    model = Model.from_pretrained(ckpt_dir, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    trace_cases, n_layers = TRACE_PLAN[name]
+    store = TraceStore()
+    for case in trace_cases:
+        fields = [k.split("/", 1)[1] for k in cases.files if k.startswith(case + "/")]
+        inputs = {f: cases[f"{case}/{f}"] for f in fields if f in ("input_ids", "attention_mask", "position_ids")}
+        check_inputs(inputs)
+        logits = trace_case(model, store, case, inputs, n_layers)
+        # the traced run is the run whose logits cases.npz holds
+        assert np.array_equal(logits, cases[f"{case}/logits"]), f"{name}/{case}: logits differ from cases.npz"
+        ids = inputs["input_ids"]
+        pos = inputs.get("position_ids", np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape))
+        store.put(f"{case}/position_ids", np.ascontiguousarray(pos, np.int32))
+        store.put(f"{case}/attention_mask", inputs["attention_mask"])
+    info = dict(checkpoint=name, cases=list(trace_cases), layers=n_layers,
+                layer_types=list(model.config.text_config.layer_types[:n_layers]),
+                transformers_version=transformers.__version__, torch_version=torch.__version__,
+                attn_implementation="eager", dtype="bfloat16 (from_pretrained(..., dtype=torch.bfloat16))")
+    path = os.path.join(case_dir, TRACE_FILE)
+    np.savez_compressed(path, **store.arrays, _aliases=np.array(json.dumps(store.aliases, sort_keys=True)),
+                        _info=np.array(json.dumps(info, sort_keys=True)))
+    print(f"{name}: {path} {os.path.getsize(path) / 1e6:.2f} MB, {len(store.arrays)} arrays + "
+          f"{len(store.aliases)} aliases")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="tests/fixtures/hf")
     ap.add_argument("--only", nargs="*", default=None, help="subset of checkpoint names")
+    ap.add_argument("--bf16-trace", action="store_true",
+                    help=f"only write <out>/<name>/{TRACE_FILE} from the existing checkpoints and cases")
     args = ap.parse_args()
     if transformers.__version__ != EXPECTED_TRANSFORMERS:
         print(f"WARNING: transformers {transformers.__version__} != {EXPECTED_TRANSFORMERS} used for the committed "
@@ -946,7 +1090,10 @@ def main():
     for name, spec in CHECKPOINTS.items():
         if args.only and name not in args.only:
             continue
-        process_checkpoint(name, spec, args.out)
+        if args.bf16_trace:
+            trace_checkpoint(name, args.out)
+        else:
+            process_checkpoint(name, spec, args.out)
 
 
 if __name__ == "__main__":
