@@ -70,6 +70,13 @@ def test_bf16_logits_agree_with_transformers(name, case_name):
     test asks: (1) we are at least as close to the fp32 reference as transformers' bf16 is (x1.25), (2) within
     0.25 of transformers' bf16 on >= 97% of valid logits and the same argmax wherever transformers' bf16 top-2
     margin exceeds its own bf16 error.
+
+    tests/test_bf16_modules.py shows where the differences come from: fed transformers' own bf16 inputs, every
+    projection, RoPE, the attention core and the MLP reproduce its outputs bit for bit; the only differences are
+    rare 1-ulp flips in RMSNorm outputs (XLA and torch sum the fp32 mean of squares in different orders) and
+    in GELU-tanh where `1 + tanh` cancels (XLA's and torch's fp32 tanh differ in the last bit). The literal
+    "0.25 and argmax everywhere" holds on 4 of the 6 cases (3 of them exactly equal); it cannot be guaranteed
+    without reproducing torch's CPU reduction order and tanh bit for bit.
     """
     case = ref.cases(name)[case_name]
     fp32_case = ref.cases(name)[case_name.removesuffix("_bf16")]
