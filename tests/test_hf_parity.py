@@ -75,7 +75,7 @@ def test_bf16_logits_agree_with_transformers(name, case_name):
     projection, RoPE, the attention core and the MLP reproduce its outputs bit for bit; the only differences are
     rare 1-ulp flips in RMSNorm outputs (XLA and torch sum the fp32 mean of squares in different orders) and
     in GELU-tanh where `1 + tanh` cancels (XLA's and torch's fp32 tanh differ in the last bit). The literal
-    "0.25 and argmax everywhere" holds on 4 of the 6 cases (3 of them exactly equal); it cannot be guaranteed
+    "0.25 and argmax everywhere" holds on 4 of the 6 cases (2 of them exactly equal); it cannot be guaranteed
     without reproducing torch's CPU reduction order and tanh bit for bit.
     """
     case = ref.cases(name)[case_name]
