@@ -550,16 +550,16 @@ def test_apply_chat_template_tokenized_to_a_dict(proc, tmp_path):
     assert out["num_frames_per_video"].tolist() == [32] and out["input_features"].shape[0] == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "API.md: apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True, "
-    "**processor_kwargs); the code takes them only as one dict, processor_kwargs={...}: spread keywords such as "
-    "images_kwargs={'max_soft_tokens': 70} go to the Jinja template and are silently ignored (280 soft tokens)"))
 def test_apply_chat_template_passes_spread_processor_kwargs_to_the_processor(proc):
     conv = [{"role": "user", "content": [{"type": "image", "image": _image()}, {"type": "text", "text": "Hi"}]}]
     processor_kwargs = {"images_kwargs": {"max_soft_tokens": 70}}
-    out = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                   **processor_kwargs)
+    with pytest.warns(UserWarning, match="prefer processor_kwargs"):
+        out = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       **processor_kwargs)
     assert out["pixel_values"].shape == (1, 70, 6912)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="both in processor_kwargs and as keywords"):
+        proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                 processor_kwargs=processor_kwargs, **processor_kwargs)
 
 
 def test_apply_chat_template_processor_kwargs_as_one_dict(proc):

@@ -124,3 +124,17 @@ def test_decode_round_trip():
     text = "<|turn>user\nHello, how are you?<turn|>"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     assert tok.adds_bos()
+
+
+def test_template_keywords_stay_with_the_template_and_the_rest_reach_the_processor():
+    import warnings
+
+    proc = processor()
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enable_thinking is read by the template: no warning, not sent on
+        out = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       enable_thinking=True)
+    assert out["input_ids"].shape[0] == 1
+    with pytest.warns(UserWarning, match="prefer processor_kwargs"), pytest.raises(TypeError, match="no_such_option"):
+        proc.apply_chat_template(conv, tokenize=True, no_such_option=1)  # neither template nor processor knows it

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 BUILTIN_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
@@ -60,6 +61,13 @@ def compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
+
+
+@lru_cache(maxsize=16)
+def template_variables(source: str) -> frozenset[str]:
+    """The names a template reads from its context (Jinja2's undeclared variables)."""
+    env = compile_template(source).environment
+    return frozenset(jinja2.meta.find_undeclared_variables(env.parse(source)))
 
 
 def render_chat_template(

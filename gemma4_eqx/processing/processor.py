@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import numpy as np
 
 from ._batch import BatchFeature, check_return_tensors
 from .audio import AudioFeatureExtractor, load_audio
-from .chat_template import builtin_template, extract_media, find_chat_template, normalize_conversations, render_chat_template
+from .chat_template import (builtin_template, extract_media, find_chat_template, normalize_conversations,
+                            render_chat_template, template_variables)
 from .image import ImageProcessor, flatten_images
 from .tokenizer import Tokenizer
 from .video import VideoMetadata, VideoProcessor, batch_videos, timestamp_strings
@@ -276,8 +278,12 @@ class Processor:
         **kwargs: Any,
     ) -> str | list[str] | np.ndarray | BatchFeature:
         """Render conversation(s) with the chat template; with tokenize=True also run `__call__` on the
-        media of the content blocks ({"type": "image", "image": ...}, "video", "audio"). Extra keywords
-        (enable_thinking=True, ...) go to the template."""
+        media of the content blocks ({"type": "image", "image": ...}, "video", "audio").
+
+        Extra keywords (enable_thinking=True, ...) go to the template. As in transformers, those the template
+        never reads (e.g. images_kwargs={"max_soft_tokens": 70}, max_soft_tokens=70) also go to `__call__`,
+        merged into `processor_kwargs`, with a warning that the dict is the preferred spelling.
+        """
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
         conversations, batched = normalize_conversations(conversation)
@@ -296,6 +302,14 @@ class Processor:
 
         images, videos, video_metadata, audio = extract_media(conversations)
         call_kwargs = dict(processor_kwargs or {})
+        spread = {k: v for k, v in kwargs.items() if k not in template_variables(template)}
+        if spread:
+            warnings.warn(f"apply_chat_template: passing {sorted(spread)} to the processor call; prefer "
+                          "processor_kwargs={...} for keywords meant for it", stacklevel=2)
+            twice = sorted(set(spread) & set(call_kwargs))
+            if twice:
+                raise ValueError(f"apply_chat_template: {twice} given both in processor_kwargs and as keywords")
+            call_kwargs.update(spread)
         bos = self.tokenizer.bos_token
         if bos and prompts[0].startswith(bos):
             call_kwargs.setdefault("add_special_tokens", False)
