@@ -33,6 +33,8 @@ class CacheContext(eqx.Module):
     full_mask: Bool[Array, "chunk max_len"]
     sliding_mask: Bool[Array, "chunk ring_plus_chunk"]
     ring_write: Int[Array, " written"]
+    ring_order: Int[Array, " ring"] | None  # ring entries by slot, for banded attention (else None)
+    band: int | None = eqx.field(static=True, default=None)  # sliding layers may attend in bands of this size
 
 
 def _context(cache: KVCache, positions, chunk_valid, blocks, mask_mode) -> tuple[CacheContext, KVCache]:
@@ -47,15 +49,21 @@ def _context(cache: KVCache, positions, chunk_valid, blocks, mask_mode) -> tuple
     full_mask = layer_masks(q_slots, full_slots, full_valid, cache.sliding_window, blocks, full_blocks,
                             mask_mode)[FULL]
     ring = cache.ring_size
-    ring_keys = jnp.concatenate([cache.ring_slots, q_slots])
-    ring_valid = jnp.concatenate([cache.ring_valid & (cache.ring_slots >= 0), chunk_valid])
+    # A text-only chunk of more than two windows attends in bands (layers.attention.banded_attention), which
+    # needs the ring's entries in slot order (-1 = empty sorts first).
+    band = cache.sliding_window if blocks is None and ring == cache.sliding_window and t > 2 * ring else None
+    ring_order = None if band is None else jnp.argsort(cache.ring_slots)
+    ring_slots = cache.ring_slots if ring_order is None else cache.ring_slots[ring_order]
+    ring_entry_valid = cache.ring_valid if ring_order is None else cache.ring_valid[ring_order]
+    ring_keys = jnp.concatenate([ring_slots, q_slots])
+    ring_valid = jnp.concatenate([ring_entry_valid & (ring_slots >= 0), chunk_valid])
     ring_blocks = None if blocks is None else jnp.concatenate([jnp.full((ring,), -1, jnp.int32), blocks])
     sliding_mask = layer_masks(q_slots, ring_keys, ring_valid, cache.sliding_window, blocks, ring_blocks,
                                mask_mode)[SLIDING]
     m = min(t, ring)  # only the chunk's last `ring` tokens survive in the ring
     ring_write = (start + t - m + jnp.arange(m)) % ring
     ctx = CacheContext(start=start, full_positions=full_positions, full_mask=full_mask,
-                       sliding_mask=sliding_mask, ring_write=ring_write)
+                       sliding_mask=sliding_mask, ring_write=ring_write, ring_order=ring_order, band=band)
     new = eqx.tree_at(
         lambda c: (c.length, c.next_position, c.full_valid, c.full_positions, c.ring_slots, c.ring_valid),
         cache,

@@ -195,8 +195,10 @@ class Gemma4(eqx.Module):
         seq = h.shape[0]
         slots = jnp.arange(seq)
         positions, valid, blocks = self.token_inputs(seq, positions, attention_mask, mm_token_type_ids, slots)
-        masks = layer_masks(slots, slots, valid, self.config.text.sliding_window, blocks, blocks, mask_mode)
-        return self.layers(h, positions, masks)
+        window = self.config.text.sliding_window
+        masks = layer_masks(slots, slots, valid, window, blocks, blocks, mask_mode)
+        band = window if blocks is None else None  # text only: the sliding mask is a pure window
+        return self.layers(h, positions, masks, band)
 
     def token_inputs(self, seq: int, positions, attention_mask, mm_token_type_ids, default_positions):
         """Checked per-token inputs: (positions, key validity, vision block ids or None)."""

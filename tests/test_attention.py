@@ -132,3 +132,56 @@ def test_auto_falls_back_to_ours_when_cudnn_declines(monkeypatch):
                           np.asarray(attn.dot_product_attention(q, k, v, mask)))
     with pytest.raises(RuntimeError, match="unsupported configuration"):  # an explicit "cudnn" does not hide it
         attn.attend(q, k, v, mask, "cudnn")
+
+
+def _band_inputs(t, prefix, window, dtype, seed=0, pad=3):
+    """Queries = the last t of prefix + t keys; a text sliding-window mask with left padding."""
+    s = prefix + t
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(k1, (t, 4, 16), dtype)
+    k = jax.random.normal(k2, (s, 2, 16), dtype)
+    v = jax.random.normal(k3, (s, 2, 16), dtype)
+    slots = jnp.arange(s)
+    mask = causal(slots[prefix:], slots) & inside_window(slots[prefix:], slots, window) & (slots >= pad)[None]
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("t, prefix", [(40, 0), (37, 0), (40, 8), (19, 8), (64, 5)])
+def test_banded_attention_is_the_same_function(t, prefix):
+    window = 8
+    with jax.enable_x64(True):
+        q, k, v, mask = _band_inputs(t, prefix, window, jnp.float64)
+        dense = np.asarray(attn.dot_product_attention(q, k, v, mask))
+        banded = np.asarray(attn.banded_attention(q, k, v, mask, window))
+        valid = np.asarray(mask.any(-1))
+        assert np.abs(dense - banded)[valid].max() <= 1e-13
+    q, k, v, mask = _band_inputs(t, prefix, window, jnp.float32)
+    valid = np.asarray(mask.any(-1))
+    diff = np.abs(np.asarray(attn.dot_product_attention(q, k, v, mask) - attn.banded_attention(q, k, v, mask, window)))
+    assert diff[valid].max() <= 1e-6
+
+
+def test_long_text_forward_and_chunked_prefill_attend_in_bands_exactly():
+    """tiny_a's window is 8: a 70-token text prompt takes the banded path, in the forward and in a prefill chunk
+    that follows a first chunk (a rotated, partly filled ring, sorted by slot for the bands)."""
+    import hf_reference as ref
+
+    with jax.enable_x64(True):
+        m = g4.load(ref.checkpoint_dir("tiny_a"), dtype=jnp.float64)
+        w = m.config.text.sliding_window
+        ids = jnp.asarray(np.random.default_rng(2).integers(3, 400, 70), jnp.int32)
+        h = m.embed(ids)
+        positions = jnp.arange(70)
+        from gemma4_eqx.masks import layer_masks
+        masks = layer_masks(positions, positions, jnp.ones(70, bool), w)
+        dense = np.asarray(m.layers(h, positions, masks))
+        banded = np.asarray(m.layers(h, positions, masks, w))
+        assert np.abs(dense - banded).max() <= 1e-12
+        full = np.asarray(m(ids))
+        cache = g4.KVCache.init(m.config, max_len=80, dtype=jnp.float64)
+        _, cache = m.prefill(ids[:13], cache)
+        logits, cache = m.prefill(ids[13:], cache)  # 57 tokens > 2 windows: banded, ring rotated
+        assert np.abs(np.asarray(logits) - full[-1]).max() <= 1e-12
+        step, _ = m.decode_step(jnp.int32(7), cache)
+        again = np.asarray(m(jnp.concatenate([ids, jnp.asarray([7], jnp.int32)])))[-1]
+        assert np.abs(np.asarray(step) - again).max() <= 1e-12

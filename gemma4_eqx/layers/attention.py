@@ -58,6 +58,38 @@ def dot_product_attention(
     return out.reshape(t, h, d)
 
 
+def banded_attention(
+    q: Float[Array, "q_seq heads head_dim"],
+    k: Float[Array, "kv_seq kv_heads head_dim"],
+    v: Float[Array, "kv_seq kv_heads head_dim"],
+    mask: Bool[Array, "q_seq kv_seq"],
+    window: int,
+) -> Float[Array, "q_seq heads head_dim"]:
+    """`dot_product_attention` for a sliding-window mask, in blocks, at a cost linear in the sequence.
+
+    The caller guarantees the band: the queries are the last `q_seq` keys' own tokens, in order, and query i
+    sees no key outside `(p + i - window, p + i]` with `p = kv_seq - q_seq` (text-only sliding layers: causal,
+    window, padding; keys before the chunk sorted by slot). Queries go in blocks of `window`; block j meets only
+    the `2 * window` keys from `p + (j - 1) * window` on, so no `q_seq x kv_seq` score matrix is built. Masked
+    keys weigh exactly zero in both, so this is the same function; sums run in another order.
+    """
+    t, s = mask.shape
+    p, b = s - t, window
+    blocks = -(-t // b)
+    extra = blocks * b - t
+    pad = lambda x: jnp.pad(x, ((b, extra),) + ((0, 0),) * (x.ndim - 1))  # keys: window on the left, tail right
+    kp, vp = pad(k), pad(v)
+    mp = jnp.pad(mask, ((0, extra), (b, extra)))
+    qp = jnp.pad(q, ((0, extra), (0, 0), (0, 0))).reshape(blocks, b, *q.shape[1:])
+    starts = p + b * jnp.arange(blocks)  # in padded key coordinates: the block's first query sits at p + b*j + b
+    take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, 2 * b)
+    kb = jax.vmap(take, (None, 0))(kp, starts)
+    vb = jax.vmap(take, (None, 0))(vp, starts)
+    mb = jax.vmap(lambda j, start: jax.lax.dynamic_slice(mp, (j * b, start), (b, 2 * b)))(jnp.arange(blocks), starts)
+    out = jax.vmap(dot_product_attention)(qp, kb, vb, mb)
+    return out.reshape(blocks * b, *q.shape[1:])[:t]
+
+
 IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 CUDNN_MAX_HEAD_DIM = 256
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -93,21 +125,31 @@ def backend() -> str:
     return jax.default_backend()
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str) -> Array:
-    """Dispatch one attention call to the implementation named by the layer (see the module docstring)."""
+def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str, band: int | None = None) -> Array:
+    """Dispatch one attention call to the implementation named by the layer (see the module docstring).
+
+    `band`: the mask is a sliding window of this size (see `banded_attention`); the XLA path then runs in blocks
+    when the chunk is long enough for that to pay (more than two windows of queries).
+    """
     if implementation == "auto":
         if backend() == "gpu" and q.shape[0] > 1 and cudnn_accepts(q, k):
             try:
                 return fused_attention(q, k, v, mask)
             except (NotImplementedError, RuntimeError, ValueError):  # cuDNN declined this call
                 pass
-        return dot_product_attention(q, k, v, mask)
+        return _xla_attention(q, k, v, mask, band)
     if implementation == "cudnn":
         if backend() != "gpu":
             raise ValueError(f"attention implementation 'cudnn' needs a GPU backend; JAX's default backend is "
                              f"{backend()!r} (use 'xla' or 'auto')")
         if cudnn_accepts(q, k):
             return fused_attention(q, k, v, mask)
+    return _xla_attention(q, k, v, mask, band)
+
+
+def _xla_attention(q: Array, k: Array, v: Array, mask: Array, band: int | None) -> Array:
+    if band is not None and q.shape[0] > 2 * band:
+        return banded_attention(q, k, v, mask, band)
     return dot_product_attention(q, k, v, mask)
 
 
@@ -185,10 +227,12 @@ class Attention(eqx.Module):
         x: Float[Array, "seq hidden"],
         positions: Int[Array, " seq"],
         mask: Bool[Array, "seq seq"],
+        band: int | None = None,
     ) -> Float[Array, "seq hidden"]:
+        """`band`: set by the decoder stack when `mask` is a pure sliding window of that size (text-only)."""
         q = self.queries(x, positions)
         k, v = self.keys_values(x, positions)
-        out = attend(q, k, v, mask, self.implementation)
+        out = attend(q, k, v, mask, self.implementation, band)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
     def with_cache(
@@ -201,21 +245,24 @@ class Attention(eqx.Module):
     ):
         """Attention of a chunk of new tokens over the cache plus themselves; returns (output, updated cache)."""
         k, v, mask, kv = self.read_write_cache(x, positions, kv, ctx, sliding)
-        out = attend(self.queries(x, positions), k, v, mask, self.implementation)
+        band = ctx.band if sliding else None
+        out = attend(self.queries(x, positions), k, v, mask, self.implementation, band)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim)), kv
 
     def read_write_cache(self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv, ctx,
                          sliding: bool):
         """Keys, values and mask to attend over for a chunk of new tokens, and the cache with the chunk written.
 
-        Sliding layers attend over `[ring entries, chunk]` and then write the chunk's last keys into the ring.
+        Sliding layers attend over `[ring entries, chunk]` (ring entries in slot order when the chunk is attended
+        in bands, `ctx.ring_order`) and then write the chunk's last keys into the ring.
         Full layers write the chunk into its slots first and attend over all slots (`ctx` masks the unwritten).
         """
         raw_k, raw_v = self.raw_kv(x)
         if sliding:
             k_new, v_new = self.finish_kv(raw_k, raw_v, positions)
-            k = jnp.concatenate([kv.k, k_new])
-            v = jnp.concatenate([kv.v, v_new])
+            ring_k, ring_v = (kv.k, kv.v) if ctx.ring_order is None else (kv.k[ctx.ring_order], kv.v[ctx.ring_order])
+            k = jnp.concatenate([ring_k, k_new])
+            v = jnp.concatenate([ring_v, v_new])
             m = ctx.ring_write.shape[0]
             kv = type(kv)(k=kv.k.at[ctx.ring_write].set(k_new[-m:]), v=kv.v.at[ctx.ring_write].set(v_new[-m:]))
             return k, v, ctx.sliding_mask, kv

@@ -70,8 +70,12 @@ class DecoderLayer(eqx.Module):
         h: Float[Array, "seq hidden"],
         positions: Int[Array, " seq"],
         mask: Bool[Array, "seq seq"],
+        band: int | None = None,
     ) -> Float[Array, "seq hidden"]:
-        return self.feed_forward(h, self.self_attn(self.input_layernorm(h), positions, mask))
+        """`band`: `mask` is a pure sliding window of that size (the stack passes it to stock attention only)."""
+        x = self.input_layernorm(h)
+        a = self.self_attn(x, positions, mask) if band is None else self.self_attn(x, positions, mask, band=band)
+        return self.feed_forward(h, a)
 
     def with_cache(self, h: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv, ctx):
         """The same layer over a chunk of new tokens, reading and updating its KV cache entry."""
@@ -155,13 +159,18 @@ class DecoderStack(eqx.Module):
         h: Float[Array, "seq hidden"],
         positions: Int[Array, " seq"],
         masks: Mapping[str, Bool[Array, "seq seq"]],
+        band: int | None = None,
     ) -> Float[Array, "seq hidden"]:
+        """`band`: the sliding layers' mask is a pure window of that size (text only); their stock softmax
+        attention then runs in blocks (`layers.attention.banded_attention`)."""
         params, static = eqx.partition(self.runs, eqx.is_array)
 
         def run_layer(static_layer) -> Callable:
+            banded = static_layer.layer_type == "sliding_attention" and isinstance(static_layer.self_attn, Attention)
+
             def body(h, layer_params):
                 layer = eqx.combine(layer_params, static_layer)
-                return layer(h, positions, masks[layer.layer_type]), None
+                return layer(h, positions, masks[layer.layer_type], band if banded else None), None
             return rematerialised(body, self.remat)
 
         def period(h, period_params):
