@@ -185,3 +185,35 @@ def test_long_text_forward_and_chunked_prefill_attend_in_bands_exactly():
         step, _ = m.decode_step(jnp.int32(7), cache)
         again = np.asarray(m(jnp.concatenate([ids, jnp.asarray([7], jnp.int32)])))[-1]
         assert np.abs(np.asarray(step) - again).max() <= 1e-12
+
+
+@pytest.mark.parametrize("t, s, block", [(24, 24, 8), (5, 37, 16), (24, 24, 64)])
+def test_streamed_attention_is_the_same_function(t, s, block):
+    with jax.enable_x64(True):
+        q, k, v, mask = _inputs(4, 2, 16, t=t, s=s, dtype=jnp.float64)
+        valid = np.asarray(mask.any(-1))
+        dense = np.asarray(attn.dot_product_attention(q, k, v, mask))
+        streamed = np.asarray(attn.streamed_attention(q, k, v, mask, block=block))
+        assert np.abs(dense - streamed)[valid].max() <= 1e-13
+    q, k, v, mask = _inputs(4, 1, 32, t=t, s=s, dtype=jnp.float32)
+    valid = np.asarray(mask.any(-1))
+    diff = np.abs(np.asarray(attn.dot_product_attention(q, k, v, mask) - attn.streamed_attention(q, k, v, mask, block)))
+    assert diff[valid].max() <= 2e-6
+
+
+def test_long_calls_stream_instead_of_building_the_score_matrix(monkeypatch):
+    """Past MAX_SCORES the XLA path streams; the model's logits stay the same (fp64)."""
+    import hf_reference as ref
+
+    with jax.enable_x64(True):
+        m = g4.load(ref.checkpoint_dir("tiny_a"), dtype=jnp.float64)
+        ids = jnp.asarray(np.random.default_rng(3).integers(3, 400, 40), jnp.int32)
+        before = np.asarray(m(ids))
+        monkeypatch.setattr(attn, "MAX_SCORES", 100)
+        monkeypatch.setattr(attn, "KEY_BLOCK", 16)
+        calls = []
+        original = attn.streamed_attention
+        monkeypatch.setattr(attn, "streamed_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+        after = np.asarray(m(ids))
+        assert calls  # the global layers (and no banded sliding layer) took the streamed path
+        assert np.abs(before - after).max() <= 1e-12

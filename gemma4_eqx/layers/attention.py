@@ -8,6 +8,9 @@ The softmax-attention core has two implementations, chosen per module by the sta
 
 - `"xla"` (default): `dot_product_attention` below, plain einsums that round where transformers' eager path
   rounds (scores in the activation dtype), so bf16 outputs match transformers bit for bit almost everywhere.
+  Text-only sliding layers run it in blocks of the window (`banded_attention`, linear in the prompt); a call
+  whose score matrix would pass `MAX_SCORES` elements (long prompts on the global layers) streams the keys
+  with a running softmax (`streamed_attention`) instead of building it.
 - `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash kernel, for every call
   whose shape cuDNN accepts (bf16/f16, head_dim <= 256: the 40 sliding layers of the 12B); other calls (the
   head_dim-512 global layers, fp32 models) stay on `"xla"`. Scores are kept in fp32 inside the kernel, so bf16
@@ -90,6 +93,58 @@ def banded_attention(
     return out.reshape(blocks * b, *q.shape[1:])[:t]
 
 
+# Above this many score elements (heads x queries x keys, ~512 MiB in fp32) the XLA path streams the keys in
+# blocks with a running softmax instead of building the score matrix (long prompts on the global layers).
+MAX_SCORES = 2**27
+KEY_BLOCK = 1024
+
+
+def streamed_attention(
+    q: Float[Array, "q_seq heads head_dim"],
+    k: Float[Array, "kv_seq kv_heads head_dim"],
+    v: Float[Array, "kv_seq kv_heads head_dim"],
+    mask: Bool[Array, "q_seq kv_seq"],
+    block: int | None = None,
+) -> Float[Array, "q_seq heads head_dim"]:
+    """`dot_product_attention` with the keys visited in blocks of `block` (default `KEY_BLOCK`) and a running
+    (online) softmax.
+
+    Memory is `heads x q_seq x block` scores instead of `heads x q_seq x kv_seq`. Same function (exact in
+    fp64); the probabilities are normalised once at the end instead of being rounded to the activation dtype
+    before the product with V, so bf16 results differ from transformers' rounding (as cuDNN's do).
+    """
+    t, h, d = q.shape
+    s, kv_heads = k.shape[:2]
+    block = KEY_BLOCK if block is None else block
+    blocks = -(-s // block)
+    extra = blocks * block - s
+    kb = jnp.pad(k, ((0, extra), (0, 0), (0, 0))).reshape(blocks, block, kv_heads, d)
+    vb = jnp.pad(v, ((0, extra), (0, 0), (0, 0))).reshape(blocks, block, kv_heads, d)
+    mb = jnp.pad(mask, ((0, 0), (0, extra))).reshape(t, blocks, block).transpose(1, 0, 2)
+    qg = q.reshape(t, kv_heads, h // kv_heads, d)
+    acc_dtype = compute_dtype(q.dtype)
+    low = jnp.finfo(acc_dtype).min
+
+    def step(carry, xs):
+        m, l, acc = carry
+        k_j, v_j, mask_j = xs
+        scores = jnp.einsum("tkgd,skd->kgts", qg, k_j).astype(acc_dtype)
+        scores = jnp.where(mask_j[None, None], scores, low)
+        m_new = jnp.maximum(m, scores.max(-1))
+        p = jnp.exp(scores - m_new[..., None])
+        keep = jnp.exp(m - m_new)
+        l = l * keep + p.sum(-1)
+        acc = acc * keep[..., None] + jnp.einsum("kgts,skd->kgtd", p, v_j.astype(acc_dtype))
+        return (m_new, l, acc), None
+
+    g = h // kv_heads
+    init = (jnp.full((kv_heads, g, t), low, acc_dtype), jnp.zeros((kv_heads, g, t), acc_dtype),
+            jnp.zeros((kv_heads, g, t, d), acc_dtype))
+    (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, mb))
+    out = (acc / l[..., None]).astype(q.dtype)  # [kv, g, t, d]
+    return out.transpose(2, 0, 1, 3).reshape(t, h, d)
+
+
 IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 CUDNN_MAX_HEAD_DIM = 256
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -150,6 +205,8 @@ def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str, band:
 def _xla_attention(q: Array, k: Array, v: Array, mask: Array, band: int | None) -> Array:
     if band is not None and q.shape[0] > 2 * band:
         return banded_attention(q, k, v, mask, band)
+    if q.shape[0] > 1 and q.shape[0] * q.shape[1] * k.shape[0] > MAX_SCORES:
+        return streamed_attention(q, k, v, mask)
     return dot_product_attention(q, k, v, mask)
 
 
