@@ -9,8 +9,9 @@ with its error and the script goes on. Prints a table last and writes everything
 
 1. Ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 matrix product 8192^3.
 2. Attention on the 12B shapes (16 query heads, scale 1.0), each against our fp32 path on the same inputs
-   (relative error ||out - ref|| / ||ref||): our XLA einsum path (`"xla"`; for the sliding shape also in bands,
-   as the model runs text prefill), `jax.nn.dot_product_attention` with
+   (relative error ||out - ref|| / ||ref||): our XLA einsum path (`"xla"`: dense, streamed with a running
+   softmax as the model runs long calls, and for the sliding shape in bands as the model runs text prefill),
+   `jax.nn.dot_product_attention` with
    JAX's XLA implementation, and with cuDNN (dense boolean mask, as the model passes it; and causal + window
    given structurally, which lets cuDNN skip blocks). Prefill S=8192 for the sliding shape (head_dim 256, 8 KV
    heads, window 1024) and the global shape (head_dim 512, 1 KV head, causal); decode 1 query against 1024 and
@@ -133,6 +134,8 @@ def attention_kernels(r: Report, small: bool):
             "jax_xla": jax.jit(lambda q, k, v, m: attn.fused_attention(q, k, v, m, implementation="xla")),
             "cudnn_mask": jax.jit(lambda q, k, v, m: attn.fused_attention(q, k, v, m, implementation="cudnn")),
         }
+        if sh["t"] > 1:
+            variants["ours_streamed"] = jax.jit(attn.streamed_attention)
         if sh["window"]:
             variants["ours_banded"] = jax.jit(lambda q, k, v, m: attn.banded_attention(q, k, v, m, sh["window"]))
         if sh["t"] == sh["s"]:
