@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import equinox as eqx
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 FSDP_AXIS, TP_AXIS = "fsdp", "tp"  # mesh axis names
 AXES = (FSDP_AXIS, TP_AXIS)
@@ -119,7 +119,7 @@ def parameter_path(model, key_path) -> tuple[str, int]:
     return ".".join(parts), 0
 
 
-def _resolve(spec: P, shape: tuple[int, ...], mesh: Mesh, what: str) -> tuple:
+def _resolve(spec: P, shape: tuple[int, ...], mesh: Mesh | AbstractMesh, what: str) -> tuple:
     """The spec's entries for `shape`, without axes the mesh lacks or that do not divide their dimension."""
     entries = tuple(spec)
     if len(entries) > len(shape):
@@ -139,7 +139,7 @@ def _resolve(spec: P, shape: tuple[int, ...], mesh: Mesh, what: str) -> tuple:
     return tuple(out)
 
 
-def partition_spec(path: str, shape: tuple[int, ...], n_stacked: int, mesh: Mesh, rules: Rules) -> P:
+def partition_spec(path: str, shape: tuple[int, ...], n_stacked: int, mesh: Mesh | AbstractMesh, rules: Rules) -> P:
     """The `PartitionSpec` the first matching rule gives a parameter (stacked leading axes unsharded)."""
     for pattern, spec in rules:
         if re.search(pattern, path):
@@ -169,7 +169,7 @@ def shard_model(model, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     return eqx.combine(jax.device_put(params, shardings), static)
 
 
-def describe(model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> list[tuple[str, tuple[int, ...], P]]:
+def describe(model, mesh: Mesh | AbstractMesh, rules: Rules = DEFAULT_RULES) -> list[tuple[str, tuple[int, ...], P]]:
     """(path, shape, applied spec) for every parameter: what the rules do on this mesh, for reading."""
     rows = []
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]:
