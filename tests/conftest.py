@@ -11,8 +11,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_exces
 
 from jaxtyping import install_import_hook  # noqa: E402
 
+import importlib  # noqa: E402
+import pkgutil  # noqa: E402
+
 with install_import_hook("gemma4_eqx", "beartype.beartype"):
-    import gemma4_eqx  # noqa: F401,E402
+    import gemma4_eqx  # noqa: E402
+
+    # Every submodule now, under the hook: the lazily exposed ones (bridge, nnx, sharding, surgery, train) would
+    # otherwise be imported later, outside it, and go unchecked.
+    for _module in pkgutil.walk_packages(gemma4_eqx.__path__, "gemma4_eqx."):
+        importlib.import_module(_module.name)
 
 import pathlib  # noqa: E402
 
@@ -24,3 +32,19 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Every compiled CPU executable keeps memory mappings; over the whole suite they passed the kernel's
+    `vm.max_map_count` (65,530 here) and LLVM crashed with a segfault in a later compilation.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
