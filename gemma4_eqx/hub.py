@@ -103,7 +103,8 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
 
 def load(path_or_repo_id: str | os.PathLike, *, dtype=None, revision: str | None = None,
          token: str | bool | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
-         remat: bool | str = False, attention_implementation: str = "xla", mesh=None, rules=None, progress=None):
+         remat: bool | str = False, attention_implementation: str = "xla", numerics: str = "xla", mesh=None,
+         rules=None, progress=None):
     """Load a transformers-format Gemma 4 Unified checkpoint into a `Gemma4`.
 
     `dtype=None` keeps the checkpoint's precision (bit-exact); `dtype=jnp.bfloat16` etc. casts on load.
@@ -111,11 +112,13 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype=None, revision: str | None
     `rules` name (default `g4.sharding.FSDP_TP`), each device reading only its rows of the checkpoint.
     Tensors are read one at a time, so host memory stays near the largest leaf plus what the model keeps on
     the host. `progress`: a tqdm bar over bytes and tensors; `None` shows it for checkpoints of 1 GiB or more.
-    `remat` and `attention_implementation` are passed to `Gemma4` (see `Gemma4.with_attention_implementation`).
+    `remat`, `attention_implementation` and `numerics` are passed to `Gemma4` (see
+    `Gemma4.with_attention_implementation`, `Gemma4.with_numerics`).
     """
     folder = resolve(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only,
                      cache_dir=cache_dir)
-    return checkpoint.load_from_folder(folder, dtype=dtype, model_kwargs={"remat": remat, "attention_implementation": attention_implementation}, mesh=mesh, rules=rules,
+    model_kwargs = {"remat": remat, "attention_implementation": attention_implementation, "numerics": numerics}
+    return checkpoint.load_from_folder(folder, dtype=dtype, model_kwargs=model_kwargs, mesh=mesh, rules=rules,
                                        progress=progress)
 
 

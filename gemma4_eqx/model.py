@@ -21,7 +21,9 @@ from .config import Gemma4Config
 from .embedders import AudioEmbedder, VisionEmbedder
 from .layers.attention import Attention, check_implementation
 from .layers.decoder import DecoderStack
+from .layers.mlp import MLP
 from .layers.norm import RMSNorm
+from .layers.numerics import check_numerics, warn_if_bf16_rounding_differs
 from .masks import MaskMode, layer_masks, vision_block_ids
 
 
@@ -52,6 +54,13 @@ def _with_attention_implementation(tree, implementation: str):
                         is_leaf=is_attention)
 
 
+def _with_numerics(tree, numerics: str):
+    check_numerics(numerics)
+    is_switchable = lambda x: isinstance(x, (RMSNorm, MLP))
+    return jax.tree.map(lambda x: x.with_numerics(numerics) if is_switchable(x) else x, tree,
+                        is_leaf=is_switchable)
+
+
 class Gemma4(eqx.Module):
     """`Gemma4UnifiedForConditionalGeneration` as an immutable pytree."""
 
@@ -63,7 +72,7 @@ class Gemma4(eqx.Module):
     config: Gemma4Config = eqx.field(static=True)
 
     def __init__(self, config: Gemma4Config, *, key: PRNGKeyArray, dtype=jnp.float32, remat: bool | str = False,
-                 unroll: bool = False, attention_implementation: str = "xla"):
+                 unroll: bool = False, attention_implementation: str = "xla", numerics: str = "xla"):
         ke, kl, kv, ka = jax.random.split(key, 4)
         t = config.text
         self.config = config
@@ -74,6 +83,10 @@ class Gemma4(eqx.Module):
         self.embed_audio = None if config.audio is None else AudioEmbedder(config.audio, t, key=ka, dtype=dtype)
         if attention_implementation != "xla":
             self.layers = _with_attention_implementation(self.layers, attention_implementation)
+        if check_numerics(numerics) != "xla":
+            warn_if_bf16_rounding_differs(dtype)
+            self.layers, self.norm, self.embed_vision, self.embed_audio = _with_numerics(
+                (self.layers, self.norm, self.embed_vision, self.embed_audio), numerics)
 
     def with_attention_implementation(self, implementation: str) -> "Gemma4":
         """The same model (same arrays) with every attention layer on another implementation.
@@ -83,6 +96,17 @@ class Gemma4(eqx.Module):
         prefill, XLA otherwise). See `gemma4_eqx.layers.attention`.
         """
         return _with_attention_implementation(self, implementation)
+
+    def with_numerics(self, numerics: str) -> "Gemma4":
+        """The same model (same arrays) rounding as XLA chooses (`"xla"`, default) or as transformers' CPU
+        run does (`"torch_cpu"`: every RMSNorm sums in torch's order, the GELU rounds as torch's kernel).
+
+        `"torch_cpu"` is for verification: with `XLA_FLAGS=--xla_allow_excess_precision=false` the bf16 logits
+        of the test checkpoints equal transformers' bit for bit. See `gemma4_eqx.layers.numerics`.
+        """
+        if check_numerics(numerics) == "torch_cpu":
+            warn_if_bf16_rounding_differs(self.dtype)
+        return _with_numerics(self, numerics)
 
     @property
     def dtype(self):

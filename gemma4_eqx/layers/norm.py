@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from .numerics import check_numerics, reciprocal_sqrt, torch_cpu_mean
 
 
 def compute_dtype(dtype):
@@ -16,20 +20,32 @@ class RMSNorm(eqx.Module):
     """Gemma 4 RMSNorm: fp32 inside, `x * (mean(x^2) + eps)^-0.5 * w` with a plain `w` (not `1 + w`).
 
     `weight=None` is the scale-free variant used for `v_norm` and the multimodal pre-projection norm.
-    The result is cast once, back to the input dtype.
+    The result is cast once, back to the input dtype. `numerics="torch_cpu"` sums the mean of squares in torch's
+    CPU order and takes the -0.5 power as torch does (`layers/numerics.py`).
     """
 
     weight: Float[Array, " dim"] | None
     eps: float = eqx.field(static=True)
+    numerics: str = eqx.field(static=True, default="xla")
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, with_scale: bool = True, dtype=jnp.float32):
+    def __init__(self, dim: int, *, eps: float = 1e-6, with_scale: bool = True, dtype=jnp.float32,
+                 numerics: str = "xla"):
         self.weight = jnp.ones((dim,), dtype) if with_scale else None
         self.eps = eps
+        self.numerics = check_numerics(numerics)
+
+    def with_numerics(self, numerics: str) -> "RMSNorm":
+        new = copy.copy(self)
+        object.__setattr__(new, "numerics", check_numerics(numerics))
+        return new
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         xf = x.astype(compute_dtype(x.dtype))
-        # pow(., -0.5) rather than rsqrt, as transformers does to stay close to JAX references.
-        y = xf * jnp.power(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps, -0.5)
+        if self.numerics == "torch_cpu":
+            y = xf * reciprocal_sqrt(torch_cpu_mean(xf * xf) + self.eps)[..., None]
+        else:
+            # pow(., -0.5) rather than rsqrt, as transformers does to stay close to JAX references.
+            y = xf * jnp.power(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps, -0.5)
         if self.weight is not None:
             y = y * self.weight.astype(xf.dtype)
         return y.astype(x.dtype)
