@@ -37,7 +37,10 @@ Why they differ:
   reproduce transformers exactly reproduces it exactly too: the glue (residuals, layer scalar, RoPE tables from
   positions, masks) rounds where transformers rounds. Propagated differences stay below max|out| / 157.
 
-Which elements flip depends on the compilation (un-jitted, op by op, tiny_c's norms do not flip and its layer is
+With `numerics="torch_cpu"` (gemma4_eqx/layers/numerics.py: torch's summation order in RMSNorm, torch's GELU
+rounding) there are no flips: every module, block and layer above is bit-exact (last test).
+
+Which elements flip (default numerics) depends on the compilation (un-jitted, op by op, tiny_c's norms do not flip and its layer is
 exact) and may depend on the CPU, so the flip-prone modules are bounded, not pinned: per checkpoint and module,
 at most FLIP_FRACTION = 3e-4 of the elements differ (measured <= 9.0e-5), each by one bf16 ulp (GELU: only where
 `1 + tanh` cancels, by <= 4e-6); self_attn and the whole layer at most PROPAGATED_FRACTION = 2e-2 (measured <=
@@ -57,6 +60,7 @@ import pytest
 
 import gemma4_eqx as g4
 from gemma4_eqx.layers.attention import dot_product_attention
+from gemma4_eqx.layers.numerics import gelu_tanh_torch_cpu
 from gemma4_eqx.layers.rope import apply_rope
 
 import hf_reference as ref
@@ -126,6 +130,9 @@ def gelu_tanh(gate):
     return jax.nn.gelu(gate.astype(jnp.float32), approximate=True).astype(gate.dtype)
 
 
+GELU = {"xla": gelu_tanh, "torch_cpu": jax.jit(gelu_tanh_torch_cpu)}
+
+
 class Comparison:
     """Ours against transformers' for one module, one (case, layer, row)."""
 
@@ -141,7 +148,7 @@ class Comparison:
         return f"{self.case} layer {self.layer} row {self.row}"
 
 
-def compare_layer(trace: Trace, layer, case: str, i: int, row: int) -> dict[str, Comparison]:
+def compare_layer(trace: Trace, layer, case: str, i: int, row: int, numerics: str) -> dict[str, Comparison]:
     p = f"{case}/layers.{i}"
     attn, mlp = layer.self_attn, layer.mlp
     x = lambda key: jnp.asarray(trace.bf16(key)[row])
@@ -168,24 +175,24 @@ def compare_layer(trace: Trace, layer, case: str, i: int, row: int) -> dict[str,
     put("self_attn", apply(attn, x(f"{p}.self_attn|in"), positions, mask), f"{p}.self_attn|out")
     for name in MLP_PROJECTIONS:
         put(name, apply(getattr(mlp, name), x(f"{p}.mlp.{name}|in")), f"{p}.mlp.{name}|out")
-    put("gelu", gelu_tanh(x(f"{p}.mlp.act_fn|in")), f"{p}.mlp.act_fn|out", f"{p}.mlp.act_fn|in")
+    put("gelu", GELU[numerics](x(f"{p}.mlp.act_fn|in")), f"{p}.mlp.act_fn|out", f"{p}.mlp.act_fn|in")
     put("mlp", apply(mlp, x(f"{p}.mlp|in")), f"{p}.mlp|out")
     put("decoder_layer", apply(layer, x(f"{p}|in"), positions, mask), f"{p}|out")
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def comparisons(name: str) -> list[dict[str, Comparison]]:
+def comparisons(name: str, numerics: str = "xla") -> list[dict[str, Comparison]]:
     """Per traced (case, layer, batch row) of checkpoint `name`: module kind -> comparison."""
     trace = Trace(name)
-    model = g4.load(ref.checkpoint_dir(name), dtype=jnp.bfloat16)
+    model = g4.load(ref.checkpoint_dir(name), dtype=jnp.bfloat16, numerics=numerics)
     assert trace.info["layer_types"] == list(model.config.text.layer_types[: trace.info["layers"]])
     out = []
     for case in trace.info["cases"]:
         rows = trace.raw(f"{case}/position_ids").shape[0]
         for i in range(trace.info["layers"]):
             layer = model.layers.layer(i)
-            out += [compare_layer(trace, layer, case, i, row) for row in range(rows)]
+            out += [compare_layer(trace, layer, case, i, row, numerics) for row in range(rows)]
     return out
 
 
@@ -254,3 +261,15 @@ def test_block_is_exact_wherever_its_modules_are(name, block, parts):
         assert gap <= PROPAGATED_MAX_REL * top, f"{c.where}: max |diff| {gap:.3g}, max |out| {top:.3g}"
     n_diff, n = differing(of_kind(name, block))
     assert n_diff <= PROPAGATED_FRACTION * n, f"{n_diff} of {n} elements differ (bound {PROPAGATED_FRACTION:g})"
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_every_module_is_bit_exact_with_torch_cpu_numerics(name):
+    """numerics="torch_cpu" (RMSNorm summed in torch's order, torch's GELU rounding): no flips anywhere, so every
+    norm, the GELU, each attention block and each whole decoder layer reproduce transformers' bf16 bit for bit."""
+    records = comparisons(name, "torch_cpu")
+    kinds = set().union(*records)
+    assert {"gelu", "decoder_layer", "self_attn", *NORMS} <= kinds
+    for kind in sorted(kinds):
+        n_diff, n = differing([r[kind] for r in records if kind in r])
+        assert n > 0 and n_diff == 0, f"{kind}: {n_diff} of {n} elements differ from transformers"

@@ -69,7 +69,7 @@ def _add(a, b):
     return b if a is None else a + b
 
 
-def _multi_row_sum(rows: list) -> list:
+def _multi_row_sum(rows: list[Float[Array, "*batch ilp lanes"]]) -> Float[Array, "*batch ilp lanes"]:
     """torch's `multi_row_sum`: add `rows` (each [..., nrows, lanes]) into 4 cascade levels.
 
     Rows are added one by one into level 0; every `step` rows level 0 is carried into level 1, and a level is
@@ -136,8 +136,11 @@ def torch_cpu_sum(x: Float[Array, "*batch n"]) -> Float[Array, "*batch"]:
 
 
 def torch_cpu_mean(x: Float[Array, "*batch n"]) -> Float[Array, "*batch"]:
-    """torch's CPU `mean`: the cascade sum divided (not multiplied by 1/n) by the count."""
-    return torch_cpu_sum(x) / x.shape[-1]
+    """torch's CPU `mean`: the cascade sum divided by the count. XLA turns a division by a broadcast scalar into a
+    multiplication by its rounded reciprocal (a different result unless n is a power of 2), so the divisor is a
+    full array behind a barrier."""
+    total = torch_cpu_sum(x)
+    return total / jax.lax.optimization_barrier(jnp.full(total.shape, x.shape[-1], x.dtype))
 
 
 def reciprocal_sqrt(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
