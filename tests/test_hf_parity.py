@@ -1,6 +1,7 @@
 """Logits against transformers' recorded outputs (scripts/record_hf_reference.py), on valid positions.
 
-fp32: max |diff| <= 1e-4. bf16 (weights and activations): same argmax everywhere and |diff| <= 0.25.
+fp32: max |diff| <= 1e-4. bf16 (weights and activations): same argmax everywhere and |diff| <= 0.25 with
+`numerics="torch_cpu"` (in fact bit-identical); the default XLA numerics are held to a statistical bound.
 Multimodal cases in both mask modes: `hf_forward` against transformers' bare forward(), `intended` against the
 class-level static-cache masks.
 """
@@ -74,9 +75,9 @@ def test_bf16_logits_agree_with_transformers(name, case_name):
     tests/test_bf16_modules.py shows where the differences come from: fed transformers' own bf16 inputs, every
     projection, RoPE, the attention core and the MLP reproduce its outputs bit for bit; the only differences are
     rare 1-ulp flips in RMSNorm outputs (XLA and torch sum the fp32 mean of squares in different orders) and
-    in GELU-tanh where `1 + tanh` cancels (XLA's and torch's fp32 tanh differ in the last bit). The literal
-    "0.25 and argmax everywhere" holds on 4 of the 6 cases (2 of them exactly equal); it cannot be guaranteed
-    without reproducing torch's CPU reduction order and tanh bit for bit.
+    in GELU-tanh where `1 + tanh` cancels (XLA's and torch's fp32 tanh differ in the last bit). With the default
+    numerics the literal "0.25 and argmax everywhere" holds on 4 of the 6 cases (2 of them exactly equal);
+    reproducing torch's reduction order and GELU rounding (`numerics="torch_cpu"`, next test) makes all 6 exact.
     """
     case = ref.cases(name)[case_name]
     fp32_case = ref.cases(name)[case_name.removesuffix("_bf16")]
@@ -92,6 +93,31 @@ def test_bf16_logits_agree_with_transformers(name, case_name):
     decided = v & (top2[..., 1] - top2[..., 0] > their_error)
     agree = ours.argmax(-1) == theirs.argmax(-1)
     assert agree[decided].all(), f"argmax differs at {np.argwhere(~agree & decided)[:5].tolist()}"
+
+
+@functools.lru_cache(maxsize=None)
+def torch_cpu_model(name: str):
+    return g4.load(ref.checkpoint_dir(name), dtype=jnp.bfloat16, numerics="torch_cpu")
+
+
+@pytest.mark.parametrize("name, case_name", BF16_CASES)
+def test_bf16_logits_equal_transformers_with_torch_cpu_numerics(name, case_name):
+    """The issue's literal bf16 criterion (same argmax everywhere, within 0.25), met by being bit-identical.
+
+    `numerics="torch_cpu"` sums each RMSNorm in torch's CPU order and rounds the GELU as torch's kernel does
+    (gemma4_eqx/layers/numerics.py); conftest sets `--xla_allow_excess_precision=false` so XLA rounds after every
+    bf16 operation as torch does. Everything else (projections, RoPE, attention, residuals) already rounds where
+    transformers rounds, so the bf16 logits equal transformers' bf16 logits exactly (measured: all 6 cases).
+    """
+    case = ref.cases(name)[case_name]
+    m = torch_cpu_model(name)
+    inputs = {k: v for k, v in ref.inputs(case).items() if k != "num_frames_per_video"}
+    ours = np.asarray(batched_logits(m, stack_samples(split_batch(inputs, m.config))).astype(jnp.float32))
+    v = valid(case)
+    theirs = case["logits"]
+    assert (ours.argmax(-1) == theirs.argmax(-1))[v].all()
+    assert np.abs(ours - theirs)[v].max() <= BF16_TOL
+    assert np.array_equal(ours[v], theirs[v]), f"{(ours[v] != theirs[v]).sum()} logits differ, max {np.abs(ours - theirs)[v].max():.3g}"
 
 
 @pytest.mark.parametrize("mode", ["hf_forward", "intended"])

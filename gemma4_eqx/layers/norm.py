@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -42,7 +43,9 @@ class RMSNorm(eqx.Module):
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         xf = x.astype(compute_dtype(x.dtype))
         if self.numerics == "torch_cpu":
-            y = xf * reciprocal_sqrt(torch_cpu_mean(xf * xf) + self.eps)[..., None]
+            # The barrier keeps LLVM from contracting the squares into the sum's adds (fused multiply-adds).
+            square = jax.lax.optimization_barrier(xf * xf)
+            y = xf * reciprocal_sqrt(torch_cpu_mean(square) + self.eps)[..., None]
         else:
             # pow(., -0.5) rather than rsqrt, as transformers does to stay close to JAX references.
             y = xf * jnp.power(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps, -0.5)

@@ -4,7 +4,9 @@ The model's maths is one formula, but a float32 sum depends on the order it adds
 `"xla"` lets XLA choose (fast, on any backend). `"torch_cpu"` reproduces, in plain XLA ops, the three places
 where transformers' CPU run rounds differently from XLA (measured against torch 2.13 on x86-64):
 
-- the RMSNorm mean of squares: torch sums a row in its cascade order (`torch_cpu_sum` below);
+- the RMSNorm mean of squares: torch squares, then sums a row in its cascade order (`torch_cpu_sum` below) and
+  divides by n; XLA would fuse the squares into the adds (fused multiply-adds) and divide by multiplying with 1/n,
+  so the squares and the divisor sit behind optimization barriers;
 - `pow(mean + eps, -0.5)`: torch computes `1 / sqrt(.)` as two rounded operations, where XLA fuses an rsqrt;
 - GELU-tanh: torch's tanh is SLEEF's, which saturates to +-1 above |y| > ln(2^25) / 2 and is otherwise correctly
   rounded on every bf16 input; for 16-bit inputs the activation is a function of 65,536 values, so it is
