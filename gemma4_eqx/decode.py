@@ -33,11 +33,13 @@ class CacheContext(eqx.Module):
     full_mask: Bool[Array, "chunk max_len"]
     sliding_mask: Bool[Array, "chunk ring_plus_chunk"]
     ring_write: Int[Array, " written"]
-    ring_order: Int[Array, " ring"] | None  # ring entries by slot, for banded attention (else None)
+    ring_order: Int[Array, " ring"] | None  # ring entries by slot (banded or "invariant"), else None
     band: int | None = eqx.field(static=True, default=None)  # sliding layers may attend in bands of this size
 
 
-def _context(cache: KVCache, positions, chunk_valid, blocks, mask_mode) -> tuple[CacheContext, KVCache]:
+def _context(cache: KVCache, positions, chunk_valid, blocks, mask_mode, oldest_first: bool = False
+             ) -> tuple[CacheContext, KVCache]:
+    """`oldest_first`: the sliding layers read the ring in slot order even when not banded (`"invariant"`)."""
     t = positions.shape[0]
     start = cache.length
     q_slots = start + jnp.arange(t)
@@ -52,7 +54,7 @@ def _context(cache: KVCache, positions, chunk_valid, blocks, mask_mode) -> tuple
     # A text-only chunk of more than two windows attends in bands (layers.attention.banded_attention), which
     # needs the ring's entries in slot order (-1 = empty sorts first).
     band = cache.sliding_window if blocks is None and ring == cache.sliding_window and t > 2 * ring else None
-    ring_order = None if band is None else jnp.argsort(cache.ring_slots)
+    ring_order = None if band is None and not oldest_first else jnp.argsort(cache.ring_slots)
     ring_slots = cache.ring_slots if ring_order is None else cache.ring_slots[ring_order]
     ring_entry_valid = cache.ring_valid if ring_order is None else cache.ring_valid[ring_order]
     ring_keys = jnp.concatenate([ring_slots, q_slots])
@@ -103,7 +105,8 @@ def forward_with_cache(
     h = check_value(h, cache.length + t > cache.max_len,
                     lambda: f"KVCache: writing {t} more tokens exceeds max_len {cache.max_len}; "
                             "allocate a larger cache")
-    ctx, cache = _context(cache, positions, chunk_valid, blocks, mask_mode)
+    ctx, cache = _context(cache, positions, chunk_valid, blocks, mask_mode,
+                          oldest_first=model.numerics == "invariant")
     h, kv = model.layers.with_cache(h, positions, cache.layers, ctx)
     cache = eqx.tree_at(lambda c: c.layers, cache, kv)
     return model.norm(h), cache

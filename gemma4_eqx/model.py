@@ -21,6 +21,7 @@ from .config import Gemma4Config
 from .embedders import AudioEmbedder, VisionEmbedder
 from .layers.attention import Attention, check_implementation
 from .layers.decoder import DecoderStack
+from .layers.linear import Linear, rowwise_matmul
 from .layers.mlp import MLP
 from .layers.norm import RMSNorm
 from .layers.numerics import check_numerics, warn_if_bf16_rounding_differs
@@ -56,7 +57,8 @@ def _with_attention_implementation(tree, implementation: str):
 
 def _with_numerics(tree, numerics: str):
     check_numerics(numerics)
-    is_switchable = lambda x: isinstance(x, (RMSNorm, MLP))
+    # The composite modules switch their own parts; a Linear or RMSNorm elsewhere (embedders) is met alone.
+    is_switchable = lambda x: isinstance(x, (RMSNorm, MLP, Attention, Linear))
     return jax.tree.map(lambda x: x.with_numerics(numerics) if is_switchable(x) else x, tree,
                         is_leaf=is_switchable)
 
@@ -84,7 +86,8 @@ class Gemma4(eqx.Module):
         if attention_implementation != "xla":
             self.layers = _with_attention_implementation(self.layers, attention_implementation)
         if check_numerics(numerics) != "xla":
-            warn_if_bf16_rounding_differs(dtype)
+            if numerics == "torch_cpu":
+                warn_if_bf16_rounding_differs(dtype)
             self.layers, self.norm, self.embed_vision, self.embed_audio = _with_numerics(
                 (self.layers, self.norm, self.embed_vision, self.embed_audio), numerics)
 
@@ -98,11 +101,14 @@ class Gemma4(eqx.Module):
         return _with_attention_implementation(self, implementation)
 
     def with_numerics(self, numerics: str) -> "Gemma4":
-        """The same model (same arrays) rounding as XLA chooses (`"xla"`, default) or as transformers' CPU
-        run does (`"torch_cpu"`: every RMSNorm sums in torch's order, the GELU rounds as torch's kernel).
+        """The same model (same arrays) rounding as XLA chooses (`"xla"`, default), as transformers' CPU
+        run does (`"torch_cpu"`: every RMSNorm sums in torch's order, the GELU rounds as torch's kernel), or the
+        same way whatever the shape of the call (`"invariant"`: fixed-order sums, attention one key at a time).
 
-        `"torch_cpu"` is for verification: with `XLA_FLAGS=--xla_allow_excess_precision=false` the bf16 logits
-        of the test checkpoints equal transformers' bit for bit. See `gemma4_eqx.layers.numerics`.
+        Both are for verification. `"torch_cpu"`: with `XLA_FLAGS=--xla_allow_excess_precision=false` the bf16
+        logits of the test checkpoints equal transformers' bit for bit. `"invariant"`: cached decoding equals the
+        no-cache forward bit for bit; needs attention implementation `"xla"`; slow for long contexts (the key loop
+        is sequential). See `gemma4_eqx.layers.numerics`.
         """
         if check_numerics(numerics) == "torch_cpu":
             warn_if_bf16_rounding_differs(self.dtype)
@@ -111,6 +117,11 @@ class Gemma4(eqx.Module):
     @property
     def dtype(self):
         return self.embed_tokens.dtype
+
+    @property
+    def numerics(self) -> str:
+        """The numerics mode (`with_numerics`), as held by every switchable module; the final norm's is read."""
+        return self.norm.numerics
 
     # ---- multimodal features ---------------------------------------------------------------------
     def image_features(
@@ -238,7 +249,8 @@ class Gemma4(eqx.Module):
 
     def logits_from_hidden(self, h: Float[ArrayLike, "*seq hidden"]) -> Float[ArrayLike, "*seq vocab"]:
         """Tied lm head (no embedding scale) and the final soft cap, in the activation dtype."""
-        logits = jnp.matmul(h, self.embed_tokens.T.astype(h.dtype))
+        head = self.embed_tokens.T.astype(h.dtype)
+        logits = rowwise_matmul(h, head) if self.numerics == "invariant" else jnp.matmul(h, head)
         cap = self.config.text.final_logit_softcapping
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap

@@ -3,6 +3,7 @@ scripts/record_torch_numerics.py with torch 2.13 on x86-64), and the switch betw
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
+from gemma4_eqx.layers.attention import Attention
+from gemma4_eqx.layers.linear import Linear
 from gemma4_eqx.layers.mlp import MLP
 from gemma4_eqx.layers.norm import RMSNorm
 from gemma4_eqx.layers.numerics import (gelu_tanh_table, gelu_tanh_torch_cpu, reciprocal_sqrt, torch_cpu_mean,
@@ -100,29 +103,48 @@ def test_rmsnorm_is_transformers_rmsnorm(dtype, n):
 
 
 def _switchable(tree) -> list:
-    is_switchable = lambda x: isinstance(x, (RMSNorm, MLP))
-    return [x for x in jax.tree.leaves(tree, is_leaf=is_switchable) if is_switchable(x)]
+    """Every module with a numerics field, nested ones included."""
+    is_switchable = lambda x: isinstance(x, (RMSNorm, MLP, Attention, Linear))
+    found = []
+
+    def visit(x):
+        if is_switchable(x):
+            found.append(x)
+        if isinstance(x, eqx.Module):
+            for field in dataclasses.fields(x):
+                visit(getattr(x, field.name))
+        elif isinstance(x, (tuple, list)):
+            for item in x:
+                visit(item)
+
+    visit(tree)
+    return found
 
 
-def test_with_numerics_switches_every_norm_and_mlp_and_keeps_the_arrays(tiny_model):
-    switched = tiny_model.with_numerics("torch_cpu")
+@pytest.mark.parametrize("numerics", ["torch_cpu", "invariant"])
+def test_with_numerics_switches_every_module_and_keeps_the_arrays(tiny_model, numerics):
+    switched = tiny_model.with_numerics(numerics)
     modules = _switchable(switched)
-    assert len(modules) == len(_switchable(tiny_model)) and {m.numerics for m in modules} == {"torch_cpu"}
+    kinds = {type(m) for m in modules}
+    assert kinds == {RMSNorm, MLP, Attention, Linear}
+    assert len(modules) == len(_switchable(tiny_model)) and {m.numerics for m in modules} == {numerics}
+    assert switched.numerics == numerics
     assert {m.numerics for m in _switchable(tiny_model)} == {"xla"}  # the original is untouched
     for a, b in zip(jax.tree.leaves(tiny_model), jax.tree.leaves(switched)):
         assert a is b
     assert {m.numerics for m in _switchable(switched.with_numerics("xla"))} == {"xla"}
 
 
-def test_torch_cpu_numerics_compute_the_same_function(tiny_model):
+@pytest.mark.parametrize("numerics", ["torch_cpu", "invariant"])
+def test_numerics_modes_compute_the_same_function(tiny_model, numerics):
     ids = jnp.arange(1, 40) % tiny_model.config.text.vocab_size
     a = tiny_model(ids)
-    b = tiny_model.with_numerics("torch_cpu")(ids)
+    b = tiny_model.with_numerics(numerics)(ids)
     assert np.abs(np.asarray(a - b)).max() <= 1e-4 * max(1.0, float(np.abs(np.asarray(a)).max()))
 
 
 def test_unknown_numerics_is_an_error(tiny_model):
-    with pytest.raises(ValueError, match=r"numerics: expected one of \('xla', 'torch_cpu'\), found 'torch'"):
+    with pytest.raises(ValueError, match=r"numerics: expected one of \('xla', 'torch_cpu', 'invariant'\), found 'torch'"):
         tiny_model.with_numerics("torch")
     with pytest.raises(ValueError, match="numerics"):
         RMSNorm(8, numerics="fast")

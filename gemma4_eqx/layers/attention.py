@@ -20,11 +20,16 @@ The softmax-attention core has two implementations, chosen per module by the sta
   tracing when it does not, e.g. on a GPU without cuDNN); `"xla"` otherwise.
 
 `g4.Gemma4.with_attention_implementation` switches a whole model.
+
+Under `numerics="invariant"` (`layers/numerics.py`) every call runs `ordered_attention` instead: sums over keys
+one key at a time, so a query's output does not depend on how many queries or empty slots share the call. It
+needs `implementation="xla"`.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
@@ -35,6 +40,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ..config import LayerGeometry, RopeConfig
 from .linear import Linear
 from .norm import RMSNorm, compute_dtype
+from .numerics import check_numerics
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
 
 
@@ -61,12 +67,61 @@ def dot_product_attention(
     return out.reshape(t, h, d)
 
 
+def ordered_attention(
+    q: Float[Array, "q_seq heads head_dim"],
+    k: Float[Array, "kv_seq kv_heads head_dim"],
+    v: Float[Array, "kv_seq kv_heads head_dim"],
+    mask: Bool[Array, "q_seq kv_seq"],
+) -> Float[Array, "q_seq heads head_dim"]:
+    """`dot_product_attention` whose rounding does not depend on the call's shape (`numerics="invariant"`).
+
+    The softmax denominator and the product with V add the keys one at a time, in key order, in the softmax
+    dtype: a masked key or an empty cache slot adds an exact zero wherever it sits, so a query sees the same
+    sequence of roundings in a 9-slot decode step as in a 70-token forward, given its keys in the same order.
+    The maximum is exact in any order. Barriers keep the inputs, the exponentials, the normaliser and the
+    output out of shape-dependent fusions (XLA otherwise fuses the exp with its neighbours differently per
+    shape, and the fused versions round differently). Sequential over keys: a verification path, not a fast one.
+    """
+    barrier = jax.lax.optimization_barrier
+    q, k, v, mask = barrier((q, k, v, mask))
+    t, h, d = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(t, kv_heads, h // kv_heads, d)
+    softmax_dtype = compute_dtype(q.dtype)
+    # Scores too are summed one head_dim component at a time: XLA's dot for a handful of queries and keys picks
+    # its summation order by shape (one query over 9 keys rounds differently from 13 queries over 13 keys).
+    # The products are exact in the softmax dtype for bf16 inputs; the scores round to the activation dtype as
+    # the einsum would.
+    def add_component(acc, xs):
+        q_c, k_c = xs  # [t, kv, g], [s, kv]
+        return acc + barrier(jnp.einsum("tkg,sk->kgts", q_c.astype(softmax_dtype), k_c.astype(softmax_dtype))), None
+
+    scores, _ = jax.lax.scan(add_component, jnp.zeros((kv_heads, h // kv_heads, t, k.shape[0]), softmax_dtype),
+                             (jnp.moveaxis(qg, -1, 0), jnp.moveaxis(k, -1, 0)))
+    scores = scores.astype(q.dtype).astype(softmax_dtype)
+    scores = jnp.where(mask[None, None], scores, jnp.finfo(softmax_dtype).min)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    weights = barrier(jnp.exp(barrier(scores - top)))  # [kv, g, t, s]; masked keys exactly 0
+    add = lambda acc, x: (acc + x, None)
+    total, _ = jax.lax.scan(add, jnp.zeros(weights.shape[:-1], softmax_dtype), jnp.moveaxis(weights, -1, 0))
+    probs = barrier((weights / barrier(total[..., None])).astype(q.dtype))
+
+    def add_value(acc, xs):
+        p, value = xs  # [kv, g, t], [kv, d]
+        return acc + barrier(p[..., None].astype(softmax_dtype) * value[:, None, None, :].astype(softmax_dtype)), None
+
+    out, _ = jax.lax.scan(add_value, jnp.zeros((kv_heads, h // kv_heads, t, d), softmax_dtype),
+                          (jnp.moveaxis(probs, -1, 0), v))
+    return barrier(out.astype(q.dtype).transpose(2, 0, 1, 3).reshape(t, h, d))
+
+
 def banded_attention(
     q: Float[Array, "q_seq heads head_dim"],
     k: Float[Array, "kv_seq kv_heads head_dim"],
     v: Float[Array, "kv_seq kv_heads head_dim"],
     mask: Bool[Array, "q_seq kv_seq"],
     window: int,
+    kernel: Callable = dot_product_attention,
 ) -> Float[Array, "q_seq heads head_dim"]:
     """`dot_product_attention` for a sliding-window mask, in blocks, at a cost linear in the sequence.
 
@@ -74,7 +129,8 @@ def banded_attention(
     sees no key outside `(p + i - window, p + i]` with `p = kv_seq - q_seq` (text-only sliding layers: causal,
     window, padding; keys before the chunk sorted by slot). Queries go in blocks of `window`; block j meets only
     the `2 * window` keys from `p + (j - 1) * window` on, so no `q_seq x kv_seq` score matrix is built. Masked
-    keys weigh exactly zero in both, so this is the same function; sums run in another order.
+    keys weigh exactly zero in both, so this is the same function; sums run in another order (none with
+    `kernel=ordered_attention`, which each block runs under `numerics="invariant"`).
     """
     t, s = mask.shape
     p, b = s - t, window
@@ -89,7 +145,7 @@ def banded_attention(
     kb = jax.vmap(take, (None, 0))(kp, starts)
     vb = jax.vmap(take, (None, 0))(vp, starts)
     mb = jax.vmap(lambda j, start: jax.lax.dynamic_slice(mp, (j * b, start), (b, 2 * b)))(jnp.arange(blocks), starts)
-    out = jax.vmap(dot_product_attention)(qp, kb, vb, mb)
+    out = jax.vmap(kernel)(qp, kb, vb, mb)
     return out.reshape(blocks * b, *q.shape[1:])[:t]
 
 
@@ -156,6 +212,12 @@ def check_implementation(implementation: str) -> str:
     return implementation
 
 
+def check_compatible(implementation: str, numerics: str) -> None:
+    if numerics == "invariant" and implementation != "xla":
+        raise ValueError(f"numerics='invariant' attends with its own ordered kernel and needs attention "
+                         f"implementation 'xla', found {implementation!r}")
+
+
 def cudnn_accepts(q: Array, k: Array) -> bool:
     """Whether cuDNN's fused attention takes these shapes and dtypes (checked at trace time)."""
     return q.dtype in CUDNN_DTYPES and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
@@ -180,12 +242,17 @@ def backend() -> str:
     return jax.default_backend()
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str, band: int | None = None) -> Array:
+def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str, band: int | None = None,
+           numerics: str = "xla") -> Array:
     """Dispatch one attention call to the implementation named by the layer (see the module docstring).
 
     `band`: the mask is a sliding window of this size (see `banded_attention`); the XLA path then runs in blocks
     when the chunk is long enough for that to pay (more than two windows of queries).
     """
+    if numerics == "invariant":
+        if band is not None and q.shape[0] > 2 * band:
+            return banded_attention(q, k, v, mask, band, kernel=ordered_attention)
+        return ordered_attention(q, k, v, mask)
     if implementation == "auto":
         if backend() == "gpu" and q.shape[0] > 1 and cudnn_accepts(q, k):
             try:
@@ -223,6 +290,7 @@ class Attention(eqx.Module):
     head_dim: int = eqx.field(static=True)
     rope: RopeConfig = eqx.field(static=True)
     implementation: str = eqx.field(static=True, default="xla")  # one of IMPLEMENTATIONS
+    numerics: str = eqx.field(static=True, default="xla")  # "invariant": ordered_attention (layers/numerics.py)
 
     def __init__(self, hidden_size: int, num_heads: int, geometry: LayerGeometry, *, eps: float,
                  key: PRNGKeyArray, std: float = 0.02, dtype=jnp.float32, implementation: str = "xla"):
@@ -241,8 +309,21 @@ class Attention(eqx.Module):
 
     def with_implementation(self, implementation: str) -> "Attention":
         """The same module (same arrays) with another attention implementation."""
+        check_compatible(check_implementation(implementation), self.numerics)
         new = copy.copy(self)
-        object.__setattr__(new, "implementation", check_implementation(implementation))
+        object.__setattr__(new, "implementation", implementation)
+        return new
+
+    def with_numerics(self, numerics: str) -> "Attention":
+        """The same module (same arrays), its projections and norms included, in another numerics mode;
+        `"invariant"` attends with `ordered_attention`."""
+        check_compatible(self.implementation, check_numerics(numerics))
+        new = copy.copy(self)
+        object.__setattr__(new, "numerics", numerics)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "v_norm"):
+            part = getattr(self, name)
+            if part is not None:
+                object.__setattr__(new, name, part.with_numerics(numerics))
         return new
 
     def rope_tables(self, positions: Int[Array, " seq"], dtype):
@@ -289,7 +370,7 @@ class Attention(eqx.Module):
         """`band`: set by the decoder stack when `mask` is a pure sliding window of that size (text-only)."""
         q = self.queries(x, positions)
         k, v = self.keys_values(x, positions)
-        out = attend(q, k, v, mask, self.implementation, band)
+        out = attend(q, k, v, mask, self.implementation, band, self.numerics)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
     def with_cache(
@@ -303,7 +384,7 @@ class Attention(eqx.Module):
         """Attention of a chunk of new tokens over the cache plus themselves; returns (output, updated cache)."""
         k, v, mask, kv = self.read_write_cache(x, positions, kv, ctx, sliding)
         band = ctx.band if sliding else None
-        out = attend(self.queries(x, positions), k, v, mask, self.implementation, band)
+        out = attend(self.queries(x, positions), k, v, mask, self.implementation, band, self.numerics)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim)), kv
 
     def read_write_cache(self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv, ctx,

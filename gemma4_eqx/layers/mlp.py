@@ -40,6 +40,9 @@ class MLP(eqx.Module):
         return self.down_proj(act * self.up_proj(x))
 
     def with_numerics(self, numerics: str) -> "MLP":
+        """The same block (same arrays) with its GELU and its three projections in another numerics mode."""
         new = copy.copy(self)
         object.__setattr__(new, "numerics", check_numerics(numerics))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            object.__setattr__(new, name, getattr(self, name).with_numerics(numerics))
         return new

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .numerics import check_numerics, reciprocal_sqrt, torch_cpu_mean
+from .numerics import FIXED_ORDER_SUMS, check_numerics, reciprocal_sqrt, torch_cpu_mean
 
 
 def compute_dtype(dtype):
@@ -22,7 +22,8 @@ class RMSNorm(eqx.Module):
 
     `weight=None` is the scale-free variant used for `v_norm` and the multimodal pre-projection norm.
     The result is cast once, back to the input dtype. `numerics="torch_cpu"` sums the mean of squares in torch's
-    CPU order and takes the -0.5 power as torch does (`layers/numerics.py`).
+    CPU order and takes the -0.5 power as torch does (`layers/numerics.py`); `"invariant"` does the same, for its
+    fixed order.
     """
 
     weight: Float[Array, " dim"] | None
@@ -42,7 +43,7 @@ class RMSNorm(eqx.Module):
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         xf = x.astype(compute_dtype(x.dtype))
-        if self.numerics == "torch_cpu":
+        if self.numerics in FIXED_ORDER_SUMS:
             # The barrier keeps LLVM from contracting the squares into the sum's adds (fused multiply-adds).
             square = jax.lax.optimization_barrier(xf * xf)
             y = xf * reciprocal_sqrt(torch_cpu_mean(square) + self.eps)[..., None]

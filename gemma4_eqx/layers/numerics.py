@@ -1,4 +1,4 @@
-"""Numerics modes: XLA's own rounding (default) or torch's CPU kernels reproduced bit for bit.
+"""Numerics modes: XLA's own rounding (default), torch's CPU kernels reproduced bit for bit, or shape invariance.
 
 The model's maths is one formula, but a float32 sum depends on the order it adds in and a tanh on its last bit.
 `"xla"` lets XLA choose (fast, on any backend). `"torch_cpu"` reproduces, in plain XLA ops, the three places
@@ -15,6 +15,22 @@ where transformers' CPU run rounds differently from XLA (measured against torch 
 With `"torch_cpu"` and `XLA_FLAGS=--xla_allow_excess_precision=false` (so XLA rounds after every bf16 operation, as
 torch does) the bf16 logits of the test checkpoints equal transformers' bit for bit (tests/test_hf_parity.py). It
 is a verification mode: the cascade sum is a chain of small adds, slower than XLA's reduction on an accelerator.
+
+`"invariant"` makes every token's numbers independent of the shape of the call that computes them: how many
+tokens go through together, how many cache slots are empty, where the ring buffer starts. XLA picks loop
+vectorisation and fusion per shape, so by default a row reduction or a fused exp rounds differently for a
+40-token forward than for a 9-token one (a few fp32 ulps at the logits), and cached decoding can only equal the
+no-cache forward to rounding. Under `"invariant"`:
+
+- RMSNorm sums each row in the fixed cascade order of `torch_cpu_sum` (explicit adds, independent of the rows);
+- attention (`layers.attention.ordered_attention`) sums over keys one key at a time in key order, so masked
+  keys and empty slots add exact zeros; its inputs, exponentials and outputs sit behind optimization barriers
+  so that XLA fuses them the same way for every shape; the sliding layers read their ring buffer oldest first;
+- the final logits' matmul and soft cap are kept out of the fusions around them.
+
+Then `decode_step` logits equal the no-cache forward over the same tokens bit for bit, and so do a chunked and
+a whole prefill (tests/test_generation.py). The price is speed: the key loop is sequential (fine for checks on
+small models and short contexts; far too slow for long 12B contexts) and the score matrix is always built.
 """
 
 from __future__ import annotations
@@ -30,7 +46,9 @@ import ml_dtypes
 import numpy as np
 from jaxtyping import Array, Float
 
-NUMERICS = ("xla", "torch_cpu")
+NUMERICS = ("xla", "torch_cpu", "invariant")
+# Modes whose RMSNorm sums each row in the explicit `torch_cpu_sum` order.
+FIXED_ORDER_SUMS = ("torch_cpu", "invariant")
 
 # torch's float sum kernel on x86-64 accumulates in vectors of 8 lanes (AVX2 width; also on AVX-512 machines,
 # measured), with 4 vectors in flight and a cascade of 4 levels; see `torch_cpu_sum`.
