@@ -4,6 +4,7 @@ Runs on CPU with small configs and on GPU with the real 12B shapes (random bf16 
 real weights).
 
     .venv/bin/python benchmarks/generation.py --preset small --contexts 128 512 2048
+    .venv/bin/python benchmarks/generation.py --numerics invariant --contexts 128 512   # the exact mode's price
     python benchmarks/generation.py --preset 12b --dtype bfloat16 --contexts 1024 8192   # on a GPU
 
 Per context length L it reports: prefill tokens/s and time to first token (a prompt of L tokens, compile time
@@ -67,12 +68,15 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="*", default=[128, 512, 2048])
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--no-recompute", action="store_true")
+    ap.add_argument("--numerics", default="xla", choices=["xla", "torch_cpu", "invariant"],
+                    help="the model's numerics mode (see gemma4_eqx.layers.numerics): what the verification modes cost")
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
     cfg, model = build(args.preset, dtype)
+    model = model.with_numerics(args.numerics)
     dev = jax.devices()[0]
     print(f"machine: {platform.node()}, {jax.device_count()} x {dev.device_kind} ({dev.platform}), "
-          f"jax {jax.__version__}; preset {args.preset}, {dtype.name}, "
+          f"jax {jax.__version__}; preset {args.preset}, {dtype.name}, numerics {args.numerics}, "
           f"{g4.count_parameters(model):,} parameters")
     header = (f"{'context':>8} {'compile s':>9} {'TTFT s':>8} {'prefill tok/s':>13} {'decode tok/s':>12} "
               f"{'recompute s/tok':>15} {'cache speed-up':>14}")
