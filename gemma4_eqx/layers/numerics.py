@@ -23,14 +23,17 @@ vectorisation and fusion per shape, so by default a row reduction or a fused exp
 no-cache forward to rounding. Under `"invariant"`:
 
 - RMSNorm sums each row in the fixed cascade order of `torch_cpu_sum` (explicit adds, independent of the rows);
-- attention (`layers.attention.ordered_attention`) sums over keys one key at a time in key order, so masked
-  keys and empty slots add exact zeros; its inputs, exponentials and outputs sit behind optimization barriers
+- attention (`layers.attention.ordered_attention`) sums its scores one head_dim component at a time and its
+  softmax and values one key at a time in key order, so masked keys and empty slots add exact zeros; its inputs, exponentials and outputs sit behind optimization barriers
   so that XLA fuses them the same way for every shape; the sliding layers read their ring buffer oldest first;
-- the final logits' matmul and soft cap are kept out of the fusions around them.
+- every matmul (the projections and the tied lm head) multiplies one row at a time through the same
+  vector-matrix kernel; the lm head's transposed table is materialised behind a barrier (folded into the dot,
+  it let XLA pick another bf16 kernel when jit saw the weights as constants rather than arguments).
 
-Then `decode_step` logits equal the no-cache forward over the same tokens bit for bit, and so do a chunked and
-a whole prefill (tests/test_generation.py). The price is speed: the key loop is sequential (fine for checks on
-small models and short contexts; far too slow for long 12B contexts) and the score matrix is always built.
+Then `decode_step` logits equal the no-cache forward over the same tokens bit for bit, in fp32 and in bf16, and
+so do a chunked and a whole prefill (tests/test_invariant.py), measured on XLA:CPU. The price is speed: the
+key and row loops are sequential (fine for checks on small models and short contexts; far too slow for long 12B
+contexts) and the score matrix is always built.
 """
 
 from __future__ import annotations
