@@ -249,14 +249,14 @@ class Gemma4(eqx.Module):
 
     def logits_from_hidden(self, h: Float[ArrayLike, "*seq hidden"]) -> Float[ArrayLike, "*seq vocab"]:
         """Tied lm head (no embedding scale) and the final soft cap, in the activation dtype."""
+        head = self.embed_tokens.T.astype(h.dtype)
         if self.numerics == "invariant":
             # One row at a time, the transposed table materialised behind a barrier: with the transpose folded
             # into the dot, XLA picked another bf16 kernel when jit saw the weights as constants than as arguments
             # (the copy costs decode speed: see benchmarks/RESULTS.md).
-            head = jax.lax.optimization_barrier(self.embed_tokens.T.astype(h.dtype))
-            logits = rowwise_matmul(h, head)
+            logits = rowwise_matmul(h, jax.lax.optimization_barrier(head))
         else:
-            logits = jnp.matmul(h, self.embed_tokens.T.astype(h.dtype))
+            logits = jnp.matmul(h, head)
         cap = self.config.text.final_logit_softcapping
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap

@@ -28,7 +28,6 @@ needs `implementation="xla"`.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Literal
 
@@ -40,7 +39,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ..config import LayerGeometry, RopeConfig
 from .linear import Linear
 from .norm import RMSNorm, compute_dtype
-from .numerics import check_numerics
+from .numerics import check_numerics, replaced
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
 
 
@@ -250,7 +249,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str, band:
     when the chunk is long enough for that to pay (more than two windows of queries).
     """
     if numerics == "invariant":
-        if band is not None and q.shape[0] > 2 * band:
+        if in_bands(q, band):
             return banded_attention(q, k, v, mask, band, kernel=ordered_attention)
         return ordered_attention(q, k, v, mask)
     if implementation == "auto":
@@ -269,8 +268,13 @@ def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str, band:
     return _xla_attention(q, k, v, mask, band)
 
 
+def in_bands(q: Array, band: int | None) -> bool:
+    """Whether a sliding-window call attends in bands: long enough (more than two windows of queries) to pay."""
+    return band is not None and q.shape[0] > 2 * band
+
+
 def _xla_attention(q: Array, k: Array, v: Array, mask: Array, band: int | None) -> Array:
-    if band is not None and q.shape[0] > 2 * band:
+    if in_bands(q, band):
         return banded_attention(q, k, v, mask, band)
     if q.shape[0] > 1 and q.shape[0] * q.shape[1] * k.shape[0] > MAX_SCORES:
         return streamed_attention(q, k, v, mask)
@@ -310,21 +314,15 @@ class Attention(eqx.Module):
     def with_implementation(self, implementation: str) -> "Attention":
         """The same module (same arrays) with another attention implementation."""
         check_compatible(check_implementation(implementation), self.numerics)
-        new = copy.copy(self)
-        object.__setattr__(new, "implementation", implementation)
-        return new
+        return replaced(self, implementation=implementation)
 
     def with_numerics(self, numerics: str) -> "Attention":
         """The same module (same arrays), its projections and norms included, in another numerics mode;
         `"invariant"` attends with `ordered_attention`."""
         check_compatible(self.implementation, check_numerics(numerics))
-        new = copy.copy(self)
-        object.__setattr__(new, "numerics", numerics)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "v_norm"):
-            part = getattr(self, name)
-            if part is not None:
-                object.__setattr__(new, name, part.with_numerics(numerics))
-        return new
+        names = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "v_norm")
+        parts = {name: getattr(self, name).with_numerics(numerics) for name in names if getattr(self, name) is not None}
+        return replaced(self, numerics=numerics, **parts)
 
     def rope_tables(self, positions: Int[Array, " seq"], dtype):
         return rope_cos_sin(positions, inv_frequencies(self.rope, self.head_dim), dtype)

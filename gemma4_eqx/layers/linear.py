@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .numerics import check_numerics
+from .numerics import check_numerics, replaced
 
 
 def rowwise_matmul(x: Float[Array, "*batch k"], w: Float[Array, "k n"]) -> Float[Array, "*batch n"]:
@@ -54,6 +52,4 @@ class Linear(eqx.Module):
         return y
 
     def with_numerics(self, numerics: str) -> "Linear":
-        new = copy.copy(self)
-        object.__setattr__(new, "numerics", check_numerics(numerics))
-        return new
+        return replaced(self, numerics=check_numerics(numerics))

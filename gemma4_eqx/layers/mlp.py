@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .linear import Linear
 from .norm import compute_dtype
-from .numerics import check_numerics, gelu_tanh_torch_cpu
+from .numerics import check_numerics, gelu_tanh_torch_cpu, replaced
 
 
 class MLP(eqx.Module):
@@ -41,8 +39,6 @@ class MLP(eqx.Module):
 
     def with_numerics(self, numerics: str) -> "MLP":
         """The same block (same arrays) with its GELU and its three projections in another numerics mode."""
-        new = copy.copy(self)
-        object.__setattr__(new, "numerics", check_numerics(numerics))
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            object.__setattr__(new, name, getattr(self, name).with_numerics(numerics))
-        return new
+        names = ("gate_proj", "up_proj", "down_proj")
+        projections = {name: getattr(self, name).with_numerics(numerics) for name in names}
+        return replaced(self, numerics=check_numerics(numerics), **projections)

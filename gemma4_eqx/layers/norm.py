@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .numerics import FIXED_ORDER_SUMS, check_numerics, reciprocal_sqrt, torch_cpu_mean
+from .numerics import FIXED_ORDER_SUMS, check_numerics, reciprocal_sqrt, replaced, torch_cpu_mean
 
 
 def compute_dtype(dtype):
@@ -37,9 +35,7 @@ class RMSNorm(eqx.Module):
         self.numerics = check_numerics(numerics)
 
     def with_numerics(self, numerics: str) -> "RMSNorm":
-        new = copy.copy(self)
-        object.__setattr__(new, "numerics", check_numerics(numerics))
-        return new
+        return replaced(self, numerics=check_numerics(numerics))
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         xf = x.astype(compute_dtype(x.dtype))

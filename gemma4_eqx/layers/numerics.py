@@ -24,8 +24,9 @@ no-cache forward to rounding. Under `"invariant"`:
 
 - RMSNorm sums each row in the fixed cascade order of `torch_cpu_sum` (explicit adds, independent of the rows);
 - attention (`layers.attention.ordered_attention`) sums its scores one head_dim component at a time and its
-  softmax and values one key at a time in key order, so masked keys and empty slots add exact zeros; its inputs, exponentials and outputs sit behind optimization barriers
-  so that XLA fuses them the same way for every shape; the sliding layers read their ring buffer oldest first;
+  softmax and values one key at a time in key order, so masked keys and empty slots add exact zeros; its
+  inputs, exponentials and outputs sit behind optimization barriers so that XLA fuses them the same way for
+  every shape; the sliding layers read their ring buffer oldest first;
 - every matmul (the projections and the tied lm head) multiplies one row at a time through the same
   vector-matrix kernel; the lm head's transposed table is materialised behind a barrier (folded into the dot,
   it let XLA pick another bf16 kernel when jit saw the weights as constants rather than arguments).
@@ -38,6 +39,7 @@ contexts) and the score matrix is always built.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -61,6 +63,17 @@ TORCH_SUM_LEVELS = 4
 # SLEEF's float tanh returns +-1 beyond this argument (0.5 * ln(2^25)).
 SLEEF_TANHF_SATURATES_ABOVE = 8.664339742
 EXCESS_PRECISION_FLAG = "--xla_allow_excess_precision=false"
+
+
+def replaced(module, **fields):
+    """A shallow copy of an Equinox module with `fields` (static ones included) set: the same arrays.
+
+    How the `with_numerics` / `with_implementation` methods switch a static field without rebuilding a layer.
+    """
+    new = copy.copy(module)
+    for name, value in fields.items():
+        object.__setattr__(new, name, value)
+    return new
 
 
 def check_numerics(numerics: str) -> str:
