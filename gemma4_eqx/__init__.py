@@ -5,13 +5,17 @@ from .checkpoint import CheckpointError
 from .hub import load, save
 from .cache import KVCache
 from .generation import generate
+from .layers.policy import (XLA, AutoKernel, CuDNNKernel, Invariant, PolicyError, Remat, TorchCPU, XLAKernel,
+                            with_policy)
+from .media import Media
 from .model import Gemma4, count_parameters
 from .processing import Processor
 from . import assets, batching
 
-__all__ = ["AudioConfig", "CheckpointError", "ConfigError", "Gemma4", "Gemma4Config", "KVCache", "Processor",
-           "TextConfig", "VisionConfig", "batching", "bridge", "count_parameters", "generate", "load", "nnx",
-           "save", "sharding", "small_config", "surgery", "train"]
+__all__ = ["XLA", "AudioConfig", "AutoKernel", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
+           "Gemma4Config", "Invariant", "KVCache", "Media", "PolicyError", "Processor", "Remat", "TextConfig",
+           "TorchCPU", "VisionConfig", "XLAKernel", "batching", "bridge", "count_parameters", "generate", "load",
+           "nnx", "save", "sharding", "small_config", "surgery", "train", "with_policy"]
 __version__ = "0.1.0"
 
 
