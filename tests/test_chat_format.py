@@ -1,0 +1,122 @@
+"""The built-in chat template renders as Google's google/gemma-4-12B-it template does under transformers.
+
+tests/fixtures/chat/ holds conversations rendered and tokenized by transformers' own apply_chat_template with
+the official template (sha256 ae53464b..., scripts/record_chat_template.py); the built-in template, written
+for this package, must give every string and every id, and raise where the official one raises.
+"""
+
+import copy
+import functools
+import json
+
+import jinja2
+import pytest
+from processing_reference import REPO, processing, processor
+
+CHAT = REPO / "tests" / "fixtures" / "chat"
+OFFICIAL_SHA256 = "ae53464bf3be25802b3a5b37def7fd89667067d7577049b3b2d74c4d8de4c6d4"
+
+
+@functools.cache
+def conversations() -> dict:
+    return json.loads((CHAT / "conversations.json").read_text())
+
+
+@functools.cache
+def rendered() -> dict:
+    return json.loads((CHAT / "rendered.json").read_text())
+
+
+def render(name: str, **extra):
+    """Through the processor, which also validates the conversation."""
+    case = conversations()[name]
+    return processor().apply_chat_template(copy.deepcopy(case["conversation"]), tools=case.get("tools"),
+                                           **case["kwargs"], **extra)
+
+
+def render_template(name: str):
+    """The built-in template alone, fed as transformers feeds a template (no validation)."""
+    case = conversations()[name]
+    return processing.render_chat_template(processing.builtin_template(), copy.deepcopy(case["conversation"]),
+                                           tools=case.get("tools"), special_tokens=processor().tokenizer.special_tokens_map,
+                                           **case["kwargs"])
+
+
+def has_media(conversation: list[dict]) -> bool:
+    """Media blocks, or a media marker typed in the text (the processor would ask for the media)."""
+    text = json.dumps(conversation)
+    return any(isinstance(m.get("content"), list) and any(b.get("type") != "text" for b in m["content"])
+               for m in conversation) or any(k in text for k in ("<|image|>", "<|audio|>", "<|video|>"))
+
+
+RENDERED = sorted(n for n, c in rendered()["cases"].items() if "prompt" in c)
+REFUSED = sorted(n for n, c in rendered()["cases"].items() if "error" in c and n != "empty/gen")
+# What the official template drops silently or fails on obscurely, the processor refuses with a clear error.
+PROCESSOR_REFUSES = {"media/unknown_block_type": (ValueError, "unknown block type 'document'"),
+                     "tools/mapping_response": (TypeError, r"message 2 \(role 'tool'\): content must be a string")}
+
+
+def test_recorded_against_the_official_template():
+    assert rendered()["template_sha256"] == OFFICIAL_SHA256
+    assert len(rendered()["cases"]) >= 35 and set(rendered()["cases"]) == set(conversations())
+
+
+def test_bundled_checkpoint_uses_the_builtin_template():
+    bundled = REPO / "gemma4_eqx" / "assets" / "tiny" / "chat_template.jinja"
+    assert bundled.read_text() == processing.builtin_template()
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_template_string_identical(name):
+    assert render_template(name) == rendered()["cases"][name]["prompt"]
+
+
+@pytest.mark.parametrize("name", sorted(set(RENDERED) - set(PROCESSOR_REFUSES)))
+def test_processor_string_identical(name):
+    assert render(name) == rendered()["cases"][name]["prompt"]
+
+
+@pytest.mark.parametrize("name", sorted(PROCESSOR_REFUSES))
+def test_processor_refuses_what_the_template_would_mangle(name):
+    kind, message = PROCESSOR_REFUSES[name]
+    with pytest.raises(kind, match=message):
+        render(name)
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_ids_identical(name):
+    case, ref = conversations()[name], rendered()["cases"][name]
+    ids = processor().tokenizer.encode(render_template(name), add_special_tokens=False)
+    assert list(ids) == ref["input_ids"]
+    if not has_media(case["conversation"]) and name not in PROCESSOR_REFUSES:  # media would be loaded and expanded
+        out = processor().apply_chat_template(copy.deepcopy(case["conversation"]), tools=case.get("tools"),
+                                              tokenize=True, **case["kwargs"])
+        assert out[0].tolist() == ref["input_ids"]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_where_the_official_template_refuses(name):
+    expected = rendered()["cases"][name]["error"]
+    with pytest.raises(jinja2.TemplateError) as info:
+        render_template(name)
+    assert str(info.value) == expected["message"]
+    if name not in PROCESSOR_REFUSES:
+        with pytest.raises(jinja2.TemplateError, match="must be a JSON object"):
+            render(name)
+
+
+def test_empty_conversation_as_transformers():
+    ref = rendered()["empty_conversation"]["tokenizer"]["error"]
+    with pytest.raises(ValueError) as info:
+        processor().apply_chat_template([], add_generation_prompt=True)
+    assert (type(info.value).__name__, str(info.value)) == (ref["type"], ref["message"])
+
+
+def test_sanitized_ids_as_transformers():
+    names = [n for n, c in rendered()["cases"].items() if "input_ids_sanitized" in c]
+    assert names
+    for name in names:
+        case = conversations()[name]
+        ids = processor().apply_chat_template(copy.deepcopy(case["conversation"]), tools=case.get("tools"),
+                                              tokenize=True, sanitize_control_tokens=True, **case["kwargs"])
+        assert ids[0].tolist() == rendered()["cases"][name]["input_ids_sanitized"], name
