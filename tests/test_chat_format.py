@@ -120,3 +120,72 @@ def test_sanitized_ids_as_transformers():
         ids = processor().apply_chat_template(copy.deepcopy(case["conversation"]), tools=case.get("tools"),
                                               tokenize=True, sanitize_control_tokens=True, **case["kwargs"])
         assert ids[0].tolist() == rendered()["cases"][name]["input_ids_sanitized"], name
+
+
+# ----------------------------------------------------------------------------- parsing the model's turn
+def expected_message(message: dict) -> dict:
+    """What a model turn rendered from `message` says: thinking written in the content is dropped and the text
+    trimmed, as the template does; arguments None render as no arguments."""
+    content = message.get("content") or ""
+    blocks = [content] if isinstance(content, str) else [b["text"] for b in content if b.get("type") == "text"]
+    text = "".join(_without_thinking(b) for b in blocks)
+    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if message.get(k)), None)
+    calls = [{"type": "function", "function": {"name": c["function"]["name"],
+                                               "arguments": c["function"].get("arguments") or {}}}
+             for c in message.get("tool_calls") or []]
+    return {"content": text, "reasoning": reasoning, "tool_calls": calls}
+
+
+def _without_thinking(text: str) -> str:
+    return "".join(piece.split("<|channel>")[0] for piece in text.split("<channel|>")).strip()
+
+
+def assistant_turns() -> list[tuple[str, int]]:
+    out = []
+    for name, case in conversations().items():
+        if "prompt" not in rendered()["cases"][name]:
+            continue
+        for i, message in enumerate(case["conversation"]):
+            if message["role"] == "assistant":
+                out.append((name, i))
+    return out
+
+
+@pytest.mark.parametrize("name,index", assistant_turns())
+def test_parse_response_inverts_the_model_turn(name, index):
+    case = conversations()[name]
+    message = {k: v for k, v in case["conversation"][index].items() if k != "tool_responses"}
+    prompt = processing.render_chat_template(processing.builtin_template(), [{"role": "user", "content": "q"}, message],
+                                             tools=case.get("tools"), special_tokens=processor().tokenizer.special_tokens_map)
+    turn = prompt[prompt.rindex("<|turn>model\n") + len("<|turn>model\n"):]
+    expected = expected_message(message)
+    assert processing.parse_response(turn) == expected
+    ids = processor().tokenizer.encode(turn, add_special_tokens=False)
+    assert processing.parse_response(ids, processor().tokenizer) == expected
+
+
+def test_parse_response_reads_a_generated_turn():
+    text = ('<|channel>thought\nThe user wants weather.\n<channel|><|tool_call>call:get_weather{city:<|"|>Paris, FR<|"|>,'
+            'days:3,hourly:false,opts:{unit:<|"|>c<|"|>,levels:[1,2.5,null]}}<tool_call|><|tool_response>')
+    assert processing.parse_response(text) == {
+        "content": "", "reasoning": "The user wants weather.",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {
+            "city": "Paris, FR", "days": 3, "hourly": False, "opts": {"unit": "c", "levels": [1, 2.5, None]}}}}]}
+    assert processing.parse_response("<|channel>thought\n<channel|>Hello there.<turn|>") == {
+        "content": "Hello there.", "reasoning": None, "tool_calls": []}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("<|tool_call>call:f{a:<|\"|>open}<tool_call|>", "not closed"),
+    ("<|tool_call>call:f{a 1}<tool_call|>", "expected ':'"),
+    ("<|tool_call>call:{a:1}<tool_call|>", "without a name"),
+    ("<|tool_call>call:f{a:1}", "not closed with <tool_call|>"),
+])
+def test_parse_response_names_unreadable_tool_calls(text, message):
+    with pytest.raises(ValueError, match=message):
+        processing.parse_response(text)
+
+
+def test_parse_response_needs_a_tokenizer_for_ids():
+    with pytest.raises(TypeError, match="tokenizer="):
+        processing.parse_response([1, 2, 3])

@@ -9,6 +9,7 @@ No JAX, torch or transformers here: numpy, PIL, tokenizers, jinja2 and soundfile
 
 from ._batch import BatchFeature
 from .audio import AudioFeatureExtractor, load_audio, resample_audio
+from .chat_parser import parse_response
 from .chat_template import builtin_template, render_chat_template
 from .image import SUPPORTED_SOFT_TOKENS, ImageProcessor, aspect_ratio_preserving_size, load_image
 from .processor import Processor
@@ -29,6 +30,7 @@ __all__ = [
     "builtin_template",
     "load_audio",
     "load_image",
+    "parse_response",
     "render_chat_template",
     "resample_audio",
     "resize_bicubic_antialias",
