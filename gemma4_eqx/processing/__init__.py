@@ -15,7 +15,7 @@ from .image import SUPPORTED_SOFT_TOKENS, ImageProcessor, aspect_ratio_preservin
 from .processor import Processor
 from .resize import resize_bicubic_antialias
 from .tokenizer import Tokenizer
-from .video import VideoMetadata, VideoProcessor, sample_frame_indices
+from .video import VideoMetadata, VideoProcessor, load_video, sample_frame_indices
 
 __all__ = [
     "AudioFeatureExtractor",
@@ -30,6 +30,7 @@ __all__ = [
     "builtin_template",
     "load_audio",
     "load_image",
+    "load_video",
     "parse_response",
     "render_chat_template",
     "resample_audio",

@@ -194,6 +194,13 @@ class Processor:
             text = list(text)
             if not all(isinstance(t, str) for t in text):
                 raise TypeError("text must be a string or a list of strings")
+        if text is not None:
+            if not text:
+                raise ValueError("text is an empty list; expected one prompt string per sample")
+            empty = [i for i, t in enumerate(text) if not t.strip()]
+            if empty:
+                raise ValueError(f"text[{empty[0]}] is an empty prompt; expected text (with one {self.image_token} / "
+                                 f"{self.video_token} / {self.audio_token} marker per media item), or text=None with images")
         nested = _nest_images(images)
         if audio is not None:
             audio = [load_audio(a) if isinstance(a, (str, os.PathLike)) else a for a in _audio_list(audio)]
@@ -357,7 +364,7 @@ class Processor:
             call_kwargs.setdefault("add_special_tokens", False)
         flat_videos = [v for sample in videos for v in sample]
         if flat_videos and any(m is not None for m in video_metadata) and "video_metadata" not in call_kwargs:
-            call_kwargs["video_metadata"] = [{"fps": None} if m is None else m for m in video_metadata]
+            call_kwargs["video_metadata"] = [{} if m is None else m for m in video_metadata]
         if sanitize_control_tokens:
             call_kwargs["sanitize_control_tokens"] = True
         out = self(
