@@ -25,8 +25,10 @@ def user(*blocks):
 # ----------------------------------------------------------------------------- bad inputs, one row each
 BAD_INPUTS = {
     # name: (call, exception, message that names the argument and what was expected)
-    "empty prompt": (lambda p: p(text=""), ValueError, r"text\[0\] is an empty prompt"),
-    "empty prompt in a batch": (lambda p: p(text=["a", "  "]), ValueError, r"text\[1\] is an empty prompt"),
+    "empty prompt": (lambda p: p(text="", add_special_tokens=False), ValueError,
+                     r"text\[0\] is an empty prompt: it gives no token"),
+    "empty prompt in a batch": (lambda p: p(text=["a", ""], add_special_tokens=False), ValueError,
+                                r"text\[1\] is an empty prompt"),
     "no prompt at all": (lambda p: p(text=[]), ValueError, "text is an empty list"),
     "fps=0 for sampling": (lambda p: p.video_processor([VIDEO], video_metadata=[{"fps": 10}], fps=0),
                            ValueError, r"fps=0: expected a positive sampling rate"),

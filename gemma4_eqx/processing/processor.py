@@ -194,13 +194,8 @@ class Processor:
             text = list(text)
             if not all(isinstance(t, str) for t in text):
                 raise TypeError("text must be a string or a list of strings")
-        if text is not None:
-            if not text:
-                raise ValueError("text is an empty list; expected one prompt string per sample")
-            empty = [i for i, t in enumerate(text) if not t.strip()]
-            if empty:
-                raise ValueError(f"text[{empty[0]}] is an empty prompt; expected text (with one {self.image_token} / "
-                                 f"{self.video_token} / {self.audio_token} marker per media item), or text=None with images")
+        if text is not None and not text:
+            raise ValueError("text is an empty list; expected one prompt string per sample")
         nested = _nest_images(images)
         if audio is not None:
             audio = [load_audio(a) if isinstance(a, (str, os.PathLike)) else a for a in _audio_list(audio)]
@@ -237,6 +232,12 @@ class Processor:
 
         expanded = self.expand_placeholders(text, replacements)
         text_inputs = self._tokenize(expanded, merged["text"])
+        mask = text_inputs.get("attention_mask")
+        lengths = mask.sum(axis=1) if mask is not None else [len(row) for row in text_inputs["input_ids"]]
+        empty = [i for i, n in enumerate(lengths) if n == 0]
+        if empty:  # "" is fine where the tokenizer adds <bos> (as in transformers); a prompt of no token is not
+            raise ValueError(f"text[{empty[0]}] is an empty prompt: it gives no token at all; expected some text "
+                             f"(with one {self.image_token} / {self.video_token} / {self.audio_token} per media item)")
         for modality, token_id in (("image", self.image_token_id), ("video", self.video_token_id),
                                    ("audio", self.audio_token_id)):
             marker = getattr(self, f"{modality}_token")
