@@ -60,7 +60,8 @@ def test_folder_template_is_preferred(tmp_path):
     proc = processing.Processor.from_pretrained(tmp_path)
     assert proc.apply_chat_template([{"role": "user", "content": "x"}]) == "<bos>customx"
     (tmp_path / "chat_template.jinja").unlink()
-    proc = processing.Processor.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="has no chat template"):
+        proc = processing.Processor.from_pretrained(tmp_path)
     assert proc.chat_template == processing.builtin_template()
 
 

@@ -9,12 +9,9 @@ then the text is tokenized. Outputs are numpy arrays with transformers' names.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +21,7 @@ from .audio import AudioFeatureExtractor, load_audio
 from .chat_template import (CONTROL_TOKEN_END, CONTROL_TOKEN_START, builtin_template, control_token_patterns,
                             control_tokens, extract_media, find_chat_template, mark_control_tokens,
                             normalize_conversations, render_chat_template, template_variables)
+from .files import WARNED_BUILTIN, processor_config, read_json, resolve_folder, save_processor
 from .image import ImageProcessor, flatten_images
 from .tokenizer import Tokenizer
 from .video import VideoMetadata, VideoProcessor, batch_videos, timestamp_strings
@@ -34,28 +32,6 @@ _AUDIO_KEYS = {"padding", "max_length", "truncation", "sampling_rate", "return_a
 _IMAGE_KEYS = {"max_soft_tokens", "patch_size", "pooling_kernel_size", "do_resize", "do_rescale", "rescale_factor",
                "do_normalize", "image_mean", "image_std", "do_convert_rgb", "resample"}
 _VIDEO_KEYS = _IMAGE_KEYS | {"num_frames", "fps", "do_sample_frames"}
-_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja",
-          "chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json")
-
-
-_WARNED_BUILTIN: set[str] = set()
-
-
-def _resolve_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
-                    local_files_only: bool | None = None) -> Path:
-    """A processor folder, or a Hub repo id resolved (offline-aware) through `gemma4_eqx.hub.resolve`."""
-    from .. import hub
-
-    path = os.fspath(path_or_repo_id)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"{path}: expected a processor folder (tokenizer.json, tokenizer_config.json, "
-                                 "processor_config.json, chat_template.jinja) or a Hub repo id, found a file")
-    folder = Path(hub.resolve(path, revision=revision, token=token, local_files_only=local_files_only,
-                              allow_patterns=hub.PROCESSOR_FILES + ("chat_template.json", "video_preprocessor_config.json")))
-    if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{folder}: no tokenizer.json, so this is no processor folder (expected tokenizer.json, "
-                                "tokenizer_config.json, processor_config.json and chat_template.jinja)")
-    return folder
 
 
 def _nest_images(images: Any) -> list[list[Any]] | None:
@@ -109,17 +85,17 @@ class Processor:
         A folder without a chat template gets the built-in one (Google's 12B-it template, see chat_template.py)
         with a one-time warning naming the folder; transformers would refuse apply_chat_template there.
         """
-        folder = _resolve_folder(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only)
+        folder = resolve_folder(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only)
         tokenizer = Tokenizer.from_pretrained(folder)
-        config = _read_json(folder / "processor_config.json")
-        image_cfg = config.get("image_processor") or _read_json(folder / "preprocessor_config.json")
-        video_cfg = config.get("video_processor") or _read_json(folder / "video_preprocessor_config.json")
+        config = read_json(folder / "processor_config.json")
+        image_cfg = config.get("image_processor") or read_json(folder / "preprocessor_config.json")
+        video_cfg = config.get("video_processor") or read_json(folder / "video_preprocessor_config.json")
         audio_cfg = config.get("feature_extractor") or {}
-        if not audio_cfg and "audio_samples_per_token" in _read_json(folder / "preprocessor_config.json"):
-            audio_cfg = _read_json(folder / "preprocessor_config.json")
+        if not audio_cfg and "audio_samples_per_token" in read_json(folder / "preprocessor_config.json"):
+            audio_cfg = read_json(folder / "preprocessor_config.json")
         template = find_chat_template(folder, tokenizer.config)
-        if template is None and str(folder) not in _WARNED_BUILTIN:
-            _WARNED_BUILTIN.add(str(folder))
+        if template is None and str(folder) not in WARNED_BUILTIN:
+            WARNED_BUILTIN.add(str(folder))
             warnings.warn(f"{folder} has no chat template (chat_template.jinja, chat_template.json or a chat_template "
                           "in tokenizer_config.json): using gemma4_eqx's built-in Gemma 4 template, which renders as "
                           "google/gemma-4-12B-it's (transformers would refuse to apply a chat template here)",
@@ -389,64 +365,18 @@ class Processor:
 
     def to_dict(self) -> dict:
         """processor_config.json as transformers' Gemma4UnifiedProcessor reads it."""
-        return {
-            "processor_class": "Gemma4UnifiedProcessor",
-            "image_seq_length": self.image_seq_length,
-            "audio_seq_length": self.audio_seq_length,
-            "audio_ms_per_token": self.audio_ms_per_token,
-            "image_processor": _component_config(self.image_processor, "image_processor_type",
-                                                 "Gemma4UnifiedImageProcessor"),
-            "video_processor": _component_config(self.video_processor, "video_processor_type",
-                                                 "Gemma4UnifiedVideoProcessor"),
-            "feature_extractor": _component_config(self.feature_extractor, "feature_extractor_type",
-                                                   "Gemma4UnifiedAudioFeatureExtractor"),
-        }
+        return processor_config(self)
 
     def save_pretrained(self, folder: str | os.PathLike) -> list[str]:
         """Write tokenizer.json, tokenizer_config.json, chat_template.jinja and processor_config.json into `folder`
         (created if needed) so that this class and transformers' AutoProcessor read them back. Each file is written
         under a temporary name and renamed into place, so a failure never leaves a half-written file."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in self.tokenizer.config.items() if k != "chat_template"}
-        files = {
-            "tokenizer.json": self.tokenizer.backend.to_str(pretty=True),
-            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-            "chat_template.jinja": self.chat_template,
-            "processor_config.json": json.dumps(self.to_dict(), indent=2) + "\n",
-        }
-        temps = {name: folder / f".{name}.tmp-{os.getpid()}" for name in files}
-        try:
-            for name, text in files.items():
-                temps[name].write_text(text, encoding="utf-8")
-            for name, tmp in temps.items():
-                os.replace(tmp, folder / name)
-        finally:
-            for tmp in temps.values():
-                tmp.unlink(missing_ok=True)
-        return [str(folder / name) for name in files]
+        return save_processor(self, folder)
 
 
 def _count_markers(text: str, marker: str) -> int:
     """Occurrences of a media marker, leaving out those marked as user text (sanitize_control_tokens=True)."""
     return text.count(marker) - text.count(CONTROL_TOKEN_START + marker + CONTROL_TOKEN_END)
-
-
-def _component_config(component: Any, type_key: str, type_name: str) -> dict:
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(component).items()}
-    return {type_key: type_name, **{k: v for k, v in values.items() if v is not None or k == "num_frames"}}
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def _looks_like_text(images: Any) -> bool:
