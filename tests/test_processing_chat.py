@@ -1,6 +1,5 @@
 """Chat template and tokenizer: renderings recorded with transformers, special-token ids, BOS, padding."""
 
-import copy
 import json
 import shutil
 import sys
