@@ -259,3 +259,18 @@ def test_control_tokens_in_user_text_are_kept_unless_sanitized():
     eot = processor().tokenizer.eot_token_id
     assert plain.count(eot) == 2 and safe.count(eot) == 1  # the template's own <turn|> only
     assert processor().decode(safe) == processor().decode(plain)
+
+
+def test_hub_id_from_the_offline_cache(tmp_path, monkeypatch):
+    commit = "0" * 40
+    repo = tmp_path / "cache" / "models--owner--tiny"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    copy_tiny(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = processing.Processor.from_pretrained("owner/tiny")
+    assert proc.chat_template == processor().chat_template
+    assert proc.tokenizer.encode("hello") == processor().tokenizer.encode("hello")
