@@ -212,3 +212,15 @@ def test_parse_response_names_unreadable_tool_calls(text, message):
 def test_parse_response_needs_a_tokenizer_for_ids():
     with pytest.raises(TypeError, match="tokenizer="):
         processing.parse_response([1, 2, 3])
+
+
+def test_template_sees_plain_data_as_in_transformers():
+    """numpy values in tool arguments render as their Python values (np.bool_ as true, not True)."""
+    import numpy as np
+
+    conv = [{"role": "user", "content": [{"type": "image", "image": np.zeros((4, 4, 3), np.uint8)},
+                                         {"type": "text", "text": "x"}]},
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                "name": "f", "arguments": {"flag": np.bool_(True), "n": np.int64(3), "r": np.float32(0.5)}}}]}]
+    out = processor().apply_chat_template(conv)
+    assert "<|tool_call>call:f{flag:true,n:3,r:0.5}<tool_call|><|tool_response>" in out

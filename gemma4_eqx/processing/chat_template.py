@@ -14,6 +14,7 @@ entry point: it refuses what transformers would drop silently or render into a b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from datetime import datetime
@@ -23,6 +24,7 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 BUILTIN_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
@@ -149,12 +151,41 @@ def render_chat_template(
     for i, message in enumerate(conversation):
         if "role" not in message:
             raise ValueError(f"message {i} has no 'role': {message}")
-    messages = alias_reasoning([{k: v for k, v in m.items() if v is not None} for m in conversation])
-    variables = {**(special_tokens or {}), **kwargs}
+    messages = alias_reasoning(plain_template_data([{k: v for k, v in m.items() if v is not None} for m in conversation]))
+    variables = plain_template_data({**(special_tokens or {}), **kwargs})
     return compile_template(template).render(
-        messages=messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
-        **variables,
+        messages=messages, tools=plain_template_data(tools), documents=plain_template_data(documents),
+        add_generation_prompt=add_generation_prompt, **variables,
     )
+
+
+def plain_template_data(value: Any) -> Any:
+    """What a template may see, rebuilt from plain JSON types as transformers rebuilds it: numpy scalars become
+    Python numbers (np.bool_ a real bool), str/int/float subclasses their base type, dataclasses and pydantic
+    models dicts, and anything else (decoded images, arrays) an inert placeholder such as "<ndarray>"."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, dict):
+        return {plain_template_data(k): plain_template_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_template_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_template_data(v) for v in value)
+    if isinstance(value, np.generic):
+        return plain_template_data(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_template_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return plain_template_data(value.model_dump())
+    return f"<{type(value).__name__}>"
 
 
 def normalize_conversations(conversation: Any, control_tokens: tuple[str, ...] = ()) -> tuple[list[list[dict]], bool]:
