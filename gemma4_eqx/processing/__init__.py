@@ -1,10 +1,12 @@
 """Input processing identical to transformers' Gemma4UnifiedProcessor, in NumPy (spec processors.md).
 
-    from gemma4_eqx.processing import Processor
-    proc = Processor.from_pretrained(folder)
+    from gemma4_eqx.processing import Processor, parse_response
+    proc = Processor.from_pretrained(folder_or_repo_id)
     batch = proc(text=["<|image|>What is shown?"], images=[[image]])
+    prompt = proc.apply_chat_template(conversation, add_generation_prompt=True)   # Google's 12B-it format
+    reply = parse_response(proc.decode(new_ids))   # {"content", "reasoning", "tool_calls"}
 
-No JAX, torch or transformers here: numpy, PIL, tokenizers, jinja2 and soundfile.
+No JAX, torch or transformers here: numpy, PIL, tokenizers, jinja2 and soundfile (PyAV for video files).
 """
 
 from ._batch import BatchFeature
