@@ -377,7 +377,7 @@ def fill_model(abstract, reader: SafetensorsReader, dtype, place: Callable[[np.n
     validate(reader, specs, dtype)
     np_dtype = np.dtype(dtype)
     if shardings is None and place is None:
-        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: default, abstract)
     wheres, values = [], []
     for get, group in _leaf_groups(abstract, specs):
