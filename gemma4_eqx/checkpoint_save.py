@@ -229,9 +229,9 @@ def replace_folder(target: str | os.PathLike, write: Callable[[str], None]) -> N
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{name}{SAVE_MARK}{secrets.token_hex(4)}")
     os.mkdir(staging)
-    _done("mkdir staging")
     switched = False
     try:
+        _done("mkdir staging")
         write(staging)
         existed = os.path.isdir(target)
         if existed:
