@@ -280,7 +280,7 @@ class TextConfig:
 
     # ---- HF round trip ---------------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> TextConfig:
+    def from_hf_dict(cls, d: Any) -> TextConfig:
         """`text_config` read strictly: every field typed and ranged, and no default assumed for a field the real
         config.json always carries (sizes, heads, window, RoPE, soft cap, eps, ...). Raises `ConfigError`."""
         p = "text_config"
@@ -553,7 +553,7 @@ class Gemma4Config:
         return cls(text=TextConfig(), vision=VisionConfig(), audio=AudioConfig())
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> Gemma4Config:
+    def from_hf_dict(cls, d: Any) -> Gemma4Config:
         """A transformers `config.json` (as a dict) read strictly; any problem raises `ConfigError` naming the
         field, the value found and what was expected."""
         if not isinstance(d, dict):
