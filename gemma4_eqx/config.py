@@ -13,118 +13,13 @@ import math
 import os
 from typing import Any, Literal
 
+from .config_fields import (MAX_LAYERS, REQUIRED, ConfigError, _bool, _choice, _default, _fail, _float, _int,
+                            _is_int, _number, _section, _short, _token_ids)
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 MAX_SOFT_TOKENS_CHOICES = (70, 140, 280, 560, 1120)
-
-
-class ConfigError(ValueError):
-    """A config.json that does not describe a model this package can build."""
-
-
-def _fail(field: str, message: str) -> None:
-    raise ConfigError(f"{field}: {message}")
-
-
-_REQUIRED = object()  # a field the real config.json always carries: no default is assumed for it
-MAX_DIM = 2**31 - 1  # sizes and ids beyond int32 describe no buildable model
-MAX_LAYERS = 4096
-
-
-def _path(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _field(d: dict[str, Any], key: str, prefix: str, default: Any, what: str) -> Any:
-    if key in d:
-        return d[key]
-    if default is _REQUIRED:
-        _fail(_path(prefix, key), f"missing; expected {what} (the real config.json always carries it)")
-    return default
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(d: dict[str, Any], key: str, prefix: str, default: Any = _REQUIRED, *, minimum: int = 1,
-         maximum: int = MAX_DIM, nullable: bool = False) -> Any:
-    """An integer in [minimum, maximum] (floats such as 16.9 or 16.0, bools and strings are refused)."""
-    what = ({1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
-            + (f" <= {maximum}" if maximum != MAX_DIM else "") + (" or null" if nullable else ""))
-    value = _field(d, key, prefix, default, what)
-    if value is None and (nullable or default is None):
-        return None
-    if not _is_int(value) or not minimum <= value <= maximum:
-        _fail(_path(prefix, key), f"expected {what}, found {_short(value)}")
-    return value
-
-
-def _number(value: Any) -> float | None:
-    """A JSON number as a finite float, else None (bools, strings, NaN, infinities, huge ints)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        x = float(value)
-    except OverflowError:
-        return None
-    return x if math.isfinite(x) else None
-
-
-def _float(d: dict[str, Any], key: str, prefix: str, default: Any = _REQUIRED, *, positive: bool = True,
-           maximum: float | None = None, nullable: bool = False) -> Any:
-    """A finite number, > 0 when `positive` (else >= 0), <= maximum when given; null only when `nullable`."""
-    what = ("a finite number " + ("> 0" if positive else ">= 0") + (f" and <= {maximum}" if maximum else "")
-            + (" or null" if nullable else ""))
-    value = _field(d, key, prefix, default, what)
-    if value is None and nullable:
-        return None
-    x = _number(value)
-    if x is None or (x <= 0 if positive else x < 0) or (maximum is not None and x > maximum):
-        _fail(_path(prefix, key), f"expected {what}, found {_short(value)}")
-    return x
-
-
-def _bool(d: dict[str, Any], key: str, prefix: str, default: Any = _REQUIRED) -> bool:
-    """true or false (the strings "false"/"true", 0 and 1 are refused: "false" would read as True)."""
-    value = _field(d, key, prefix, default, "true or false")
-    if not isinstance(value, bool):
-        _fail(_path(prefix, key), f"expected true or false, found {_short(value)}")
-    return value
-
-
-def _choice(d: dict[str, Any], key: str, prefix: str, choices: tuple[Any, ...], default: Any = _REQUIRED) -> Any:
-    value = _field(d, key, prefix, default, f"one of {choices}")
-    if not isinstance(value, (str, type(None))) or value not in choices:
-        _fail(_path(prefix, key), f"expected one of {choices}, found {_short(value)}")
-    return value
-
-
-def _section(d: dict[str, Any], key: str, prefix: str = "", default: Any = _REQUIRED) -> Any:
-    value = _field(d, key, prefix, default, "an object")
-    if value is not default and not isinstance(value, dict):
-        _fail(_path(prefix, key), f"expected an object, found {_short(value)}")
-    return value
-
-
-def _token_ids(value: Any, field: str, vocab_size: int | None = None) -> tuple[int, ...]:
-    """An id or a non-empty list of ids, each in [0, vocab_size)."""
-    ids = [value] if not isinstance(value, (list, tuple)) else list(value)
-    top = MAX_DIM if vocab_size is None else vocab_size - 1
-    if not ids or not all(_is_int(i) and 0 <= i <= top for i in ids):
-        _fail(field, f"expected a token id or a non-empty list of token ids in [0, {top}], found {_short(value)}")
-    return tuple(ids)
-
-
-def _default(cls: type, name: str) -> Any:
-    """A dataclass field's own default: `from_hf_dict` assumes nothing else for an absent optional field."""
-    return cls.__dataclass_fields__[name].default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +45,7 @@ class RopeConfig:
         if factor is not None and (_number(factor) is None or factor != 1.0):
             _fail(f"{field}.factor", f"RoPE scaling is not used by Gemma 4; expected 1.0 or null, found {_short(factor)}")
         # proportional RoPE rotates only a fraction of the dims: that fraction is never assumed
-        prf = _float(d, "partial_rotary_factor", field, _REQUIRED if rope_type == "proportional" else 1.0,
+        prf = _float(d, "partial_rotary_factor", field, REQUIRED if rope_type == "proportional" else 1.0,
                      maximum=1.0)
         return cls(rope_type=rope_type, rope_theta=_float(d, "rope_theta", field), partial_rotary_factor=prf)
 
@@ -310,6 +205,7 @@ class TextConfig:
                 _fail(f"{p}.layer_types[{i}]", f"expected one of {LAYER_TYPES}, found {_short(t)}")
         k_eq_v = _bool(d, "attention_k_eq_v", p)
         head_dim = _int(d, "head_dim", p)
+        num_kv = _int(d, "num_key_value_heads", p)
         global_head_dim = _int(d, "global_head_dim", p, None)
         num_global_kv = _int(d, "num_global_key_value_heads", p, None, nullable=True)
         per_layer = _section(d, "per_layer_config", p, None)
@@ -339,11 +235,14 @@ class TextConfig:
                 if global_head_dim is not None and global_head_dim != gdim:
                     _fail(f"{p}.global_head_dim", f"{global_head_dim} contradicts per_layer_config head_dim {gdim}")
                 global_head_dim = gdim
-                if gkv is not None:
-                    if num_global_kv is not None and num_global_kv != gkv and k_eq_v:
+                if gkv is not None and k_eq_v:
+                    if num_global_kv is not None and num_global_kv != gkv:
                         _fail(f"{p}.num_global_key_value_heads",
                               f"{num_global_kv} contradicts per_layer_config num_key_value_heads {gkv}")
                     num_global_kv = gkv
+                elif gkv is not None and gkv != num_kv:  # without k_eq_v full layers keep num_key_value_heads
+                    _fail(f"{p}.per_layer_config", f"num_key_value_heads {gkv} contradicts num_key_value_heads "
+                          f"{num_kv} (attention_k_eq_v is false: full layers use num_key_value_heads)")
         if global_head_dim is None and FULL in layer_types:
             _fail(f"{p}.global_head_dim", "missing; expected a positive integer here or as per_layer_config's "
                   "head_dim (the real config.json always carries one of them)")
@@ -365,7 +264,7 @@ class TextConfig:
             intermediate_size=_int(d, "intermediate_size", p),
             num_hidden_layers=n_layers,
             num_attention_heads=_int(d, "num_attention_heads", p),
-            num_key_value_heads=_int(d, "num_key_value_heads", p),
+            num_key_value_heads=num_kv,
             head_dim=head_dim,
             global_head_dim=_default(cls, "global_head_dim") if global_head_dim is None else global_head_dim,
             num_global_key_value_heads=num_global_kv,
