@@ -16,63 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .assets import TINY_CHECKPOINT
+from .cli_checks import (CliError, Parser, check_convert, check_generate, check_info, check_verify, float_in, int_in,
+                         shard_size)
 
 DTYPES = ("float32", "bfloat16", "float16")
-SAMPLING_RATE = 16_000  # what the audio feature extractor takes
-
-
-class CliError(Exception):
-    """A bad command-line input: printed as one line, exit status 1."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit status 1 like every other input error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise CliError(f"{message} (see {self.prog} --help)")
-
-
-# ---- flag types: each names what it expects; argparse prefixes the flag ----------------------------------
-def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, found {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-            raise argparse.ArgumentTypeError(f"expected an integer {span}, found {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def _float_in(lo: float, hi: float | None = None, lo_open: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
-        bad = not math.isfinite(value) or value < lo or (lo_open and value == lo) or (hi is not None and value > hi)
-        if bad:
-            span = f"{'(' if lo_open else '['}{lo:g}, {f'{hi:g}]' if hi is not None else 'inf)'}"
-            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, found {text!r}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-def _shard_size(text: str) -> str:
-    from .checkpoint_save import _parse_size
-
-    try:
-        _parse_size(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive size such as 5GB, 500MB or a number of bytes, "
-                                         f"found {text!r}") from None
-    return text
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -88,103 +35,6 @@ def _jnp_dtype(name: str | None) -> Any:
     import jax.numpy as jnp
 
     return None if name is None else {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
-def _looks_local(name: str) -> bool:
-    """A path rather than a Hub repo id ('owner/name')."""
-    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1
-            or os.sep != "/" and os.sep in name)
-
-
-def _check_model(name: str | None, flag: str = "--model", config_file_ok: bool = False) -> Any:
-    """A local `--model` must be a checkpoint folder with a readable config.json; returns its config (or None for
-    a Hub repo id, which the Hub resolves later)."""
-    from .config import Gemma4Config
-
-    if name is None:
-        return Gemma4Config.from_pretrained(TINY_CHECKPOINT)
-    if not _looks_local(name):
-        return None
-    path = os.path.expanduser(name)
-    if config_file_ok and os.path.isfile(path):
-        return Gemma4Config.from_pretrained(path)
-    if not os.path.exists(path):
-        raise CliError(f"{flag} {name}: no such folder (and not a Hub repo id of the form owner/name)")
-    if not os.path.isdir(path):
-        raise CliError(f"{flag} {name}: expected a checkpoint folder, found a file")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CliError(f"{flag} {name}: no config.json in this folder; expected a transformers-format checkpoint")
-    return Gemma4Config.from_pretrained(path)
-
-
-def _check_file(path: str, flag: str) -> None:
-    if not os.path.exists(path):
-        raise CliError(f"{flag} {path}: no such file")
-    if not os.path.isfile(path):
-        raise CliError(f"{flag} {path}: expected a file, found a folder")
-    if not os.access(path, os.R_OK):
-        raise CliError(f"{flag} {path}: not readable")
-
-
-def _check_image(path: str) -> None:
-    _check_file(path, "--image")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise CliError(f"--image {path}: not a readable image ({e})") from None
-
-
-def _check_audio(path: str, resample: bool, downmix: bool) -> None:
-    _check_file(path, "--audio")
-    import soundfile
-
-    try:
-        info = soundfile.info(path)
-    except Exception as e:  # soundfile raises its own LibsndfileError (a RuntimeError)
-        raise CliError(f"--audio {path}: not a readable audio file ({e})") from None
-    if info.channels != 1 and not downmix:
-        raise CliError(f"--audio {path}: {info.channels} channels, the model takes mono; pass --downmix to "
-                       "average them")
-    if info.samplerate != SAMPLING_RATE and not resample:
-        raise CliError(f"--audio {path}: sampled at {info.samplerate} Hz, the model takes {SAMPLING_RATE} Hz; pass "
-                       "--resample to convert it")
-    if info.frames == 0:
-        raise CliError(f"--audio {path}: holds no samples")
-
-
-def check_generate(args: argparse.Namespace) -> None:
-    """Everything `generate` reads, checked before the model loads."""
-    cfg = _check_model(args.model)
-    for image in args.image or []:
-        _check_image(image)
-    for audio in args.audio or []:
-        _check_audio(audio, args.resample, args.downmix)
-    if cfg is not None and args.top_k is not None and args.top_k > cfg.text.vocab_size:
-        raise CliError(f"argument --top-k: expected at most the vocabulary size {cfg.text.vocab_size}, "
-                       f"found {args.top_k}")
-
-
-def check_info(args: argparse.Namespace) -> None:
-    _check_model(args.model, config_file_ok=True)
-
-
-def check_verify(args: argparse.Namespace) -> None:
-    _check_model(args.model)
-
-
-def check_convert(args: argparse.Namespace) -> None:
-    _check_model(args.model)
-    out = os.path.expanduser(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CliError(f"--out {args.out}: exists and is not a folder")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise CliError(f"--out {args.out}: the parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CliError(f"--out {args.out}: the parent folder {parent} is not writable")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -420,7 +270,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = _Parser(prog="gemma4-eqx", description=__doc__.split("\n")[0])
+    parser = Parser(prog="gemma4-eqx", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"gemma4-eqx {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -442,12 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="append", help="16 kHz mono wav/flac file (repeatable)")
     p.add_argument("--resample", action="store_true", help="resample audio of another rate to 16 kHz")
     p.add_argument("--downmix", action="store_true", help="average multi-channel audio to mono")
-    p.add_argument("--max-new-tokens", type=_int_in(1, 1_000_000), default=64)
-    p.add_argument("--temperature", type=_float_in(0.0), default=None,
+    p.add_argument("--max-new-tokens", type=int_in(1, 1_000_000), default=64)
+    p.add_argument("--temperature", type=float_in(0.0), default=None,
                    help="0 = greedy (default: generation_config)")
-    p.add_argument("--top-k", type=_int_in(0), default=None, help="0 = no top-k (default: generation_config)")
-    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=None)
-    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
+    p.add_argument("--top-k", type=int_in(0), default=None, help="0 = no top-k (default: generation_config)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=None)
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
     p.add_argument("--show-special", action="store_true", help="print special tokens too")
     p.add_argument("--dtype", choices=DTYPES, default=None)
@@ -456,20 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint folder, Hub repo id or a config.json file "
                    "(default: the bundled small checkpoint)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    p.add_argument("--context", type=_int_in(1, 2**40), nargs="*", default=[8192, 262144])
+    p.add_argument("--context", type=int_in(1, 2**40), nargs="*", default=[8192, 262144])
     p.add_argument("--json", action="store_true")
 
     p = command("verify", "Equinox vs the NNX reference (and vs recorded transformers logits) on the same weights",
                 cmd_verify, check_verify)
     _model_arg(p)
-    p.add_argument("--tolerance", type=_float_in(0.0), default=1e-4)
+    p.add_argument("--tolerance", type=float_in(0.0), default=1e-4)
 
     p = command("convert", "load a checkpoint and write a complete folder (e.g. in another dtype or sharding)",
                 cmd_convert, check_convert)
     _model_arg(p)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.add_argument("--max-shard-size", type=_shard_size, default="5GB")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB")
     return parser
 
 
