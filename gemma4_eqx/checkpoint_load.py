@@ -101,6 +101,9 @@ def float_dtype(dtype: Any) -> Any:
     if not jnp.issubdtype(d, jnp.floating):
         raise ValueError(f"dtype: expected a floating dtype (float32, bfloat16 or float16), found {d.name}; "
                          "casting the weights to it would truncate them")
+    if jax.dtypes.canonicalize_dtype(d) != d:
+        raise ValueError(f"dtype: {d.name} needs jax_enable_x64 (jax.config.update('jax_enable_x64', True)); "
+                         "without it the weights would silently become float32")
     return d
 
 

@@ -111,3 +111,12 @@ def test_save_refuses_a_bad_shard_size_before_writing_anything(tmp_path):
         with pytest.raises(ValueError, match="max_shard_size: expected a positive size"):
             g4.save(model, tmp_path / "out", max_shard_size=size)
     assert not list(tmp_path.iterdir())
+
+
+def test_float64_without_x64_is_refused_rather_than_silently_float32():
+    import jax
+
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 is on here")
+    with pytest.raises(ValueError, match="dtype: float64 needs jax_enable_x64"):
+        g4.load(TINY_CHECKPOINT, dtype=jnp.float64)
