@@ -67,7 +67,8 @@ def read_index(folder: str) -> dict[str, str]:
 
 
 def leftovers(folder: str) -> list[str]:
-    """What an interrupted save can leave: `.X.g4-save-*` beside the folder, `*.partial` inside it."""
+    """What an interrupted save can leave: `.X.g4-save-*` beside the folder; `*.partial` and
+    `config.json.<pid>.tmp` (`Gemma4Config.save_pretrained`) inside it."""
     folder = os.path.abspath(folder)
     parent, name = os.path.split(folder.rstrip(os.sep))
     found = []
@@ -76,7 +77,8 @@ def leftovers(folder: str) -> list[str]:
     except OSError:
         pass
     try:
-        found += [os.path.join(folder, e) for e in sorted(os.listdir(folder)) if e.endswith(PARTIAL_SUFFIX)]
+        found += [os.path.join(folder, e) for e in sorted(os.listdir(folder))
+                  if e.endswith(PARTIAL_SUFFIX) or (e.startswith("config.json.") and e.endswith(".tmp"))]
     except OSError:
         pass
     return found
