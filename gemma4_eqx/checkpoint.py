@@ -1,4 +1,4 @@
-"""Checkpoint I/O: transformers-format safetensors in and out (spec §2).
+"""Checkpoint I/O: transformers-format safetensors in and out (docs/spec/decoder-and-checkpoint.md §2).
 
 Split by concern; this module keeps every name importable from one place:
 - `checkpoint_names`: the name table (`tensor_specs`, `TensorSpec`, prefixes, `CheckpointError`, `dtype_name`);

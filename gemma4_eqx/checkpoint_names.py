@@ -1,4 +1,4 @@
-"""Checkpoint names: which transformers-format tensor fills which leaf of a `Gemma4` (spec §2).
+"""Checkpoint names: which transformers-format tensor fills which leaf of a `Gemma4` (docs/spec/decoder-and-checkpoint.md §2).
 
 One table drives load (`checkpoint_load`), save (`checkpoint_save`), the sharded load and the bridge. The on-disk
 names are transformers' (`model.language_model.layers.5.self_attn.q_proj.weight`, ...). Linear
@@ -23,7 +23,7 @@ from .layers.mlp import MLP
 
 TEXT_PREFIX = "model.language_model."
 # On-disk names of the multimodal tensors and the names transformers uses after its load-time rename;
-# the loader accepts both, the saver writes the on-disk ones (spec §2.3).
+# the loader accepts both, the saver writes the on-disk ones (docs/spec/decoder-and-checkpoint.md §2.3).
 VISION_PREFIX = "model.vision_embedder."
 VISION_ALIAS_PREFIX = "model.embed_vision."
 VISION_PROJECTION = "model.embed_vision.embedding_projection.weight"

@@ -164,7 +164,7 @@ def write_safetensors(model: Any, folder: str, max_shard_size: int | str = "5GB"
 
 def default_generation_config(config: Any) -> dict[str, Any]:
     """A generation_config.json for a model saved without one: the config's special ids, eoi/eoa suppressed
-    (spec §7.1) and the sampling settings Gemma 4 ships with."""
+    (docs/spec/processors.md §7.1) and the sampling settings Gemma 4 ships with."""
     text = config.text
     return {"bos_token_id": text.bos_token_id, "pad_token_id": text.pad_token_id,
             "eos_token_id": list(config.eos_token_id or text.eos_token_id),

@@ -62,7 +62,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {
         "model": _resolve_model(args.model),
         "layers": f"{t.num_hidden_layers} ({t.num_hidden_layers - n_full} sliding, {n_full} full)",
-        "layer pattern": abstract.layers.pattern, "pattern repeats": abstract.layers.num_repeats,
+        "layer pattern": [(kind.value, n) for kind, n in abstract.layers.pattern], "pattern repeats": abstract.layers.num_repeats,
         "hidden / intermediate": f"{t.hidden_size} / {t.intermediate_size}",
         "sliding attention": f"{t.num_attention_heads} q heads x {t.head_dim}, {t.num_key_value_heads} kv heads, "
                              f"window {t.sliding_window}",

@@ -2,7 +2,7 @@
 
 The field names are transformers' (`Gemma4UnifiedTextConfig`, `...VisionConfig`, `...AudioConfig`,
 `Gemma4UnifiedConfig`), so a reader can hold this file against the checkpoint's JSON line by line.
-Spec: `decoder-and-checkpoint.md` §1.
+Spec (docs/spec/decoder-and-checkpoint.md): §1.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MAX_SOFT_TOKENS_CHOICES = (70, 140, 280, 560, 1120)
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """One RoPE schedule (spec §4). `proportional` rotates only `partial_rotary_factor` of the dims."""
+    """One RoPE schedule (docs/spec/decoder-and-checkpoint.md §4). `proportional` rotates only `partial_rotary_factor` of the dims."""
 
     rope_type: Literal["default", "proportional"] = "default"
     rope_theta: float = 10_000.0
@@ -58,7 +58,7 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LayerGeometry:
-    """What differs between a sliding and a full attention layer (spec §1.1, derived table)."""
+    """What differs between a sliding and a full attention layer (docs/spec/decoder-and-checkpoint.md §1.1, derived table)."""
 
     layer_type: str
     num_key_value_heads: int
@@ -332,7 +332,7 @@ class VisionConfig:
     mm_posemb_size: int = 1120
     output_proj_dims: int = 3840
     rms_norm_eps: float = 1e-6
-    layer_norm_eps: float = 1e-5  # torch nn.LayerNorm default (spec §2.4 a); not serialized by HF
+    layer_norm_eps: float = 1e-5  # torch nn.LayerNorm default (docs/spec/decoder-and-checkpoint.md §2.4 a); not serialized by HF
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
@@ -425,7 +425,7 @@ class Gemma4Config:
     boi_token_id: int = 255_999
     eoi_token_id: int = 258_882
     boa_token_id: int = 256_000
-    eoa_token_id: int = 258_883  # serialized as `eoa_token_index` (spec §1.4)
+    eoa_token_id: int = 258_883  # serialized as `eoa_token_index` (docs/spec/decoder-and-checkpoint.md §1.4)
     eos_token_id: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -448,7 +448,7 @@ class Gemma4Config:
 
     @classmethod
     def gemma4_12b(cls) -> Gemma4Config:
-        """The real google/gemma-4-12B values (spec §1, from its config.json)."""
+        """The real google/gemma-4-12B values (docs/spec/decoder-and-checkpoint.md §1, from its config.json)."""
         return cls(text=TextConfig(), vision=VisionConfig(), audio=AudioConfig())
 
     @classmethod
