@@ -31,6 +31,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .layers.decoder import check_remat
 from .layers.norm import compute_dtype as _compute_dtype
+from .losses import next_token_nll
 from .masks import MaskMode
 
 
@@ -64,12 +65,18 @@ def sequence_nll(
     """
     h = model.hidden_states(input_ids, mask_mode=mask_mode, **inputs)
     h = h.astype(_compute_dtype(h.dtype))
-    logits = model.logits_from_hidden(h[:-1])
+    if model.numerics == "invariant":
+        # the lm head's own row-at-a-time product, so the loss's logits equal decoding's bit for bit
+        logits = model.logits_from_hidden(h[:-1])
+        picked = jnp.take_along_axis(logits, input_ids[1:, None], axis=-1)[:, 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    else:
+        # blocked over rows and vocabulary: the [seq, vocab] logits are never built (gemma4_eqx/losses.py)
+        nll = next_token_nll(h[:-1], model.embed_tokens, input_ids[1:],
+                             softcap=model.config.text.final_logit_softcapping)
     mask = target_mask(input_ids, model.config, attention_mask=inputs.get("attention_mask"),
                        mm_token_type_ids=inputs.get("mm_token_type_ids"), loss_mask=loss_mask)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, input_ids[1:, None], axis=-1)[:, 0]
-    nll = jnp.where(mask, logz - picked, 0.0)
+    nll = jnp.where(mask, nll, 0.0)
     return nll.sum(), mask.sum().astype(nll.dtype)
 
 
