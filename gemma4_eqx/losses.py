@@ -19,9 +19,11 @@ and calls the decoder stack directly (see `packed_hidden_states`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,8 +148,6 @@ def text_perplexity(model, tokenizer, text: str, seq: int) -> Float[Array, ""]:
     `tokenizer`: the processor's (`proc.tokenizer`); its encoding starts with `<bos>`. Every token of `text` is
     predicted once, from the rows' own context (a row restarts the context).
     """
-    from .train import batch_loss
-
     if seq < 2:
         raise ValueError(f"seq: expected at least 2 tokens per row, found {seq}")
     ids = np.asarray(tokenizer(text)["input_ids"])
@@ -161,8 +161,15 @@ def text_perplexity(model, tokenizer, text: str, seq: int) -> Float[Array, ""]:
         piece = body[r * width:(r + 1) * width]
         rows[r, 0], rows[r, 1:1 + len(piece)] = bos, piece
         mask[r, :1 + len(piece)] = True
-    loss = jax.jit(batch_loss)(model, {"input_ids": jnp.asarray(rows), "attention_mask": jnp.asarray(mask)})
+    loss = _jitted_batch_loss()(model, {"input_ids": jnp.asarray(rows), "attention_mask": jnp.asarray(mask)})
     return jnp.exp(loss)
+
+
+@functools.cache
+def _jitted_batch_loss():
+    from .train import batch_loss
+
+    return eqx.filter_jit(batch_loss)
 
 
 # ---- packing ----------------------------------------------------------------------------------------
