@@ -9,8 +9,9 @@ call of an annotated function, so they cost where Python runs:
   top of the kernels, and what `jax.jit` pays once per shape;
 - `eager_head_s`: one eager call of a small annotated function (`model.logits_from_hidden` on `[tokens, 64]`);
 - `jit_s`: one compiled call (no Python of the package runs, so the checks cost nothing).
-Best of `--calls` repeats (the machine is shared: the minimum is the least disturbed). (An eager call of the whole model is not timed: its `lax.scan` over layers
-re-traces and compiles at every eager call, seconds that hide everything else.)
+Best of `--calls` repeats (the machine is shared: the minimum is the least disturbed). An eager call of the
+whole model is not timed: its `lax.scan` over layers re-traces and compiles at every eager call, seconds that
+hide everything else.
 """
 
 from __future__ import annotations

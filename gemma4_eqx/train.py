@@ -12,9 +12,12 @@ The loss is the mean cross-entropy over counted positions (over the whole batch 
 weighs the same, whatever its sequence's length).
 
 Precision. Logits and the cross-entropy are computed in fp32 (fp64 for fp64 models) from the final hidden
-states, whatever the parameter dtype. `make_train_step(compute_dtype=jnp.bfloat16)` keeps the parameters you
-pass (e.g. fp32 master weights) and casts them to bf16 inside the step: activations are bf16, gradients arrive
-in the master dtype (the cast's transpose) and optax updates the master copy. With bf16 parameters and no
+states, whatever the parameter dtype, by `g4.losses.next_token_nll`: blocked over rows and vocabulary, so the
+`[seq, vocab]` logits are never materialised, forward or backward (under `numerics="invariant"` the model's own
+lm head is used instead, so the loss's logits equal decoding's bit for bit).
+`make_train_step(compute_dtype=jnp.bfloat16)` keeps the parameters you pass (e.g. fp32 master weights) and casts
+them to bf16 inside the step: activations are bf16, gradients arrive in the master dtype (the cast's transpose)
+and optax updates the master copy. With bf16 parameters and no
 `compute_dtype`, everything but the loss is bf16; give optax fp32 moments then (`optax.adam(..., mu_dtype=jnp.float32)`).
 """
 
