@@ -41,6 +41,9 @@ def main() -> None:
         "dense": lambda h, e, y: losses.dense_next_token_nll(h, e, y, softcap=cap),
         "blocked": lambda h, e, y: losses.next_token_nll(h, e, y, softcap=cap, block_size=args.block_size,
                                                          vocab_block_size=args.vocab_block_size),
+        "blocked, accumulate_in_loss_dtype=False": lambda h, e, y: losses.next_token_nll(
+            h, e, y, softcap=cap, block_size=args.block_size, vocab_block_size=args.vocab_block_size,
+            accumulate_in_loss_dtype=False),
     }
     print(f"{platform.node()} ({jax.devices()[0].platform}): vocab {t.vocab_size}, hidden {t.hidden_size}, "
           f"{rows} rows, embedding {args.embedding_dtype}; blocks {args.block_size} rows x "
@@ -50,7 +53,7 @@ def main() -> None:
                         ("loss+grad", jax.value_and_grad(lambda h, e, y, fn=fn: jnp.sum(fn(h, e, y)),
                                                          argnums=(0, 1)))):
             m = jax.jit(f).lower(h, table, targets).compile().memory_analysis()
-            print(f"  {name:8s} {what:10s} temp {gib(m.temp_size_in_bytes)}  args {gib(m.argument_size_in_bytes)}"
+            print(f"  {name:40s} {what:10s} temp {gib(m.temp_size_in_bytes)}  args {gib(m.argument_size_in_bytes)}"
                   f"  out {gib(m.output_size_in_bytes)}")
 
 

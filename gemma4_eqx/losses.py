@@ -6,8 +6,11 @@ own copies. `next_token_nll` never builds it. It walks over blocks of rows (`lax
 chunks of the vocabulary (another scan), keeping per row only a running maximum, a running sum of exponentials
 and the target's logit (an online logsumexp). The final logit soft cap is applied to each chunk's logits, as
 `Gemma4.logits_from_hidden` does to the whole. Both loop bodies are under `jax.checkpoint`, so the backward pass
-recomputes a chunk's logits instead of keeping them: the largest temporary is one `[block_size,
-vocab_block_size]` tile. Same value and gradients as the dense loss (to fp64 rounding: `tests/test_losses.py`).
+recomputes a chunk's logits instead of keeping them: no logits temporary is larger than one `[block_size,
+vocab_block_size]` tile (what remains is `[vocab, hidden]`-sized: the embedding's gradient). Same value and
+gradients as the dense loss (to fp64 rounding: `tests/test_losses.py`). At the 12B's vocabulary and 8K tokens,
+value and gradient need 24.0 GiB of temporaries dense and 5.1 GiB blocked with an fp32 embedding; 27.7 vs 12.1
+GiB with a bf16 one (3.2 GiB with `accumulate_in_loss_dtype=False`): `benchmarks/ce_memory.py`.
 
 Packing. `pack_sequences` lays several sequences end to end in rows of a fixed length with `segment_ids`
 (1, 2, ... per sequence, 0 for padding) and positions that restart at 0 in every segment. `packed_sequence_nll`
@@ -111,12 +114,20 @@ def next_token_nll(
     softcap: float | None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     vocab_block_size: int = DEFAULT_VOCAB_BLOCK_SIZE,
+    accumulate_in_loss_dtype: bool = True,
 ) -> Float[Array, " seq"]:
     """Per-row cross-entropy of `targets` under the tied, soft-capped head, without the `[seq, vocab]` logits.
 
-    `hidden`: final-norm hidden states (the rows that predict `targets`), in the dtype the loss is computed in
-    (the embedding is cast to it chunk by chunk). Equal to `dense_next_token_nll` up to rounding; the largest
-    temporary is `[min(seq, block_size), min(vocab, vocab_block_size)]`, forward and backward.
+    `hidden`: final-norm hidden states (the rows that predict `targets`), in the dtype the loss is computed in.
+    Equal to `dense_next_token_nll` up to rounding; the largest logits temporary is
+    `[min(seq, block_size), min(vocab, vocab_block_size)]`, forward and backward.
+
+    `accumulate_in_loss_dtype`: with an embedding narrower than `hidden` (bf16 weights, fp32 loss), cast it once
+    to `hidden`'s dtype so its gradient is summed over row blocks in that dtype and rounded once, as the dense
+    product does (default). False casts chunk by chunk instead: no `[vocab, hidden]` copy in the loss's dtype
+    (at the 12B's vocabulary, 12.1 -> 3.2 GiB of temporaries for value and gradient at 8K tokens:
+    `benchmarks/ce_memory.py`), but the embedding's gradient is summed over the row blocks in bf16 (3x the
+    dense product's error with 4 blocks).
     """
     if block_size < 1 or vocab_block_size < 1:
         raise ValueError(f"block_size, vocab_block_size: expected positive sizes, found {block_size}, "
@@ -131,6 +142,10 @@ def next_token_nll(
     hb = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(n_blocks, block, hidden.shape[-1])
     tb = jnp.pad(targets, (0, pad)).reshape(n_blocks, block)
     vocab_block = min(vocab_block_size, embedding.shape[0])
+    if accumulate_in_loss_dtype:
+        # Cast once, outside the loops: the embedding's gradient is then summed over row blocks in the loss's dtype
+        # and rounded to the embedding's dtype once, as in the dense product.
+        embedding = embedding.astype(hidden.dtype)
 
     @jax.checkpoint  # keep only each block's inputs; its vocab loop is rerun in the backward pass
     def body(carry, xs):

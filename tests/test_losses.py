@@ -46,6 +46,22 @@ def test_blocked_equals_dense_in_fp64(x64, block, vocab_block, softcap):
     assert float(jnp.max(jnp.abs(ge_d))) > 1e-3  # the gradients compared are not trivially zero
 
 
+def test_bf16_embedding_gradient_is_as_accurate_as_the_dense_one():
+    # fp32 loss, bf16 embedding (a bf16 model): by default the gradient is summed over the 4 row blocks in fp32
+    h, table, targets, _ = _problem(256, 512, 16, jnp.float32, seed=2)
+    table16 = table.astype(jnp.bfloat16)
+
+    def grad_table(fn, table, **kw):
+        return jax.grad(lambda e: jnp.sum(fn(h, e, targets, softcap=30.0, **kw)))(table)
+
+    exact = grad_table(losses.dense_next_token_nll, table16.astype(jnp.float32))
+    dense = grad_table(losses.dense_next_token_nll, table16)
+    blocked = grad_table(losses.next_token_nll, table16, block_size=64, vocab_block_size=128)
+    assert blocked.dtype == jnp.bfloat16
+    err = lambda g: float(jnp.max(jnp.abs(g.astype(jnp.float32) - exact)))
+    assert err(blocked) <= 1.01 * err(dense)
+
+
 def test_blocked_per_row_values_under_jit():
     h, table, targets, _ = _problem(40, 300, 16, jnp.float32, seed=1)
     dense = losses.dense_next_token_nll(h, table, targets, softcap=30.0)
