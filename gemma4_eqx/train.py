@@ -34,7 +34,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from .layers.numerics import compute_dtype as _compute_dtype
 from .layers.policy import Remat, as_remat, with_policy
 from .losses import next_token_nll
-from .masks import MaskMode
+from .masks import MaskMode, TokenType
 
 
 def target_mask(
@@ -50,7 +50,7 @@ def target_mask(
     soft = ((input_ids == config.image_token_id) | (input_ids == config.video_token_id)
             | (input_ids == config.audio_token_id))
     if mm_token_type_ids is not None:
-        soft = soft | (mm_token_type_ids != 0)
+        soft = soft | (mm_token_type_ids != TokenType.TEXT)
     target_ok = real & ~soft
     if loss_mask is not None:
         target_ok = target_ok & loss_mask.astype(bool)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..masks import TokenType
 from ._batch import BatchFeature, check_return_tensors
 from .audio import AudioFeatureExtractor, load_audio
 from .chat_template import (CONTROL_TOKEN_END, CONTROL_TOKEN_START, builtin_template, control_token_patterns,
@@ -133,10 +134,10 @@ class Processor:
 
     def mm_token_type_ids(self, input_ids: np.ndarray) -> np.ndarray:
         """0 text (delimiters included), 1 image, 2 video, 3 audio soft tokens (docs/spec/processors.md §4)."""
-        types = np.zeros_like(input_ids)
-        types[input_ids == self.image_token_id] = 1
-        types[input_ids == self.video_token_id] = 2
-        types[input_ids == self.audio_token_id] = 3
+        types = np.full_like(input_ids, TokenType.TEXT)
+        types[input_ids == self.image_token_id] = TokenType.IMAGE
+        types[input_ids == self.video_token_id] = TokenType.VIDEO
+        types[input_ids == self.audio_token_id] = TokenType.AUDIO
         return types
 
     # ------------------------------------------------------------------ main entry
