@@ -68,6 +68,14 @@ import hf_reference as ref
 TRACE_FILE = "bf16_trace.npz"
 FLIP_FRACTION = 3e-4
 PROPAGATED_FRACTION = 2e-2
+# On CPUs with native bf16 dot instructions XLA's products and reductions add in another order than on the recording
+# machine (hf_reference.native_bf16_dot): one-ulp flips appear in the projections too (measured <= 1.2e-4 of the
+# elements) and the norms flip more often (<= 5.8e-4).
+# A flip can grow to a few ulps where an output is a small difference of large terms.
+DOT_FLIP_FRACTION = 3e-4 if ref.native_bf16_dot() else 0.0
+MAX_ULPS = 8 if ref.native_bf16_dot() else 1  # measured <= 6 (an MLP output)
+if ref.native_bf16_dot():
+    FLIP_FRACTION = 1e-3
 PROPAGATED_MAX_REL = 1 / 64  # of max |transformers' output|
 GELU_CANCELLATION_BELOW = -3.0  # gelu input where 1 + tanh(.) < ~2e-3
 GELU_MAX_ABS_DIFF = 4e-6
@@ -221,8 +229,12 @@ def test_trace_covers_both_layer_kinds(name):
 @pytest.mark.parametrize("module", PROJECTIONS + ("rope_q", "rope_k"))
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_projections_and_rope_are_bit_exact(name, module):
-    n_diff, n = differing(of_kind(name, module))
-    assert n > 0 and n_diff == 0, f"{n_diff} of {n} elements differ from transformers"
+    """Bit for bit on the recording machine's kind of CPU; elsewhere rare one-ulp flips (DOT_FLIP_FRACTION)."""
+    cs = of_kind(name, module)
+    n_diff, n = differing(cs)
+    assert n > 0 and n_diff <= DOT_FLIP_FRACTION * n, f"{n_diff} of {n} elements differ from transformers"
+    for c in cs:
+        assert c.ulps.max() <= MAX_ULPS, f"{c.where}: an element is {c.ulps.max()} bf16 ulps from transformers'"
 
 
 @pytest.mark.parametrize("module", NORMS + HEAD_NORMS + ("attention_core", "mlp"))
@@ -232,7 +244,7 @@ def test_module_is_bit_exact_up_to_rare_one_ulp_flips(name, module):
     n_diff, n = differing(cs)
     assert n_diff <= FLIP_FRACTION * n, f"{n_diff} of {n} elements differ (bound {FLIP_FRACTION:g})"
     for c in cs:
-        assert c.ulps.max() <= 1, f"{c.where}: an element is {c.ulps.max()} bf16 ulps from transformers'"
+        assert c.ulps.max() <= MAX_ULPS, f"{c.where}: an element is {c.ulps.max()} bf16 ulps from transformers'"
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -272,4 +284,7 @@ def test_every_module_is_bit_exact_with_torch_cpu_numerics(name):
     assert {"gelu", "decoder_layer", "self_attn", *NORMS} <= kinds
     for kind in sorted(kinds):
         n_diff, n = differing([r[kind] for r in records if kind in r])
-        assert n > 0 and n_diff == 0, f"{kind}: {n_diff} of {n} elements differ from transformers"
+        # on CPUs with native bf16 dots the projections' flips propagate (see DOT_FLIP_FRACTION)
+        bound = 0 if not ref.native_bf16_dot() else (
+            PROPAGATED_FRACTION if kind in ("self_attn", "decoder_layer", "mlp", "attention_core") else FLIP_FRACTION)
+        assert n > 0 and n_diff <= bound * n, f"{kind}: {n_diff} of {n} elements differ from transformers"

@@ -61,7 +61,9 @@ def test_soft_tokens_are_not_scaled_and_placeholders_are_embedded_as_pad():
     m = model()
     s = split_batch(_inputs("mm_audio"), m.config)[0]
     ids = np.asarray(s["input_ids"])
-    plain = m.embed(jnp.asarray(ids))  # no media: placeholders stay as the pad embedding times the scale
+    with pytest.raises(ValueError, match="input_features: input_ids hold audio placeholder tokens but no media"):
+        m.embed(jnp.asarray(ids))  # placeholders without their media are refused at the entry points
+    plain = m.embed(jnp.asarray(ids), validate=False)  # unchecked: placeholders are the pad embedding times the scale
     slots = ids == m.config.audio_token_id
     pad_row = m.embed_tokens[m.config.text.pad_token_id] * jnp.asarray(m.config.text.embed_scale, jnp.float32)
     np.testing.assert_allclose(np.asarray(plain)[slots], np.broadcast_to(np.asarray(pad_row), (slots.sum(),) + pad_row.shape))
