@@ -77,27 +77,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _generation_defaults(folder: str) -> dict:
-    """stop ids, suppressed ids and sampling defaults from the checkpoint's generation_config.json, if any."""
-    path = os.path.join(folder, "generation_config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        g = json.load(f)
-    out = {}
-    if g.get("eos_token_id") is not None:
-        eos = g["eos_token_id"]
-        out["stop_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
-    if g.get("suppress_tokens") is not None:
-        out["suppress_ids"] = tuple(g["suppress_tokens"])
-    for key in ("temperature", "top_k", "top_p"):
-        if g.get(key) is not None:
-            out[key] = g[key]
-    if g.get("do_sample") is False:
-        out["temperature"] = 0.0
-    return out
-
-
 def cmd_generate(args) -> int:
     import time
 
@@ -107,6 +86,7 @@ def cmd_generate(args) -> int:
     from . import hub
     from .generation import generate
     from .processing import Processor, load_audio
+    from .streaming import TextStreamer
 
     name = _resolve_model(args.model)
     folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
@@ -132,27 +112,23 @@ def cmd_generate(args) -> int:
         if batch.get(k) is not None:
             inputs[k] = np.asarray(batch[k])
     ids = inputs.pop("input_ids")
-    settings = {"temperature": 1.0, "top_k": 64, "top_p": 0.95, **_generation_defaults(folder)}
-    for key in ("temperature", "top_k", "top_p"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    # unset settings come from the checkpoint's generation_config.json, inside generate (one source of defaults)
+    settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
     print(f"[{name}: loaded in {time.perf_counter() - t0:.1f} s; prompt {len(ids)} tokens]", file=sys.stderr)
-    printed, produced = "", []
-
-    def stream(tokens):
-        nonlocal printed
-        produced.append(int(tokens[0]))
-        text = proc.tokenizer.decode(produced, skip_special_tokens=not args.show_special)
-        sys.stdout.write(text[len(printed):])
-        sys.stdout.flush()
-        printed = text
-
-    t1 = time.perf_counter()
-    generate(model, ids, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed), streamer=stream,
-             **settings, **inputs)
-    dt = time.perf_counter() - t1
-    print(f"\n[{len(produced)} tokens in {dt:.2f} s, including compilation]", file=sys.stderr)
-    return 0
+    streamer = TextStreamer(proc.tokenizer, skip_special_tokens=not args.show_special)
+    try:
+        result = generate(model, ids, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
+                          streamer=streamer, generation_config=folder, return_result=True, **settings, **inputs)
+    except KeyboardInterrupt:  # Ctrl-C before the first token (loading, compiling)
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    streamer.end()
+    dt = time.perf_counter() - streamer.start
+    ttft, n = streamer.time_to_first_token, streamer.tokens
+    rate = f"{(n - 1) / (dt - ttft):.1f} tokens/s" if n > 1 and dt > ttft else "-"
+    print(f"\n[{n} tokens in {dt:.2f} s, including compilation; time to first token {ttft:.2f} s; "
+          f"decode {rate}]" + (" [interrupted]" if result.interrupted else ""), file=sys.stderr)
+    return 130 if result.interrupted else 0
 
 
 def _verify_cases(folder: str, cfg) -> list[tuple]:

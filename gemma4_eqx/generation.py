@@ -105,6 +105,8 @@ class GenerationResult:
     top_ids: np.ndarray | None = None  # [..., new, NUM_TOP]: the model's most likely tokens at each step
     top_logprobs: np.ndarray | None = None
     interrupted: bool = False  # Ctrl-C stopped it early (only when streaming; otherwise KeyboardInterrupt)
+    prefilled: int = 0  # tokens per row the prefill ran over (the prompt's bucket, padding included)
+    cache_slots: int = 0  # the cache bucket's max_len
 
     @property
     def sequences(self) -> list[np.ndarray]:
@@ -477,13 +479,14 @@ def generate(
         padded.pop("mm_token_type_ids")  # no vision block: keep the text-only program (banded sliding attention)
     params = SamplingParams.make(cfg.text.vocab_size, temperature=float(temperature), top_k=top_k, top_p=top_p,
                                  suppress_ids=suppress_ids, stop_ids=stop_ids, pad_id=int(pad_id))
-    device_batch = jax.tree.map(jnp.asarray, padded)
-    state, first = _prefill(model, None, device_batch, jnp.int32(p // chunk if chunk else 0),
-                            jnp.int32(max_new_tokens), key, params, chunk=chunk, bounds=bounds, max_len=max_len,
+    device_batch = jax.device_put(padded)  # a transfer; jnp.asarray would compile a copy per shape
+    state, first = _prefill(model, None, device_batch, np.int32(p // chunk if chunk else 0),
+                            np.int32(max_new_tokens), key, params, chunk=chunk, bounds=bounds, max_len=max_len,
                             mask_mode=mask_mode, cache_dtype=jnp.dtype(cache_dtype or model.dtype),
                             raw_keys=cache_raw_keys)
     result = run_decode(model, state, first, params, max_new_tokens=max_new_tokens, streamer=streamer, step=step,
                         pad_id=int(pad_id))
+    result = dataclasses.replace(result, prefilled=p, cache_slots=max_len)
     if single:
         result = dataclasses.replace(result, **{f.name: (np.asarray(getattr(result, f.name)[0]) if isinstance(
             getattr(result, f.name), np.ndarray) else getattr(result, f.name)) for f in dataclasses.fields(result)})
@@ -492,7 +495,7 @@ def generate(
             result = dataclasses.replace(result, logprobs=None, sampling_logprobs=None, top_ids=None,
                                          top_logprobs=None)
         return result
-    return jnp.asarray(result.tokens)
+    return jax.device_put(result.tokens)
 
 
 def run_decode(model, state: DecodeState, first: Choice, params: SamplingParams, *, max_new_tokens: int,
@@ -510,7 +513,7 @@ def run_decode(model, state: DecodeState, first: Choice, params: SamplingParams,
             if ctrl_c.hit:
                 break
             steps = 1 if streamer is not None else min(chunk, max_new_tokens - produced)
-            state, out, n = decode_chunk(model, state, params, jnp.int32(steps), step=step, size=chunk)
+            state, out, n = decode_chunk(model, state, params, np.int32(steps), step=step, size=chunk)
             n = int(n)
             out = jax.tree.map(lambda x: x[:, :n], host(out))
             pieces.append(out)

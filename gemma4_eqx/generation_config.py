@@ -66,7 +66,8 @@ class GenerationConfig:
 
     @classmethod
     def resolve(cls, value, model_config) -> "GenerationConfig":
-        """`generation_config=` as given to generate: None, a GenerationConfig, a dict or a path."""
+        """`generation_config=` as given to generate: None, a GenerationConfig, a dict, a file or a checkpoint
+        folder (one without generation_config.json gets `from_model_config`)."""
         if value is None:
             return cls.from_model_config(model_config)
         if isinstance(value, GenerationConfig):
@@ -74,6 +75,8 @@ class GenerationConfig:
         if isinstance(value, dict):
             return cls.from_dict(value)
         if isinstance(value, (str, os.PathLike)):
+            if os.path.isdir(value) and not os.path.isfile(os.path.join(value, "generation_config.json")):
+                return cls.from_model_config(model_config)  # as transformers: a checkpoint without the file
             return cls.from_pretrained(value)
         raise TypeError(f"generation_config: expected a GenerationConfig, a dict or a path, found "
                         f"{type(value).__name__}")

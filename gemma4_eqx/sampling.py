@@ -36,9 +36,10 @@ class SamplingParams(eqx.Module):
         suppress[[i for i in suppress_ids if 0 <= i < vocab_size]] = True
         stop = np.zeros(vocab_size, bool)
         stop[list(stop_ids)] = True
-        return cls(temperature=jnp.asarray(temperature, jnp.float32), top_k=jnp.asarray(top_k or 0, jnp.int32),
-                   top_p=jnp.asarray(1.0 if top_p is None else top_p, jnp.float32), suppress=jnp.asarray(suppress),
-                   stop=jnp.asarray(stop), pad_id=jnp.asarray(pad_id, jnp.int32))
+        put = jax.device_put  # transfers only: nothing compiled per call
+        return cls(temperature=put(np.float32(temperature)), top_k=put(np.int32(top_k or 0)),
+                   top_p=put(np.float32(1.0 if top_p is None else top_p)), suppress=put(suppress), stop=put(stop),
+                   pad_id=put(np.int32(pad_id)))
 
 
 def top_k_mask(logits: Float[Array, " vocab"], k: int | Int[Array, ""]) -> Float[Array, " vocab"]:
