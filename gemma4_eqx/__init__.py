@@ -4,12 +4,13 @@ from .config import AudioConfig, ConfigError, Gemma4Config, TextConfig, VisionCo
 from .checkpoint import CheckpointError
 from .hub import load, save
 from .cache import KVCache
-from .generation import generate
+from .generation import GenerationResult, generate
+from .generation_config import GenerationConfig
 from .model import Gemma4, count_parameters
 from .processing import Processor
 from . import assets, batching
 
-__all__ = ["AudioConfig", "CheckpointError", "ConfigError", "Gemma4", "Gemma4Config", "KVCache", "Processor",
+__all__ = ["AudioConfig", "CheckpointError", "ConfigError", "Gemma4", "Gemma4Config", "GenerationConfig", "GenerationResult", "KVCache", "Processor",
            "TextConfig", "VisionConfig", "batching", "bridge", "count_parameters", "generate", "load", "nnx",
            "save", "sharding", "small_config", "surgery", "train"]
 __version__ = "0.1.0"

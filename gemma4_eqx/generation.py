@@ -33,6 +33,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import signal
 import threading
 import warnings
@@ -101,6 +102,7 @@ class GenerationResult:
     tokens: np.ndarray
     lengths: np.ndarray  # [batch] (or a scalar for a 1-D prompt)
     logprobs: np.ndarray | None = None  # log_softmax of the model's soft-capped logits at the chosen token
+    # (under numerics="invariant": `sampling.ordered_log_softmax`, equal bit for bit to it on a training forward)
     sampling_logprobs: np.ndarray | None = None  # log-prob under the processed distribution sampled (0 if greedy)
     top_ids: np.ndarray | None = None  # [..., new, NUM_TOP]: the model's most likely tokens at each step
     top_logprobs: np.ndarray | None = None
@@ -137,7 +139,7 @@ def sample_step(model, state: DecodeState, params: SamplingParams) -> tuple[Deco
     """The default per-step function: feed every row's last token, choose the next from its logits."""
     logits, cache = jax.vmap(lambda c, t: decode_step(model, t, c))(state.cache, state.token)
     key, sub = jax.random.split(state.key)
-    choice, done, count = _finish(choose(logits, sub, params), state.done, state.count, state.max_new, params)
+    choice, done, count = _finish(choose(logits, sub, params, ordered=model.numerics == "invariant"), state.done, state.count, state.max_new, params)
     return DecodeState(cache, choice.token, done, count, state.max_new, key), choice
 
 
@@ -178,7 +180,7 @@ def _prefill(model, cache, batch, n_chunks, max_new, key, params, *, chunk, boun
     logits, cache = jax.vmap(one)(cache, tokens, media)
     key, sub = jax.random.split(key)
     b = logits.shape[0]
-    choice, done, count = _finish(choose(logits, sub, params), jnp.zeros(b, bool), jnp.zeros(b, jnp.int32),
+    choice, done, count = _finish(choose(logits, sub, params, ordered=model.numerics == "invariant"), jnp.zeros(b, bool), jnp.zeros(b, jnp.int32),
                                   max_new, params)
     return DecodeState(cache, choice.token, done, count, max_new, key), choice
 
@@ -352,16 +354,16 @@ def generate(
     *,
     max_new_tokens: int | None = None,
     key: PRNGKeyArray | None = None,
-    temperature: float | None = None,
+    temperature: float | int | None = None,
     top_k: int | None = -1,
-    top_p: float | None = -1.0,
+    top_p: float | int | None = -1.0,
     stop_ids: Sequence[int] | None = None,
     suppress_ids: Sequence[int] | None = None,
     attention_mask=None,
     positions=None,
     pad_id: int | None = None,
     streamer: Callable[[np.ndarray], None] | None = None,
-    generation_config: GenerationConfig | str | dict | None = None,
+    generation_config: GenerationConfig | str | os.PathLike | dict | None = None,
     return_logprobs: bool = False,
     return_result: bool = False,
     do_sample: bool | None = None,

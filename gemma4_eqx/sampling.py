@@ -82,6 +82,24 @@ def processed_logits(logits: Float[Array, " vocab"], params: SamplingParams) -> 
     return _filter(logits, params.top_k, params.top_p)
 
 
+def ordered_log_softmax(logits: Float[Array, "*batch vocab"]) -> Float[Array, "*batch vocab"]:
+    """`jax.nn.log_softmax` with the normalising sum added in one fixed order (128-lane vectors in vocabulary
+    order, then the lanes in order), so a row's result does not depend on how many rows the call holds. XLA's own
+    reduction does (on CPU, `log_softmax` of a [40, 1024] array differs from the same rows one at a time by up to
+    4e-6). Used for the log-probs of a model in `numerics="invariant"`; apply it to a training forward's logits to
+    compare them bit for bit."""
+    logits = jax.lax.optimization_barrier(logits)  # fused into the soft cap, XLA would round the logits otherwise
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jax.lax.optimization_barrier(jnp.exp(shifted))
+    lanes = 128
+    n = -(-e.shape[-1] // lanes)
+    e = jnp.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, n * lanes - e.shape[-1])])
+    rows = jnp.moveaxis(e.reshape(*e.shape[:-1], n, lanes), -2, 0)
+    acc, _ = jax.lax.scan(lambda a, r: (a + r, None), jnp.zeros_like(rows[0]), rows)
+    total, _ = jax.lax.scan(lambda a, r: (a + r, None), jnp.zeros_like(acc[..., 0]), jnp.moveaxis(acc, -1, 0))
+    return shifted - jax.lax.optimization_barrier(jnp.log(total))[..., None]
+
+
 class Choice(eqx.Module):
     """One step's chosen token per row and what a GenerationResult reports about it."""
 
@@ -92,8 +110,10 @@ class Choice(eqx.Module):
     top_logprobs: Float[Array, "batch top"]  # the model's largest log-probs (before any processing)
 
 
-def choose(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, params: SamplingParams) -> Choice:
-    """Sample (or take the argmax, at temperature 0) one token per row."""
+def choose(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, params: SamplingParams, *,
+           ordered: bool = False) -> Choice:
+    """Sample (or take the argmax, at temperature 0) one token per row. `ordered`: the model's log-probs through
+    `ordered_log_softmax` (for `numerics="invariant"`)."""
     keys = jax.random.split(key, logits.shape[0])
 
     def one(row, k):
@@ -101,7 +121,7 @@ def choose(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, params: Sampl
         greedy_token = jnp.argmax(jnp.where(params.suppress, -jnp.inf, row.astype(jnp.float32)))
         token = jnp.where(params.temperature == 0.0, greedy_token, jax.random.categorical(k, processed))
         token = token.astype(jnp.int32)
-        logprobs = jax.nn.log_softmax(row)
+        logprobs = ordered_log_softmax(row) if ordered else jax.nn.log_softmax(row)
         sampling = jnp.where(params.temperature == 0.0, 0.0, jax.nn.log_softmax(processed)[token])
         top, ids = jax.lax.top_k(logprobs, min(NUM_TOP, row.shape[-1]))
         return token, logprobs[token], sampling, ids.astype(jnp.int32), top
