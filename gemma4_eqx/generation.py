@@ -486,8 +486,8 @@ def generate(
                             np.int32(max_new_tokens), key, params, chunk=chunk, bounds=bounds, max_len=max_len,
                             mask_mode=mask_mode, cache_dtype=jnp.dtype(cache_dtype or model.dtype),
                             raw_keys=cache_raw_keys)
-    result = run_decode(model, state, first, params, max_new_tokens=max_new_tokens, streamer=streamer, step=step,
-                        pad_id=int(pad_id))
+    result, _ = run_decode(model, state, first, params, max_new_tokens=max_new_tokens, streamer=streamer, step=step,
+                           pad_id=int(pad_id))
     result = dataclasses.replace(result, prefilled=p, cache_slots=max_len)
     if single:
         result = dataclasses.replace(result, **{f.name: (np.asarray(getattr(result, f.name)[0]) if isinstance(
@@ -502,8 +502,9 @@ def generate(
 
 def run_decode(model, state: DecodeState, first: Choice, params: SamplingParams, *, max_new_tokens: int,
                streamer=None, step: Callable = sample_step, pad_id: int = 0, chunk: int = DECODE_CHUNK
-               ) -> GenerationResult:
-    """The host loop: decode chunks until every row is done (or Ctrl-C), collecting the choices in numpy."""
+               ) -> tuple[GenerationResult, DecodeState]:
+    """The host loop: decode chunks until every row is done (or Ctrl-C), collecting the choices in numpy.
+    Returns the result and the final state (its cache holds the prompt and every token fed back)."""
     host = lambda c: jax.tree.map(np.asarray, c)
     pieces = [jax.tree.map(lambda x: x[:, None], host(first))]
     if streamer is not None:
@@ -538,4 +539,4 @@ def run_decode(model, state: DecodeState, first: Choice, params: SamplingParams,
     lengths = live.sum(1).astype(np.int32)
     return GenerationResult(tokens=tokens, lengths=lengths, logprobs=padded(cat.logprob, 0.0),
                             sampling_logprobs=padded(cat.sampling_logprob, 0.0), top_ids=padded(cat.top_ids, 0),
-                            top_logprobs=padded(cat.top_logprobs, 0.0), interrupted=interrupted)
+                            top_logprobs=padded(cat.top_logprobs, 0.0), interrupted=interrupted), state
