@@ -1,39 +1,112 @@
 """The KV cache: an explicit, immutable pytree with static shapes (one sequence; `vmap` for a batch).
 
-Sliding layers keep a ring buffer of `min(sliding_window, max_len)` slots, so their memory does not grow with the
-context. Full layers keep every slot; when their values are the raw keys (`attention_k_eq_v`, the 12B's global
-layers) the cache stores, by default, that one raw key projection and applies `k_norm` + RoPE and `v_norm` when
-reading: half the bytes of storing K and V, and the same numbers (the same operations on the same inputs). The
-price is that every decode step normalises and rotates the whole context of those layers again; at long contexts
-on a GPU, where decode is bound by bytes moved, `raw_keys=False` stores the finished K and V instead (twice the
-memory of those layers, nothing recomputed).
+Each run of decoder layers has one cache entry of a kind that owns its own read and write (`LayerCache.update`):
+
+- `RingKV` (sliding layers): a ring buffer of `min(sliding_window + spare, max_len)` slots, so memory does not grow
+  with the context. `spare` extra slots let `KVCache.truncate` roll back up to `spare + 1` tokens without losing a
+  key the window still needs.
+- `FullKV` (full layers): every slot, finished keys and values.
+- `RawKeyKV` (full layers whose values are the raw keys, `attention_k_eq_v`, the 12B's global layers; the default
+  for them): the one raw key projection, with `k_norm` + RoPE and `v_norm` applied when reading: half the bytes of
+  `FullKV` and the same numbers (the same operations on the same inputs). The price is that every decode step
+  normalises and rotates the whole context of those layers again; at long contexts on a GPU, where decode is bound
+  by bytes moved, `raw_keys=False` keeps `FullKV` instead.
 
 Slot bookkeeping (which absolute slot, position and padding flag each entry holds) is shared by all layers of a
-kind; the per-layer tensors are stacked exactly like the decoder stack's runs (`[repeats, run_length, ...]`) so
-the two scan together.
+kind; the per-layer tensors are stacked exactly like the decoder stack's runs (`[repeats, run_length, ...]`) so the
+two scan together. Masks use cache slot indices, as transformers does.
 """
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from .config import FULL, SLIDING, Gemma4Config
-from .layers.decoder import layer_pattern
+from ._checks import check_value, is_concrete
+from .config import Gemma4Config
+from .layers.kinds import LayerKind, layer_pattern, layer_repeats
+from .masks import MaskMode, layer_masks
+
+# `finish(raw_k, raw_v or None, positions) -> (k, v)`: the attention's k_norm + RoPE and v_norm.
+Finish = Callable[..., tuple[Array, Array]]
 
 
-class LayerKV(eqx.Module):
-    """Cached tensors of one run of layers. Unused fields are None."""
+class CacheContext(eqx.Module):
+    """What every layer of one chunk needs to read and write the cache, computed once per chunk
+    (`KVCache.begin_chunk`)."""
 
-    k: Float[Array, "*stack slots kv_heads head_dim"] | None = None  # post-norm, post-RoPE keys
-    v: Float[Array, "*stack slots kv_heads head_dim"] | None = None  # post-v_norm values
-    raw: Float[Array, "*stack slots kv_heads head_dim"] | None = None  # raw k projection (keys as values)
+    start: Int[Array, ""]  # the chunk's first slot
+    full_positions: Int[Array, " max_len"]  # RoPE position of every slot, the chunk included
+    full_mask: Bool[Array, "chunk max_len"]
+    sliding_mask: Bool[Array, "chunk ring_plus_chunk"]
+    ring_write: Int[Array, " written"]  # ring entries the chunk's last tokens go to
+    ring_order: Int[Array, " ring"] | None  # ring entries oldest first (banded or ordered reads), else None
+    band: int | None = eqx.field(static=True, default=None)  # sliding layers may attend in bands of this size
+
+
+class LayerCache(eqx.Module):
+    """One run of layers' cached tensors; `update` writes a chunk and returns what the chunk attends over."""
+
+    @abc.abstractmethod
+    def update(
+        self,
+        finish: Finish,
+        raw_k: Float[Array, "chunk kv_heads head_dim"],
+        raw_v: Float[Array, "chunk kv_heads head_dim"] | None,
+        positions: Int[Array, " chunk"],
+        ctx: CacheContext,
+    ) -> tuple[Float[Array, "keys kv_heads head_dim"], Float[Array, "keys kv_heads head_dim"],
+               Bool[Array, "chunk keys"], int | None, LayerCache]:
+        """(keys, values, mask, band, updated entry) for a chunk whose raw projections are `raw_k`, `raw_v`."""
+
+
+class RingKV(LayerCache):
+    """Sliding layers: post-norm, post-RoPE keys and post-`v_norm` values of the ring's slots."""
+
+    k: Float[Array, "*stack ring kv_heads head_dim"]
+    v: Float[Array, "*stack ring kv_heads head_dim"]
+
+    def update(self, finish, raw_k, raw_v, positions, ctx):
+        # The chunk attends over [ring entries, chunk], then its last `ring` tokens are written into the ring.
+        k_new, v_new = finish(raw_k, raw_v, positions)
+        ring_k, ring_v = (self.k, self.v) if ctx.ring_order is None else (self.k[ctx.ring_order], self.v[ctx.ring_order])
+        m = ctx.ring_write.shape[0]
+        new = RingKV(k=self.k.at[ctx.ring_write].set(k_new[-m:]), v=self.v.at[ctx.ring_write].set(v_new[-m:]))
+        return (jnp.concatenate([ring_k, k_new]), jnp.concatenate([ring_v, v_new]), ctx.sliding_mask, ctx.band, new)
+
+
+class FullKV(LayerCache):
+    """Full layers: finished keys and values of every slot."""
+
+    k: Float[Array, "*stack slots kv_heads head_dim"]
+    v: Float[Array, "*stack slots kv_heads head_dim"]
+
+    def update(self, finish, raw_k, raw_v, positions, ctx):
+        k_new, v_new = finish(raw_k, raw_v, positions)
+        k = jax.lax.dynamic_update_slice_in_dim(self.k, k_new.astype(self.k.dtype), ctx.start, axis=0)
+        v = jax.lax.dynamic_update_slice_in_dim(self.v, v_new.astype(self.v.dtype), ctx.start, axis=0)
+        return k, v, ctx.full_mask, None, FullKV(k=k, v=v)
+
+
+class RawKeyKV(LayerCache):
+    """Full layers whose values are their raw keys: the raw key projection of every slot, finished on read."""
+
+    raw: Float[Array, "*stack slots kv_heads head_dim"]
+
+    def update(self, finish, raw_k, raw_v, positions, ctx):
+        raw = jax.lax.dynamic_update_slice_in_dim(self.raw, raw_k.astype(self.raw.dtype), ctx.start, axis=0)
+        k, v = finish(raw, None, ctx.full_positions)
+        return k, v, ctx.full_mask, None, RawKeyKV(raw=raw)
 
 
 class KVCache(eqx.Module):
-    layers: tuple[LayerKV, ...]  # aligned with DecoderStack.runs
+    layers: tuple[LayerCache, ...]  # aligned with the stock DecoderStack's runs
     length: Int[Array, ""]  # slots written so far (= the slot index of the next token)
     next_position: Int[Array, ""]  # RoPE position of the next token
     full_valid: Bool[Array, " max_len"]  # slot holds a real (non-padding) token
@@ -47,28 +120,39 @@ class KVCache(eqx.Module):
     def ring_size(self) -> int:
         return self.ring_slots.shape[-1]
 
+    @property
+    def spare(self) -> int:
+        """Ring slots beyond the window: `truncate` can roll back up to `spare + 1` tokens."""
+        return self.ring_size - min(self.sliding_window, self.max_len)
+
     @classmethod
     def init(cls, config: Gemma4Config, *, max_len: int, dtype=jnp.bfloat16, batch: int | None = None,
-             raw_keys: bool = True) -> KVCache:
+             raw_keys: bool = True, spare: int = 0) -> KVCache:
         """An empty cache for sequences of up to `max_len` slots (prompt, padding and new tokens together).
 
         `batch=None` gives one sequence's cache (the Equinox convention); `batch=B` stacks B of them for `vmap`.
         `raw_keys`: for keys-as-values layers, store the raw key projection once (default) rather than K and V.
+        `spare`: ring slots beyond the sliding window, so that `truncate` can roll back up to `spare + 1` tokens
+        (speculative decoding, a chat session re-rendering its last reply).
         """
-        if max_len <= 0:
-            raise ValueError(f"max_len: expected a positive number of slots, found {max_len}")
+        if not isinstance(max_len, (int, np.integer)) or max_len <= 0:
+            raise ValueError(f"max_len: expected a positive number of slots, found {max_len!r}")
+        if not isinstance(spare, (int, np.integer)) or spare < 0:
+            raise ValueError(f"spare: expected a number of extra ring slots >= 0, found {spare!r}")
         t = config.text
-        pattern, repeats = layer_pattern(t.layer_types)
-        ring = min(t.sliding_window, max_len)
-        layers = []
-        for layer_type, length in pattern:
-            g = t.layer_geometry_for_type(layer_type)
-            slots = ring if layer_type == SLIDING else max_len
-            shape = (repeats, length, slots, g.num_key_value_heads, g.head_dim)
-            if layer_type == FULL and not g.has_v_proj and raw_keys:
-                layers.append(LayerKV(raw=jnp.zeros(shape, dtype)))
+        repeats = layer_repeats(t.layer_types)
+        ring = min(t.sliding_window + spare, max_len)
+        layers: list[LayerCache] = []
+        for kind, length in layer_pattern(t.layer_types):
+            g = t.layer_geometry_for_type(kind)
+            slots = ring if kind == LayerKind.SLIDING else max_len
+            zeros = lambda: jnp.zeros((repeats, length, slots, g.num_key_value_heads, g.head_dim), dtype)
+            if kind == LayerKind.SLIDING:
+                layers.append(RingKV(k=zeros(), v=zeros()))
+            elif not g.has_v_proj and raw_keys:
+                layers.append(RawKeyKV(raw=zeros()))
             else:
-                layers.append(LayerKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)))
+                layers.append(FullKV(k=zeros(), v=zeros()))
         cache = cls(
             layers=tuple(layers),
             length=jnp.zeros((), jnp.int32),
@@ -77,7 +161,7 @@ class KVCache(eqx.Module):
             full_positions=jnp.zeros((max_len,), jnp.int32),
             ring_slots=jnp.full((ring,), -1, jnp.int32),
             ring_valid=jnp.zeros((ring,), bool),
-            max_len=max_len,
+            max_len=int(max_len),
             sliding_window=t.sliding_window,
         )
         if batch is not None:
@@ -87,6 +171,99 @@ class KVCache(eqx.Module):
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
+
+    # ---- one chunk -------------------------------------------------------------------------------
+    def begin_chunk(
+        self,
+        positions: Int[Array, " chunk"],
+        chunk_valid: Bool[Array, " chunk"],
+        blocks: Int[Array, " chunk"] | None,
+        mask_mode: MaskMode,
+        ordered_ring: bool = False,
+    ) -> tuple[CacheContext, KVCache]:
+        """The context every layer reads for a chunk written at the next slots, and the cache's bookkeeping with the
+        chunk written (the layers' tensors are written by `LayerCache.update`).
+
+        `blocks`: vision block ids of the chunk's tokens (None: no bidirectional block). `ordered_ring`: the sliding
+        layers read the ring oldest first even when not banded (`Invariant` numerics).
+        """
+        t = positions.shape[0]
+        start = self.length
+        q_slots = start + jnp.arange(t)
+        dus = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=0)
+        full_valid = dus(self.full_valid, chunk_valid)
+        full_positions = dus(self.full_positions, positions)
+        full_slots = jnp.arange(self.max_len)
+        full_blocks = None if blocks is None else dus(jnp.full((self.max_len,), -1, jnp.int32), blocks)
+        full_mask = layer_masks(q_slots, full_slots, full_valid, self.sliding_window, blocks, full_blocks,
+                                mask_mode)[LayerKind.FULL]
+        ring = self.ring_size
+        # A text-only chunk of more than two windows attends in bands (layers.kernels.banded_attention), which needs
+        # the ring's entries in slot order (-1 = empty sorts first) and the ring to hold a whole window.
+        banded = blocks is None and ring >= self.sliding_window and t > 2 * self.sliding_window
+        band = self.sliding_window if banded else None
+        ring_order = jnp.argsort(self.ring_slots) if banded or ordered_ring else None
+        ring_slots = self.ring_slots if ring_order is None else self.ring_slots[ring_order]
+        ring_entry_valid = self.ring_valid if ring_order is None else self.ring_valid[ring_order]
+        ring_keys = jnp.concatenate([ring_slots, q_slots])
+        ring_valid = jnp.concatenate([ring_entry_valid & (ring_slots >= 0), chunk_valid])
+        ring_blocks = None if blocks is None else jnp.concatenate([jnp.full((ring,), -1, jnp.int32), blocks])
+        sliding_mask = layer_masks(q_slots, ring_keys, ring_valid, self.sliding_window, blocks, ring_blocks,
+                                   mask_mode)[LayerKind.SLIDING]
+        m = min(t, ring)  # only the chunk's last `ring` tokens survive in the ring
+        ring_write = (start + t - m + jnp.arange(m)) % ring
+        ctx = CacheContext(start=start, full_positions=full_positions, full_mask=full_mask,
+                           sliding_mask=sliding_mask, ring_write=ring_write, ring_order=ring_order, band=band)
+        new = eqx.tree_at(
+            lambda c: (c.length, c.next_position, c.full_valid, c.full_positions, c.ring_slots, c.ring_valid),
+            self,
+            ((start + t).astype(self.length.dtype), (positions[-1] + 1).astype(self.next_position.dtype),
+             full_valid, full_positions,
+             self.ring_slots.at[ring_write].set(q_slots[t - m:].astype(jnp.int32)),
+             self.ring_valid.at[ring_write].set(chunk_valid[t - m:])))
+        return ctx, new
+
+    # ---- rolling back ----------------------------------------------------------------------------
+    def truncate(self, length: int | Int[Array, ""]) -> KVCache:
+        """The cache as it was after its first `length` slots: later slots are forgotten (one sequence; vmap
+        it over a batch).
+
+        Full layers keep every slot, so any earlier length works for them. The sliding layers' ring holds the
+        last `ring_size` slots: rolling back `n = self.length - length` tokens keeps every key the window needs
+        only while `n <= spare + 1` (or while the whole context still fits the ring); beyond that this raises
+        (eagerly, or through `eqx.error_if` under jit). Make room with `KVCache.init(..., spare=k)`.
+        """
+        length = jnp.asarray(length, jnp.int32)
+        if length.ndim != 0:
+            raise ValueError(f"length: expected one slot count (vmap truncate over a batch), found shape "
+                             f"{list(length.shape)}")
+        bad_range = (length < 0) | (length > self.length)
+        if is_concrete(bad_range, self.length) and bool(bad_range):
+            raise ValueError(f"length: expected 0 <= length <= {int(self.length)} (the slots written), "
+                             f"found {int(length)}")
+        # Slots the window still needs after the roll-back: (length - window, length); the ring holds
+        # [self.length - ring_size, self.length).
+        oldest_held = self.length - self.ring_size
+        needed_from = jnp.maximum(length - self.sliding_window + 1, 0)
+        lost = (oldest_held > needed_from) & (length > 0)
+        if is_concrete(lost, length, self.length) and bool(lost):
+            raise ValueError(f"KVCache.truncate: rolling back from {int(self.length)} to {int(length)} slots loses "
+                             f"sliding-window keys (the ring holds {self.ring_size} slots, {self.spare} beyond the "
+                             f"window); roll back at most {self.spare + 1} tokens, or make the cache with "
+                             f"KVCache.init(..., spare={int(self.length - length) - 1})")
+        length = check_value(length, bad_range | lost,
+                             lambda: "KVCache.truncate: length out of range or rolling back more tokens than the ring "
+                                     "keeps (spare + 1)")
+        keep_ring = (self.ring_slots >= 0) & (self.ring_slots < length)
+        keep_full = jnp.arange(self.max_len) < length
+        last = jnp.maximum(length - 1, 0)
+        next_position = jnp.where(length > 0, self.full_positions[last] + 1, 0).astype(self.next_position.dtype)
+        return eqx.tree_at(
+            lambda c: (c.length, c.next_position, c.full_valid, c.full_positions, c.ring_slots, c.ring_valid),
+            self,
+            (length.astype(self.length.dtype), next_position, self.full_valid & keep_full,
+             jnp.where(keep_full, self.full_positions, 0), jnp.where(keep_ring, self.ring_slots, -1),
+             self.ring_valid & keep_ring))
 
 
 def cache_bytes(config: Gemma4Config, context: int, dtype=jnp.bfloat16, batch: int = 1, raw_keys: bool = True) -> int:

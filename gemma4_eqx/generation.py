@@ -128,6 +128,12 @@ class DecodeState(eqx.Module):
     key: PRNGKeyArray
 
 
+def _ordered(model) -> bool:
+    """The log-probs through `ordered_log_softmax` when the model runs `numerics="invariant"`."""
+    numerics = model.numerics
+    return getattr(numerics, "name", numerics) == "invariant"
+
+
 def _finish(choice: Choice, state_done, count, max_new, params: SamplingParams):
     token = jnp.where(state_done, params.pad_id, choice.token)
     count = count + (~state_done).astype(count.dtype)
@@ -139,7 +145,7 @@ def sample_step(model, state: DecodeState, params: SamplingParams) -> tuple[Deco
     """The default per-step function: feed every row's last token, choose the next from its logits."""
     logits, cache = jax.vmap(lambda c, t: decode_step(model, t, c))(state.cache, state.token)
     key, sub = jax.random.split(state.key)
-    choice, done, count = _finish(choose(logits, sub, params, ordered=model.numerics == "invariant"), state.done, state.count, state.max_new, params)
+    choice, done, count = _finish(choose(logits, sub, params, ordered=_ordered(model)), state.done, state.count, state.max_new, params)
     return DecodeState(cache, choice.token, done, count, state.max_new, key), choice
 
 
@@ -180,7 +186,7 @@ def _prefill(model, cache, batch, n_chunks, max_new, key, params, *, chunk, boun
     logits, cache = jax.vmap(one)(cache, tokens, media)
     key, sub = jax.random.split(key)
     b = logits.shape[0]
-    choice, done, count = _finish(choose(logits, sub, params, ordered=model.numerics == "invariant"), jnp.zeros(b, bool), jnp.zeros(b, jnp.int32),
+    choice, done, count = _finish(choose(logits, sub, params, ordered=_ordered(model)), jnp.zeros(b, bool), jnp.zeros(b, jnp.int32),
                                   max_new, params)
     return DecodeState(cache, choice.token, done, count, max_new, key), choice
 

@@ -1,11 +1,11 @@
-"""Attention masks (spec §5). One function per rule; every mask is boolean `[queries, keys]`, True = visible.
+"""Attention masks. One function per rule; every mask is boolean `[queries, keys]`, True = visible.
 
 Indices are *cache slot* indices (the order tokens were written), not position ids; the two coincide without
 left padding. Two modes for sequences with vision tokens:
 
-- `"intended"` (default, spec §5.3): full layers causal only; sliding layers
+- `"intended"` (default): full layers causal only; sliding layers
   `(causal OR same vision block) AND inside the window`.
-- `"hf_forward"` (spec §5.4): what transformers' bare `forward()` builds: full layers `causal OR block`;
+- `"hf_forward"`: what transformers' bare `forward()` builds: full layers `causal OR block`;
   sliding layers `(causal AND window) OR block`.
 
 Padding keys are never visible in either mode.
@@ -13,6 +13,7 @@ Padding keys are never visible in either mode.
 
 from __future__ import annotations
 
+import enum
 from typing import Literal
 
 import jax.numpy as jnp
@@ -23,16 +24,13 @@ from .config import FULL, SLIDING
 MaskMode = Literal["intended", "hf_forward"]
 MASK_MODES = ("intended", "hf_forward")
 
-IMAGE_TYPE, VIDEO_TYPE, AUDIO_TYPE = 1, 2, 3
-
-
 def vision_block_ids(mm_token_type_ids: Int[Array, " seq"]) -> Int[Array, " seq"]:
     """Each contiguous run of image/video soft tokens is one block (0, 1, 2, ...); everything else is -1.
 
     boi/eoi markers and timestamps are text (type 0), so every image and every video frame is its own block;
     audio (type 3) is never bidirectional.
     """
-    is_vision = (mm_token_type_ids == IMAGE_TYPE) | (mm_token_type_ids == VIDEO_TYPE)
+    is_vision = (mm_token_type_ids == TokenType.IMAGE) | (mm_token_type_ids == TokenType.VIDEO)
     prev = jnp.concatenate([jnp.zeros((1,), bool), is_vision[:-1]])
     starts = is_vision & ~prev
     return jnp.where(is_vision, jnp.cumsum(starts) - 1, -1)
@@ -75,3 +73,21 @@ def layer_masks(
     if mode == "intended":
         return {FULL: c & pad, SLIDING: (c | b) & w & pad}
     return {FULL: (c | b) & pad, SLIDING: ((c & w) | b) & pad}
+
+
+class TokenType(enum.IntEnum):
+    """`mm_token_type_ids` values: what each token of a sequence is."""
+
+    TEXT = 0  # text, the image/audio delimiters and video timestamps included
+    IMAGE = 1  # an image soft token (placeholder)
+    VIDEO = 2  # a video-frame soft token
+    AUDIO = 3  # an audio soft token
+
+
+def token_types(input_ids: Int[Array, " seq"], config) -> Int[Array, " seq"]:
+    """`mm_token_type_ids` as the processor builds them: placeholder ids of each modality, 0 elsewhere."""
+    types = jnp.zeros(input_ids.shape, jnp.int32)
+    for kind, token_id in ((TokenType.IMAGE, config.image_token_id), (TokenType.VIDEO, config.video_token_id),
+                           (TokenType.AUDIO, config.audio_token_id)):
+        types = jnp.where(input_ids == token_id, int(kind), types)
+    return types

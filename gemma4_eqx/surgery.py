@@ -15,9 +15,9 @@ How an edit is applied (`map_layers`, which `replace_attention` and `add_lora` u
   plus shapes). `[2, 8, 14, ...]` (the same slot in every period) keeps 8 repeats with a run split in three;
   an irregular set unrolls the repeats (one period of 48 layers: more scan bodies, a longer compile). The
   weights are copied once.
-Either way the stack becomes an `EditedStack`: a `DecoderStack` that knows where each of its layers sits in
-the stock KV-cache layout (so `g4.generate` keeps working) and fails clearly when a replacement has no
-`with_cache`.
+Either way the result is an ordinary `DecoderStack`; a regrouped one carries `cache_slots`, where each of its
+layers sits in the stock KV-cache layout, so `g4.generate` keeps working. Replacement attentions implement
+`g4.layers.attention.AbstractAttention` (`__call__` and `with_cache`).
 
 Saving. `g4.save` writes transformers' names, and only the stock modules have them: for a model holding a
 replacement attention or `LoRALinear` it raises instead of writing a checkpoint that silently lacks the new
@@ -30,7 +30,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,13 +38,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
+from .checkpoint import dtype_name
 from .config import FULL, SLIDING, Gemma4Config
-from .layers.attention import Attention
-from .layers.decoder import DecoderStack
+from .layers.attention import AbstractAttention, Attention
+from .layers.decoder import DecoderStack, kind_ids, slice_layer, stack_modules
 from .layers.linear import Linear
 # The example replacement lives with the other layers; re-exported so `g4.surgery.LinearAttention` keeps working.
 from .layers.linear_attention import LinearAttention, linear_attention  # noqa: F401
-from .layers.norm import compute_dtype
+from .layers.numerics import compute_dtype
+from .layers.policy import Numerics
 from .model import Gemma4
 
 Layers = str | int | Sequence[int]
@@ -72,95 +73,26 @@ def layer_indices(model: Gemma4, layers: Layers = "full") -> tuple[int, ...]:
 
 
 # ---- stacking ------------------------------------------------------------------------------------
-def _slice(tree, repeat: int, slot: int):
-    return jax.tree.map(lambda a: a[repeat, slot] if eqx.is_array(a) else a, tree)
+def _stock_slots(stack: DecoderStack) -> tuple[tuple[int, int, int], ...]:
+    if stack.cache_slots is not None:
+        return stack.cache_slots
+    return tuple(stack.locate(i) for i in range(stack.num_layers))
 
 
-def _difference(a, b) -> str | None:
-    """Why two modules cannot be stacked together (None when they can)."""
-    (arrays_a, static_a), (arrays_b, static_b) = eqx.partition(a, eqx.is_array), eqx.partition(b, eqx.is_array)
-    if jax.tree.structure(arrays_a) != jax.tree.structure(arrays_b) or eqx.tree_equal(static_a, static_b) is not True:
-        return "structure or static fields"
-    for x, y in zip(jax.tree.leaves(arrays_a), jax.tree.leaves(arrays_b)):
-        if (x.shape, x.dtype) != (y.shape, y.dtype):
-            return f"an array {x.shape} {x.dtype} vs {y.shape} {y.dtype}"
-    return None
+def _restacked(stack: DecoderStack, runs, pattern, repeats: int, slots) -> DecoderStack:
+    """A stack of `runs`; `cache_slots` only where the layout differs from the stock one."""
+    new = DecoderStack(runs=tuple(runs), remat=stack.remat, pattern=tuple(pattern), num_repeats=repeats,
+                       unroll=stack.unroll, cache_slots=None)
+    if slots is not None and tuple(new.locate(i) for i in range(new.num_layers)) != tuple(slots):
+        new = DecoderStack(runs=tuple(runs), remat=stack.remat, pattern=tuple(pattern), num_repeats=repeats,
+                           unroll=stack.unroll, cache_slots=tuple(slots))
+    return new
 
 
-def stack_modules(modules: Sequence[Any], lead: tuple[int, ...], what: str = "modules"):
-    """Stack equal-structure modules along new leading axes `lead` (row-major), the inverse of `_slice`."""
-    for k, m in enumerate(modules[1:], 1):
-        why = _difference(modules[0], m)
-        if why is not None:
-            raise ValueError(f"{what}: item {k} ({type(m).__name__}) differs from item 0 "
-                             f"({type(modules[0]).__name__}) in {why}; stacked layers must agree")
-    parts = [eqx.partition(m, eqx.is_array) for m in modules]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(lead + xs[0].shape), *(a for a, _ in parts))
-    return eqx.combine(stacked, parts[0][1])
-
-
-def _kind_ids(layers: Sequence[Any]) -> list[int]:
-    """Layers that may share a stacked run get the same id (same structure, shapes, dtypes, static fields)."""
-    reps: list[Any] = []
-    ids = []
-    for layer in layers:
-        k = next((k for k, rep in enumerate(reps) if _difference(rep, layer) is None), None)
-        if k is None:
-            reps.append(layer)
-            k = len(reps) - 1
-        ids.append(k)
-    return ids
-
-
-class EditedStack(DecoderStack):
-    """A `DecoderStack` after surgery: same scan, plus the map from its layout to the stock KV-cache layout."""
-
-    # stock KV-cache (run, repeat, slot) of each flat layer; None when this stack's layout is the stock one
-    cache_slots: tuple[tuple[int, int, int], ...] | None = eqx.field(static=True, default=None)
-
-    def __init__(self, runs, pattern, num_repeats, remat=False, unroll=False, cache_slots=None):
-        self.runs, self.pattern, self.num_repeats = tuple(runs), tuple(pattern), num_repeats
-        self.remat, self.unroll, self.cache_slots = remat, unroll, cache_slots
-
-    def check_cacheable(self) -> None:
-        for j, run in enumerate(self.runs):
-            if not callable(getattr(run.self_attn, "with_cache", None)):
-                idx = [i for i in range(self.num_layers) if self.locate(i)[0] == j]
-                raise NotImplementedError(
-                    f"layers {idx}: {type(run.self_attn).__name__} has no with_cache(x, positions, kv, ctx, sliding), "
-                    "which g4.generate / model.prefill / model.decode_step call with this layer's KV-cache entry "
-                    "(see gemma4_eqx.layers.attention.Attention.with_cache, or surgery.LinearAttention). Implement "
-                    "it, or run the model without a cache: model(input_ids) over the whole sequence")
-
-    def with_cache(self, h, positions, kv_runs: tuple, ctx):
-        self.check_cacheable()
-        if self.cache_slots is None:
-            return super().with_cache(h, positions, kv_runs, ctx)
-        # Regather the stock cache into this stack's layout, run, and scatter it back.
-        per_layer = [_slice(kv_runs[j], r, s) for j, r, s in self.cache_slots]
-        mine = []
-        for j, (_, length) in enumerate(self.pattern):
-            members = [i for i in range(self.num_layers) if self.locate(i)[0] == j]
-            mine.append(stack_modules([per_layer[i] for i in members], (self.num_repeats, length), "cache"))
-        h, mine = super().with_cache(h, positions, tuple(mine), ctx)
-        updated = [_slice(mine[run], r, s) for run, r, s in map(self.locate, range(self.num_layers))]
-        out = []
-        for j, stock in enumerate(kv_runs):
-            members = sorted((r, s, i) for i, (jj, r, s) in enumerate(self.cache_slots) if jj == j)
-            lead = jax.tree.leaves(stock)[0].shape[:2]
-            out.append(stack_modules([updated[i] for _, _, i in members], lead, "cache"))
-        return h, tuple(out)
-
-
-def _cache_slots(stack: DecoderStack) -> list[tuple[int, int, int]]:
-    slots = getattr(stack, "cache_slots", None)
-    return list(slots) if slots is not None else [stack.locate(i) for i in range(stack.num_layers)]
-
-
-def _regroup(stack: DecoderStack, layers: list) -> EditedStack:
+def _regroup(stack: DecoderStack, layers: list) -> DecoderStack:
     """Stack per-layer modules into the shortest repeating pattern of layer kinds."""
     n = len(layers)
-    kinds = _kind_ids(layers)
+    kinds = kind_ids(layers)
     period = next(p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)))
     runs_at: list[list[int]] = []  # [start, length] within the period
     for off in range(period):
@@ -172,12 +104,8 @@ def _regroup(stack: DecoderStack, layers: list) -> EditedStack:
     runs = [stack_modules([layers[r * period + start + s] for r in range(repeats) for s in range(length)],
                           (repeats, length), f"layers of run {start}..{start + length - 1}")
             for start, length in runs_at]
-    pattern = tuple((layers[start].layer_type, length) for start, length in runs_at)
-    slots = tuple(_cache_slots(stack))
-    new = EditedStack(runs, pattern, repeats, stack.remat, stack.unroll, slots)
-    if [new.locate(i) for i in range(n)] == list(slots):
-        new = EditedStack(runs, pattern, repeats, stack.remat, stack.unroll, None)
-    return new
+    pattern = tuple((layers[start].kind, length) for start, length in runs_at)
+    return _restacked(stack, runs, pattern, repeats, _stock_slots(stack))
 
 
 def map_layers(model: Gemma4, fn: Callable[[Any, int], Any], layers: Layers = "all",
@@ -196,11 +124,10 @@ def map_layers(model: Gemma4, fn: Callable[[Any, int], Any], layers: Layers = "a
     if whole:
         runs = list(stack.runs)
         for j, members in by_run.items():
-            new = [fn(_slice(where(runs[j]), *stack.locate(i)[1:]), i) for i in members]  # members in (r, s) order
+            new = [fn(slice_layer(where(runs[j]), *stack.locate(i)[1:]), i) for i in members]  # in (r, s) order
             lead = (stack.num_repeats, stack.pattern[j][1])
             runs[j] = eqx.tree_at(where, runs[j], stack_modules(new, lead, f"replacements of layers {members}"))
-        slots = getattr(stack, "cache_slots", None)
-        new_stack = EditedStack(runs, stack.pattern, stack.num_repeats, stack.remat, stack.unroll, slots)
+        new_stack = _restacked(stack, runs, stack.pattern, stack.num_repeats, stack.cache_slots)
     else:
         views = [stack.layer(i) for i in range(stack.num_layers)]
         for i in idx:
@@ -216,8 +143,9 @@ def replace_attention(model: Gemma4, replacement: Callable[[Attention, int], eqx
     `replacement(old_attention, layer_index) -> module` (or `replacement(old_attention)`, e.g. a class such as
     `LinearAttention`) is called once per layer with that layer's current attention (unstacked, so it can reuse
     the pretrained projections); a ready module is copied to every layer.
-    The module must provide `__call__(x [seq, hidden], positions [seq], mask [seq, seq]) -> [seq, hidden]`, and
-    `with_cache(x, positions, kv, ctx, sliding)` for generation (without it `g4.generate` raises).
+    The module must implement `g4.layers.attention.AbstractAttention`: `__call__(x [seq, hidden], positions [seq],
+    mask [seq, seq], band=None) -> [seq, hidden]` and `with_cache(x, positions, kv, ctx) -> (out, kv)` (see
+    `Attention.with_cache` and `LinearAttention.with_cache`: `kv.update(...)` reads and writes the layer's cache).
     """
     if isinstance(replacement, eqx.Module) or not callable(replacement):
         make = lambda old, i: replacement
@@ -227,13 +155,17 @@ def replace_attention(model: Gemma4, replacement: Callable[[Attention, int], eqx
             make = replacement
         except TypeError:  # a one-argument factory, e.g. the class LinearAttention
             make = lambda old, i: replacement(old)
-    model = map_layers(model, make, layers, where=lambda layer: layer.self_attn)
-    attn = [run.self_attn for run in model.layers.runs]
-    missing = {type(a).__name__ for a in attn if not callable(getattr(a, "with_cache", None))}
-    if missing:
-        warnings.warn(f"{', '.join(sorted(missing))} has no with_cache: the model runs, grads and vmaps, but "
-                      "g4.generate / prefill / decode_step will raise", stacklevel=2)
-    return model
+
+    def checked(old, i):
+        new = make(old, i)
+        if not isinstance(new, AbstractAttention):
+            raise TypeError(f"replacement for layer {i}: {type(new).__name__} is not a "
+                            "g4.layers.attention.AbstractAttention; subclass it and implement __call__(x, positions, "
+                            "mask, band=None) and with_cache(x, positions, kv, ctx) (the cached path of "
+                            "g4.generate / prefill / decode_step)")
+        return new
+
+    return map_layers(model, checked, layers, where=lambda layer: layer.self_attn)
 
 
 # ---- low-rank adapters -----------------------------------------------------------------------------
@@ -243,6 +175,7 @@ class LoRALinear(eqx.Module):
     base: Linear
     lora_a: Float[Array, "in_features rank"]
     lora_b: Float[Array, "rank out_features"]
+    numerics: Numerics  # the adapters' products; the base holds its own
     scale: float = eqx.field(static=True)
 
     def __init__(self, base: Linear, rank: int, *, key: PRNGKeyArray, alpha: float | None = None):
@@ -252,6 +185,7 @@ class LoRALinear(eqx.Module):
                        / jnp.sqrt(base.in_features)).astype(dtype)
         self.lora_b = jnp.zeros((rank, base.out_features), dtype)
         self.scale = float(alpha if alpha is not None else rank) / rank
+        self.numerics = base.numerics
 
     @property
     def in_features(self) -> int:
@@ -268,7 +202,7 @@ class LoRALinear(eqx.Module):
                              "g4.surgery.save")
 
     def __call__(self, x: Float[Array, "*batch in_features"]) -> Float[Array, "*batch out_features"]:
-        low = jnp.matmul(jnp.matmul(x, self.lora_a.astype(x.dtype)), self.lora_b.astype(x.dtype))
+        low = self.numerics.matmul(self.numerics.matmul(x, self.lora_a.astype(x.dtype)), self.lora_b.astype(x.dtype))
         return self.base(x) + (self.scale * low).astype(x.dtype)
 
     def merged(self) -> Linear:
@@ -375,8 +309,6 @@ LEAVES_FILE = "model.eqx"
 
 def save(model: Gemma4, folder: str | os.PathLike) -> None:
     """config.json (with the dtype) + every leaf in `model.eqx` (`eqx.tree_serialise_leaves`)."""
-    from .checkpoint import dtype_name
-
     os.makedirs(folder, exist_ok=True)
     model.config.save_pretrained(folder, dtype=dtype_name(model.dtype))
     eqx.tree_serialise_leaves(os.path.join(folder, LEAVES_FILE), model)

@@ -20,7 +20,6 @@ in the master dtype (the cast's transpose) and optax updates the master copy. Wi
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from .layers.decoder import check_remat
-from .layers.norm import compute_dtype as _compute_dtype
+from .layers.numerics import compute_dtype as _compute_dtype
+from .layers.policy import Remat, as_remat, with_policy
 from .masks import MaskMode
 
 
@@ -92,11 +91,10 @@ def batch_loss(model, batch: dict[str, Any], *, mask_mode: MaskMode = "intended"
 
 
 # ---- model-wide switches ----------------------------------------------------------------------------
-def with_remat(model, remat: bool | str):
-    """The same model with the decoder scan's remat setting replaced (True, False or a policy name)."""
-    stack = copy.copy(model.layers)
-    object.__setattr__(stack, "remat", check_remat(remat))  # a static field: a new module, the same arrays
-    return eqx.tree_at(lambda m: m.layers, model, stack)
+def with_remat(model, remat: bool | str | Remat):
+    """The same model with every decoder layer rematerialised as `remat` says (True, False or a
+    `jax.checkpoint_policies` name): `g4.with_policy(model, as_remat(remat))`."""
+    return with_policy(model, as_remat(remat))
 
 
 def cast(model: PyTree, dtype) -> PyTree:
@@ -157,7 +155,7 @@ def make_train_step(optimizer, filter_spec: FilterSpec | None = None, *, remat: 
     `opt_state` comes from `init_optimizer(optimizer, model, filter_spec)`.
     """
     if remat is not None:
-        check_remat(remat)
+        remat = as_remat(remat)
 
     def loss_of(params, frozen, batch):
         model = eqx.combine(params, frozen)

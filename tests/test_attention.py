@@ -13,6 +13,7 @@ import pytest
 import gemma4_eqx as g4
 from gemma4_eqx.assets import TINY_CHECKPOINT
 from gemma4_eqx.layers import attention as attn
+from gemma4_eqx.layers import kernels, policy
 from gemma4_eqx.masks import inside_window, causal
 
 
@@ -52,14 +53,14 @@ def test_fused_call_in_bf16_differs_only_by_rounding():
 def test_auto_is_our_xla_path_on_cpu():
     q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
     assert jax.default_backend() == "cpu"
-    same = attn.attend(q, k, v, mask, "auto")
+    same = policy.AutoKernel().attend(q, k, v, mask, None)
     assert np.array_equal(np.asarray(same), np.asarray(attn.dot_product_attention(q, k, v, mask)))
 
 
 def test_cudnn_without_a_gpu_is_a_clear_error():
     q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="needs a GPU backend.*'cpu'"):
-        attn.attend(q, k, v, mask, "cudnn")
+        policy.CuDNNKernel().attend(q, k, v, mask, None)
 
 
 def test_unknown_implementation_is_rejected():
@@ -73,7 +74,7 @@ def test_with_attention_implementation_keeps_the_arrays():
     auto = model.with_attention_implementation("auto")
     attentions = [x for x in jax.tree.leaves(auto, is_leaf=lambda x: isinstance(x, attn.Attention))
                   if isinstance(x, attn.Attention)]
-    assert attentions and all(a.implementation == "auto" for a in attentions)
+    assert attentions and all(a.kernel.name == "auto" for a in attentions)
     assert all(a is b for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(auto)))
     loaded = g4.load(TINY_CHECKPOINT, attention_implementation="auto")
     assert jax.tree.structure(loaded) == jax.tree.structure(auto)
@@ -89,8 +90,8 @@ def test_dispatch_on_a_gpu_routes_prefill_through_the_fused_call(monkeypatch):
         return jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask[None, None], scale=1.0,
                                             implementation="xla")[0]
 
-    monkeypatch.setattr(attn, "backend", lambda: "gpu")
-    monkeypatch.setattr(attn, "fused_attention", fused_reference)
+    monkeypatch.setattr(policy, "backend", lambda: "gpu")
+    monkeypatch.setattr(policy, "fused_attention", fused_reference)
     model = g4.load(TINY_CHECKPOINT, dtype=jnp.bfloat16)
     auto = model.with_attention_implementation("auto")
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 200, 40), jnp.int32)
@@ -125,13 +126,13 @@ def test_auto_falls_back_to_ours_when_cudnn_declines(monkeypatch):
     def declined(*args, **kwargs):
         raise RuntimeError("cuDNN: unsupported configuration")
 
-    monkeypatch.setattr(attn, "backend", lambda: "gpu")
-    monkeypatch.setattr(attn, "fused_attention", declined)
+    monkeypatch.setattr(policy, "backend", lambda: "gpu")
+    monkeypatch.setattr(policy, "fused_attention", declined)
     q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
-    assert np.array_equal(np.asarray(attn.attend(q, k, v, mask, "auto")),
+    assert np.array_equal(np.asarray(policy.AutoKernel().attend(q, k, v, mask, None)),
                           np.asarray(attn.dot_product_attention(q, k, v, mask)))
     with pytest.raises(RuntimeError, match="unsupported configuration"):  # an explicit "cudnn" does not hide it
-        attn.attend(q, k, v, mask, "cudnn")
+        policy.CuDNNKernel().attend(q, k, v, mask, None)
 
 
 def _band_inputs(t, prefix, window, dtype, seed=0, pad=3):
@@ -209,11 +210,11 @@ def test_long_calls_stream_instead_of_building_the_score_matrix(monkeypatch):
         m = g4.load(ref.checkpoint_dir("tiny_a"), dtype=jnp.float64)
         ids = jnp.asarray(np.random.default_rng(3).integers(3, 400, 40), jnp.int32)
         before = np.asarray(m(ids))
-        monkeypatch.setattr(attn, "MAX_SCORES", 100)
-        monkeypatch.setattr(attn, "KEY_BLOCK", 16)
+        monkeypatch.setattr(kernels, "MAX_SCORES", 100)
+        monkeypatch.setattr(kernels, "KEY_BLOCK", 16)
         calls = []
-        original = attn.streamed_attention
-        monkeypatch.setattr(attn, "streamed_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+        original = kernels.streamed_attention
+        monkeypatch.setattr(kernels, "streamed_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
         after = np.asarray(m(ids))
         assert calls  # the global layers (and no banded sliding layer) took the streamed path
         assert np.abs(before - after).max() <= 1e-12

@@ -1,6 +1,5 @@
 """Chat template and tokenizer: renderings recorded with transformers, special-token ids, BOS, padding."""
 
-import copy
 import json
 import shutil
 import sys
@@ -10,15 +9,9 @@ import pytest
 from processing_reference import REPO, TINY_TOKENIZER, cases, image_input, processing, processor
 
 CHAT = cases()["chat"]
-RENDERED = {k: v for k, v in CHAT.items() if "prompt" in v}
-
-
-@pytest.mark.parametrize("name", sorted(RENDERED))
-def test_template_renders_like_transformers(name):
-    case = RENDERED[name]
-    prompt = processor().apply_chat_template(copy.deepcopy(case["conversation"]), tools=case.get("tools"),
-                                             **case["kwargs"])
-    assert prompt == case["prompt"]
+# The "chat" renderings of cases.json were transformers' renderings of the previous built-in template; the
+# template now renders as Google's 12B-it one, which tests/test_chat_format.py holds against transformers
+# (the same conversations included), so only the tokenized case is read here.
 
 
 def test_tokenized_chat_matches_transformers():
@@ -66,7 +59,8 @@ def test_folder_template_is_preferred(tmp_path):
     proc = processing.Processor.from_pretrained(tmp_path)
     assert proc.apply_chat_template([{"role": "user", "content": "x"}]) == "<bos>customx"
     (tmp_path / "chat_template.jinja").unlink()
-    proc = processing.Processor.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="has no chat template"):
+        proc = processing.Processor.from_pretrained(tmp_path)
     assert proc.chat_template == processing.builtin_template()
 
 

@@ -1,14 +1,18 @@
-"""One decoder layer (spec §3.3) and the scanned stack of layers.
+"""One decoder layer and the scanned stack of layers.
 
 Gemma 4's 48 layers are 8 repeats of one period (5 sliding + 1 full). Layers of the two kinds have different
 shapes, so the stack keeps one stacked module per *run* of equal layers inside the period, with leading axes
 `[repeats, run_length]`, and runs `lax.scan` over the repeats (and an inner scan over each run). The compiled
 program therefore holds one sliding and one full layer body, whatever the depth.
+
+`scan_layers` is the one place that scans: the forward and the cached path both call it with a per-layer step,
+and whatever a step returns besides the residual stream comes out stacked like the runs (the cache entries
+today; a layer's activations for taps).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -16,54 +20,49 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ..cache import CacheContext, LayerCache
 from ..config import TextConfig
-from .attention import Attention
-
-# Remat policies by name (`jax.checkpoint_policies`); `remat=True` is `jax.checkpoint`'s default (save nothing
-# inside a layer body but its inputs). Only the policies that need no arguments can be named here.
-REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
-
-
-def check_remat(remat: bool | str) -> bool | str:
-    if isinstance(remat, bool) or remat in REMAT_POLICIES:
-        return remat
-    raise ValueError(f"remat: expected a bool or one of {REMAT_POLICIES} (jax.checkpoint_policies), found {remat!r}")
-
-
-def rematerialised(body: Callable, remat: bool | str) -> Callable:
-    """`body` under `jax.checkpoint` (with the named policy) when `remat` asks for it."""
-    if remat is False:
-        return body
-    if remat is True:
-        return jax.checkpoint(body)
-    return jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, check_remat(remat)))
+from .attention import AbstractAttention, Attention
+from .kinds import LayerKind, layer_pattern, layer_repeats
 from .mlp import MLP
 from .norm import RMSNorm
+from .policy import REMAT_POLICIES, XLA, AttentionKernel, Numerics, Remat, XLAKernel, as_remat  # noqa: F401
+
+# (run, repeat, slot within the run) of a flat layer index
+Location = tuple[int, int, int]
 
 
 class DecoderLayer(eqx.Module):
-    self_attn: Attention
+    self_attn: AbstractAttention
     mlp: MLP
     input_layernorm: RMSNorm
     post_attention_layernorm: RMSNorm
     pre_feedforward_layernorm: RMSNorm
     post_feedforward_layernorm: RMSNorm
     layer_scalar: Float[Array, "1"]
-    layer_type: str = eqx.field(static=True)
+    kind: LayerKind = eqx.field(static=True)
 
-    def __init__(self, cfg: TextConfig, layer_type: str, *, key: PRNGKeyArray, dtype=jnp.float32):
+    def __init__(self, cfg: TextConfig, kind: LayerKind | str, *, key: PRNGKeyArray, dtype=jnp.float32,
+                 numerics: Numerics = XLA(), kernel: AttentionKernel = XLAKernel()):
         ka, km = jax.random.split(key)
-        geometry = cfg.layer_geometry_for_type(layer_type)
+        kind = LayerKind(kind)
+        geometry = cfg.layer_geometry_for_type(kind)
         d, eps, std = cfg.hidden_size, cfg.rms_norm_eps, cfg.initializer_range
-        self.self_attn = Attention(d, cfg.num_attention_heads, geometry, eps=eps, key=ka, std=std, dtype=dtype)
-        self.mlp = MLP(d, cfg.intermediate_size, key=km, std=std, dtype=dtype)
-        self.input_layernorm = RMSNorm(d, eps=eps, dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(d, eps=eps, dtype=dtype)
-        self.pre_feedforward_layernorm = RMSNorm(d, eps=eps, dtype=dtype)
-        self.post_feedforward_layernorm = RMSNorm(d, eps=eps, dtype=dtype)
+        self.self_attn = Attention(d, cfg.num_attention_heads, geometry, eps=eps, key=ka, std=std, dtype=dtype,
+                                   numerics=numerics, kernel=kernel)
+        self.mlp = MLP(d, cfg.intermediate_size, key=km, std=std, dtype=dtype, numerics=numerics)
+        norm = lambda: RMSNorm(d, eps=eps, dtype=dtype, numerics=numerics)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm()
+        self.post_feedforward_layernorm = norm()
         self.layer_scalar = jnp.ones((1,), dtype)
-        self.layer_type = layer_type
+        self.kind = kind
+
+    @property
+    def layer_type(self) -> str:
+        """transformers' name of the layer kind (`"sliding_attention"` / `"full_attention"`)."""
+        return self.kind.value
 
     def __call__(
         self,
@@ -72,15 +71,14 @@ class DecoderLayer(eqx.Module):
         mask: Bool[Array, "seq seq"],
         band: int | None = None,
     ) -> Float[Array, "seq hidden"]:
-        """`band`: `mask` is a pure sliding window of that size (the stack passes it to stock attention only)."""
-        x = self.input_layernorm(h)
-        a = self.self_attn(x, positions, mask) if band is None else self.self_attn(x, positions, mask, band=band)
-        return self.feed_forward(h, a)
+        """`band`: `mask` is a pure sliding window of that size (text-only sliding layers)."""
+        return self.feed_forward(h, self.self_attn(self.input_layernorm(h), positions, mask, band))
 
-    def with_cache(self, h: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv, ctx):
+    def with_cache(
+        self, h: Float[Array, "chunk hidden"], positions: Int[Array, " chunk"], kv: LayerCache, ctx: CacheContext
+    ) -> tuple[Float[Array, "chunk hidden"], LayerCache]:
         """The same layer over a chunk of new tokens, reading and updating its KV cache entry."""
-        a, kv = self.self_attn.with_cache(self.input_layernorm(h), positions, kv, ctx,
-                                          sliding=self.layer_type == "sliding_attention")
+        a, kv = self.self_attn.with_cache(self.input_layernorm(h), positions, kv, ctx)
         return self.feed_forward(h, a), kv
 
     def feed_forward(
@@ -94,66 +92,102 @@ class DecoderLayer(eqx.Module):
         return h * self.layer_scalar.astype(h.dtype)
 
 
-def layer_pattern(layer_types: tuple[str, ...]) -> tuple[tuple[tuple[str, int], ...], int]:
-    """Split `layer_types` into its shortest repeating period, as runs `(type, length)`, and the repeat count."""
-    n = len(layer_types)
-    for period in range(1, n + 1):
-        if n % period == 0 and layer_types == layer_types[:period] * (n // period):
-            break
-    runs: list[list[Any]] = []
-    for t in layer_types[:period]:
-        if runs and runs[-1][0] == t:
-            runs[-1][1] += 1
-        else:
-            runs.append([t, 1])
-    return tuple((t, c) for t, c in runs), n // period
+# ---- stacking ---------------------------------------------------------------------------------------------------
+def slice_layer(tree: Any, repeat: int, slot: int) -> Any:
+    """One layer's view of a `[repeats, run_length, ...]`-stacked pytree."""
+    return jax.tree.map(lambda a: a[repeat, slot] if eqx.is_array(a) else a, tree)
+
+
+def _difference(a: Any, b: Any) -> str | None:
+    """Why two modules cannot be stacked together (None when they can)."""
+    (arrays_a, static_a), (arrays_b, static_b) = eqx.partition(a, eqx.is_array), eqx.partition(b, eqx.is_array)
+    if jax.tree.structure(arrays_a) != jax.tree.structure(arrays_b) or eqx.tree_equal(static_a, static_b) is not True:
+        return "structure or static fields"
+    for x, y in zip(jax.tree.leaves(arrays_a), jax.tree.leaves(arrays_b)):
+        if (x.shape, x.dtype) != (y.shape, y.dtype):
+            return f"an array {x.shape} {x.dtype} vs {y.shape} {y.dtype}"
+    return None
+
+
+def stack_modules(modules: Sequence[Any], lead: tuple[int, ...], what: str = "modules") -> Any:
+    """Stack equal-structure modules along new leading axes `lead` (row-major), the inverse of `slice_layer`."""
+    for k, m in enumerate(modules[1:], 1):
+        why = _difference(modules[0], m)
+        if why is not None:
+            raise ValueError(f"{what}: item {k} ({type(m).__name__}) differs from item 0 "
+                             f"({type(modules[0]).__name__}) in {why}; stacked layers must agree")
+    parts = [eqx.partition(m, eqx.is_array) for m in modules]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(lead + xs[0].shape), *(a for a, _ in parts))
+    return eqx.combine(stacked, parts[0][1])
+
+
+def kind_ids(layers: Sequence[Any]) -> list[int]:
+    """Layers that may share a stacked run get the same id (same structure, shapes, dtypes, static fields)."""
+    reps: list[Any] = []
+    ids = []
+    for layer in layers:
+        k = next((k for k, rep in enumerate(reps) if _difference(rep, layer) is None), None)
+        if k is None:
+            reps.append(layer)
+            k = len(reps) - 1
+        ids.append(k)
+    return ids
+
+
+# ---- the stack --------------------------------------------------------------------------------------------------
+Step = Callable[[DecoderLayer, Array, Any], tuple[Array, Any]]
 
 
 class DecoderStack(eqx.Module):
-    """All decoder layers, stacked per run of the repeating layer pattern and applied with `lax.scan`."""
+    """All decoder layers, stacked per run of the repeating layer pattern and applied with `lax.scan`.
+
+    After surgery that regroups the layers (`g4.surgery`), `cache_slots` maps each flat layer to its entry in the
+    stock KV-cache layout `(run, repeat, slot)`, so caches made by `KVCache.init` keep working; None means the
+    stock layout.
+    """
 
     runs: tuple[DecoderLayer, ...]  # run j: every array has leading axes [num_repeats, run_length_j]
-    pattern: tuple[tuple[str, int], ...] = eqx.field(static=True)
+    remat: Remat
+    pattern: tuple[tuple[LayerKind, int], ...] = eqx.field(static=True)
     num_repeats: int = eqx.field(static=True)
-    remat: bool | str = eqx.field(static=True, default=False)  # True, False or a name in REMAT_POLICIES
     unroll: bool = eqx.field(static=True, default=False)
+    cache_slots: tuple[Location, ...] | None = eqx.field(static=True, default=None)
 
-    def __init__(self, cfg: TextConfig, *, key: PRNGKeyArray, dtype=jnp.float32, remat: bool | str = False,
-                 unroll: bool = False):
-        self.pattern, self.num_repeats = layer_pattern(cfg.layer_types)
-        keys = jax.random.split(key, len(self.pattern))
+    @classmethod
+    def build(cls, cfg: TextConfig, *, key: PRNGKeyArray, dtype=jnp.float32, remat: bool | str | Remat = False,
+              unroll: bool = False, numerics: Numerics = XLA(), kernel: AttentionKernel = XLAKernel()) -> DecoderStack:
+        """The stock stack of `cfg`, randomly initialised."""
+        pattern, repeats = layer_pattern(cfg.layer_types), layer_repeats(cfg.layer_types)
         runs = []
-        for (layer_type, length), k in zip(self.pattern, keys):
-            make = lambda kk, t=layer_type: DecoderLayer(cfg, t, key=kk, dtype=dtype)
-            ks = jax.random.split(k, (self.num_repeats, length))
-            runs.append(eqx.filter_vmap(eqx.filter_vmap(make))(ks))
-        self.runs = tuple(runs)
-        self.remat = check_remat(remat)
-        self.unroll = unroll
+        for (kind, length), k in zip(pattern, jax.random.split(key, len(pattern))):
+            make = lambda kk, kind=kind: DecoderLayer(cfg, kind, key=kk, dtype=dtype, numerics=numerics, kernel=kernel)
+            runs.append(eqx.filter_vmap(eqx.filter_vmap(make))(jax.random.split(k, (repeats, length))))
+        return cls(runs=tuple(runs), remat=as_remat(remat), pattern=pattern, num_repeats=repeats, unroll=unroll)
 
     # ---- layer indexing (checkpoint names use the flat HF index) ---------------------------------
     @property
     def period(self) -> int:
         return sum(c for _, c in self.pattern)
 
-    def locate(self, layer_idx: int) -> tuple[int, int, int]:
+    @property
+    def num_layers(self) -> int:
+        return self.period * self.num_repeats
+
+    def locate(self, layer_idx: int) -> Location:
         """Flat layer index -> (run, repeat, slot within the run)."""
         repeat, offset = divmod(layer_idx, self.period)
         for run, (_, length) in enumerate(self.pattern):
             if offset < length:
                 return run, repeat, offset
             offset -= length
-        raise AssertionError("unreachable")
+        raise IndexError(f"layer {layer_idx}: the stack has {self.num_layers} layers")
 
     def layer(self, layer_idx: int) -> DecoderLayer:
         """One layer as an unstacked module (a view, for inspection and surgery)."""
         run, repeat, slot = self.locate(layer_idx)
-        return jax.tree.map(lambda a: a[repeat, slot] if eqx.is_array(a) else a, self.runs[run])
+        return slice_layer(self.runs[run], repeat, slot)
 
-    @property
-    def num_layers(self) -> int:
-        return self.period * self.num_repeats
-
+    # ---- applying the layers ---------------------------------------------------------------------
     def __call__(
         self,
         h: Float[Array, "seq hidden"],
@@ -161,44 +195,66 @@ class DecoderStack(eqx.Module):
         masks: Mapping[str, Bool[Array, "seq seq"]],
         band: int | None = None,
     ) -> Float[Array, "seq hidden"]:
-        """`band`: the sliding layers' mask is a pure window of that size (text only); their stock softmax
-        attention then runs in blocks (`layers.attention.banded_attention`)."""
-        params, static = eqx.partition(self.runs, eqx.is_array)
+        """Every layer over a whole sequence. `band`: the sliding layers' mask is a pure window of that size (text
+        only), which their attention may use to run in blocks (`layers.kernels.banded_attention`)."""
 
-        def run_layer(static_layer) -> Callable:
-            banded = static_layer.layer_type == "sliding_attention" and isinstance(static_layer.self_attn, Attention)
+        def step(layer: DecoderLayer, h, _):
+            return layer(h, positions, masks[layer.kind], band if layer.kind == LayerKind.SLIDING else None), None
 
-            def body(h, layer_params):
-                layer = eqx.combine(layer_params, static_layer)
-                return layer(h, positions, masks[layer.layer_type], band if banded else None), None
-            return rematerialised(body, self.remat)
-
-        def period(h, period_params):
-            for run_params, static_layer in zip(period_params, static):
-                h, _ = jax.lax.scan(run_layer(static_layer), h, run_params, unroll=self.unroll)
-            return h, None
-
-        h, _ = jax.lax.scan(period, h, params, unroll=self.unroll)
+        h, _ = scan_layers(self, h, step)
         return h
 
-    def with_cache(self, h: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv_runs: tuple, ctx):
-        """Apply every layer to a chunk of new tokens with its KV cache; returns (h, updated per-run caches)."""
-        params, static = eqx.partition(self.runs, eqx.is_array)
+    def with_cache(
+        self,
+        h: Float[Array, "chunk hidden"],
+        positions: Int[Array, " chunk"],
+        kv_runs: tuple[LayerCache, ...],
+        ctx: CacheContext,
+    ) -> tuple[Float[Array, "chunk hidden"], tuple[LayerCache, ...]]:
+        """Every layer over a chunk of new tokens with its KV cache (stock layout); returns the updated caches."""
+        step = lambda layer, h, kv: layer.with_cache(h, positions, kv, ctx)
+        if self.cache_slots is None:
+            return scan_layers(self, h, step, kv_runs)
+        # A regrouped stack: gather the stock cache into this stack's layout, run, and scatter it back.
+        per_layer = [slice_layer(kv_runs[j], r, s) for j, r, s in self.cache_slots]
+        mine = tuple(stack_modules([per_layer[i] for i in self.members(j)], (self.num_repeats, length), "cache")
+                     for j, (_, length) in enumerate(self.pattern))
+        h, mine = scan_layers(self, h, step, mine)
+        updated = [slice_layer(mine[run], r, s) for run, r, s in map(self.locate, range(self.num_layers))]
+        out = []
+        for j, stock in enumerate(kv_runs):
+            members = sorted((r, s, i) for i, (jj, r, s) in enumerate(self.cache_slots) if jj == j)
+            lead = jax.tree.leaves(stock)[0].shape[:2]
+            out.append(stack_modules([updated[i] for _, _, i in members], lead, "cache"))
+        return h, tuple(out)
 
-        def run_layer(static_layer) -> Callable:
-            def body(h, xs):
-                layer_params, kv = xs
-                h, kv = eqx.combine(layer_params, static_layer).with_cache(h, positions, kv, ctx)
-                return h, kv
-            return rematerialised(body, self.remat)
+    def members(self, run: int) -> list[int]:
+        """Flat indices of the layers stacked in `run`, in (repeat, slot) order."""
+        return [i for i in range(self.num_layers) if self.locate(i)[0] == run]
 
-        def period(h, xs):
-            period_params, period_kv = xs
-            new_kv = []
-            for run_params, static_layer, kv in zip(period_params, static, period_kv):
-                h, kv = jax.lax.scan(run_layer(static_layer), h, (run_params, kv), unroll=self.unroll)
-                new_kv.append(kv)
-            return h, tuple(new_kv)
 
-        h, kv_runs = jax.lax.scan(period, h, (params, tuple(kv_runs)), unroll=self.unroll)
-        return h, kv_runs
+def scan_layers(stack: DecoderStack, h: Array, step: Step, per_layer: tuple | None = None) -> tuple[Array, tuple]:
+    """Apply `step(layer, h, x) -> (h, y)` to every layer in order, with `lax.scan` over the repeats and each run.
+
+    `per_layer`: per-run pytrees stacked `[repeats, run_length, ...]` like `stack.runs` (e.g. the KV cache's
+    entries), sliced to the layer's `x`; None gives `x = None`. Returns the final `h` and the steps' `y`s, stacked
+    the same way per run. Each layer body is rematerialised as the stack's `remat` policy says.
+    """
+    params, static = eqx.partition(stack.runs, eqx.is_array)
+    xs = tuple(None for _ in stack.runs) if per_layer is None else tuple(per_layer)
+
+    def run_body(static_layer) -> Callable:
+        def body(h, inputs):
+            layer_params, x = inputs
+            return step(eqx.combine(layer_params, static_layer), h, x)
+        return stack.remat.wrap(body)
+
+    def period(h, inputs):
+        period_params, period_xs = inputs
+        ys = []
+        for run_params, static_layer, x in zip(period_params, static, period_xs):
+            h, y = jax.lax.scan(run_body(static_layer), h, (run_params, x), unroll=stack.unroll)
+            ys.append(y)
+        return h, tuple(ys)
+
+    return jax.lax.scan(period, h, (params, xs), unroll=stack.unroll)

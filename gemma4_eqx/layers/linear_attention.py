@@ -7,13 +7,14 @@ values, norms, RoPE and the KV cache are the wrapped `Attention`'s own, so only 
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .attention import Attention
-from .norm import compute_dtype
+from ..cache import CacheContext, LayerCache
+from .attention import AbstractAttention, Attention
+from .numerics import compute_dtype
+from .policy import Invariant, Numerics, Policy
 
 
 def linear_attention(
@@ -39,17 +40,29 @@ def linear_attention(
     return out.reshape(t, h, d).astype(q.dtype)
 
 
-class LinearAttention(eqx.Module):
+class LinearAttention(AbstractAttention):
     """Linear attention that reuses a pretrained `Attention`'s projections, norms and RoPE (a learnable,
-    identity-initialised feature map per KV head). Same interface as `Attention`, KV cache included."""
+    identity-initialised feature map per KV head). Same interface as `Attention`, KV cache included.
+
+    Its own core follows XLA's rounding: under `Invariant` numerics it cannot promise shape-independent sums, so
+    switching a model that holds one to `"invariant"` raises `PolicyError` naming it.
+    """
 
     attention: Attention
     feature_map: Float[Array, "kv_heads head_dim features"]
+    numerics: Numerics
 
     def __init__(self, attention: Attention):
         self.attention = attention
         eye = jnp.eye(attention.head_dim, dtype=attention.o_proj.weight.dtype)
         self.feature_map = jnp.broadcast_to(eye, (attention.num_kv_heads,) + eye.shape)
+        self.numerics = attention.numerics
+
+    def refuses(self, policy: Policy) -> str | None:
+        if isinstance(policy, Invariant):
+            return ("its kernel (feature maps, then sums over keys) has no shape-invariant form; run it under 'xla' "
+                    "or 'torch_cpu'")
+        return None
 
     def _out(
         self,
@@ -67,11 +80,20 @@ class LinearAttention(eqx.Module):
         x: Float[Array, "seq hidden"],
         positions: Int[Array, " seq"],
         mask: Bool[Array, "seq seq"],
+        band: int | None = None,
     ) -> Float[Array, "seq hidden"]:
+        """`band` is ignored: the masked form honours any mask."""
         k, v = self.attention.keys_values(x, positions)
         return self._out(self.attention.queries(x, positions), k, v, mask)
 
-    def with_cache(self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"], kv, ctx, sliding: bool):
+    def with_cache(
+        self,
+        x: Float[Array, "chunk hidden"],
+        positions: Int[Array, " chunk"],
+        kv: LayerCache,
+        ctx: CacheContext,
+    ) -> tuple[Float[Array, "chunk hidden"], LayerCache]:
         """The cache holds the same keys/values as for softmax attention (see `Attention.with_cache`)."""
-        k, v, mask, kv = self.attention.read_write_cache(x, positions, kv, ctx, sliding)
-        return self._out(self.attention.queries(x, positions), k, v, mask), kv
+        a = self.attention
+        k, v, mask, _, kv = kv.update(a.finish_kv, *a.raw_kv(x), positions, ctx)
+        return self._out(a.queries(x, positions), k, v, mask), kv

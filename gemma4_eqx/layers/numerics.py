@@ -1,4 +1,4 @@
-"""Numerics modes: XLA's own rounding (default), torch's CPU kernels reproduced bit for bit, or shape invariance.
+"""The arithmetic behind the numerics policies (`layers/policy.py`: `XLA`, `TorchCPU`, `Invariant`).
 
 The model's maths is one formula, but a float32 sum depends on the order it adds in and a tanh on its last bit.
 `"xla"` lets XLA choose (fast, on any backend). `"torch_cpu"` reproduces, in plain XLA ops, the three places
@@ -23,7 +23,7 @@ vectorisation and fusion per shape, so by default a row reduction or a fused exp
 no-cache forward to rounding. Under `"invariant"`:
 
 - RMSNorm sums each row in the fixed cascade order of `torch_cpu_sum` (explicit adds, independent of the rows);
-- attention (`layers.attention.ordered_attention`) sums its scores one head_dim component at a time and its
+- attention (`layers.kernels.ordered_attention`) sums its scores one head_dim component at a time and its
   softmax and values one key at a time in key order, so masked keys and empty slots add exact zeros; its
   inputs, exponentials and outputs sit behind optimization barriers so that XLA fuses them the same way for
   every shape; the sliding layers read their ring buffer oldest first;
@@ -39,7 +39,6 @@ contexts) and the score matrix is always built.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
@@ -51,10 +50,6 @@ import ml_dtypes
 import numpy as np
 from jaxtyping import Array, Float
 
-NUMERICS = ("xla", "torch_cpu", "invariant")
-# Modes whose RMSNorm sums each row in the explicit `torch_cpu_sum` order.
-FIXED_ORDER_SUMS = ("torch_cpu", "invariant")
-
 # torch's float sum kernel on x86-64 accumulates in vectors of 8 lanes (AVX2 width; also on AVX-512 machines,
 # measured), with 4 vectors in flight and a cascade of 4 levels; see `torch_cpu_sum`.
 TORCH_SUM_LANES = 8
@@ -65,21 +60,21 @@ SLEEF_TANHF_SATURATES_ABOVE = 8.664339742
 EXCESS_PRECISION_FLAG = "--xla_allow_excess_precision=false"
 
 
-def replaced(module, **fields):
-    """A shallow copy of an Equinox module with `fields` (static ones included) set: the same arrays.
+def compute_dtype(dtype):
+    """fp32 for bf16/f16/fp32 activations (as transformers upcasts), fp64 stays fp64 (for gradient checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
-    How the `with_numerics` / `with_implementation` methods switch a static field without rebuilding a layer.
+
+def rowwise_matmul(x: Float[Array, "*batch k"], w: Float[Array, "k n"]) -> Float[Array, "*batch n"]:
+    """`x @ w` one row of `x` at a time, each through the same vector-matrix kernel (`numerics="invariant"`).
+
+    XLA picks a matmul's summation order by its shape (on CPU a 64-row product of a 64x32 weight rounds row 0
+    differently from a 1-row one), which would make a token's result depend on how many tokens share the call.
     """
-    new = copy.copy(module)
-    for name, value in fields.items():
-        object.__setattr__(new, name, value)
-    return new
-
-
-def check_numerics(numerics: str) -> str:
-    if numerics not in NUMERICS:
-        raise ValueError(f"numerics: expected one of {NUMERICS}, found {numerics!r}")
-    return numerics
+    barrier = jax.lax.optimization_barrier
+    rows = x.reshape(-1, x.shape[-1])
+    y = jax.lax.map(lambda row: barrier(barrier(row) @ w), rows)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def excess_precision_disabled() -> bool:

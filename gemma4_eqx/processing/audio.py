@@ -114,7 +114,7 @@ def as_waveform_list(raw_speech: Any) -> list[np.ndarray]:
         )
     if isinstance(raw_speech, (list, tuple)):
         if raw_speech and all(isinstance(x, (int, float, np.floating, np.integer)) for x in raw_speech):
-            return [_as_mono(np.asarray(raw_speech), 0)]
+            return [_as_mono(np.asarray(raw_speech, dtype=np.float64), 0)]
         return [_as_mono(np.asarray(w), i) for i, w in enumerate(raw_speech)]
     raise TypeError(f"audio: expected numpy waveforms, got {type(raw_speech).__name__}")
 
@@ -125,9 +125,21 @@ def _as_mono(waveform: np.ndarray, index: int) -> np.ndarray:
             f"audio {index}: expected a 1-D mono waveform, got shape {waveform.shape}; downmix several "
             "channels with x.mean(axis=channel_axis) or load_audio(path, downmix=True)"
         )
-    if not (np.issubdtype(waveform.dtype, np.floating) or np.issubdtype(waveform.dtype, np.integer)):
-        raise TypeError(f"audio {index}: expected float samples, got dtype {waveform.dtype}")
+    if waveform.dtype.type in PCM_SCALE:
+        # Integer PCM samples, scaled to [-1, 1) as soundfile (transformers' audio loader) reads them from a file.
+        offset, scale = PCM_SCALE[waveform.dtype.type]
+        return ((waveform.astype(np.float64) - offset) / scale).astype(np.float32)
+    if not np.issubdtype(waveform.dtype, np.floating):
+        raise TypeError(f"audio {index}: expected float samples in [-1, 1] or integer PCM samples "
+                        f"(int8, uint8, int16, int32), got dtype {waveform.dtype}")
+    if not np.isfinite(waveform).all():
+        bad = int((~np.isfinite(waveform)).sum())
+        raise ValueError(f"audio {index}: {bad} of {waveform.size} samples are NaN or infinite; expected finite samples")
     return waveform.astype(np.float32, copy=False)
+
+
+# dtype -> (offset, divisor) taking PCM samples to [-1, 1): libsndfile's integer-to-float conversion.
+PCM_SCALE = {np.int8: (0, 2.0**7), np.uint8: (128, 2.0**7), np.int16: (0, 2.0**15), np.int32: (0, 2.0**31)}
 
 
 def load_audio(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -55,8 +56,23 @@ def aspect_ratio_preserving_size(
     return target_h, target_w
 
 
-def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
-    """PIL's own conversion; transparent images are composited onto white first (as transformers does)."""
+def _pil_to_rgb(image: PIL.Image.Image, what: str = "image") -> np.ndarray:
+    """PIL's own conversion; transparent images are composited onto white first (as transformers does).
+
+    16-bit, 32-bit integer and float images (modes I;16*, I, F) go through PIL's conversion too, which is what
+    transformers does: values are clipped to 0..255 and fractions dropped, never rescaled. That loses the image
+    when its values are not already 0..255, so a warning says so; NaN or infinite pixels are refused.
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{what}: a {image.mode} image with NaN or infinite pixels; expected finite values")
+        low, high = values.min(), values.max()
+        if low < 0 or high > 255 or (image.mode == "F" and not np.array_equal(values, np.floor(values))):
+            warnings.warn(f"{what}: a mode {image.mode} image with values in [{low}, {high}] is converted to RGB as "
+                          "transformers converts it (PIL clips to 0..255 and drops fractions, it does not rescale); "
+                          "scale it to 0..255 uint8 first, e.g. Image.fromarray((x / x.max() * 255).astype(np.uint8))",
+                          UserWarning, stacklevel=4)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -77,7 +93,7 @@ def array_to_rgb(array: np.ndarray, what: str = "image") -> np.ndarray:
     if array.dtype != np.uint8:
         raise TypeError(
             f"{what}: expected a uint8 array, got {array.dtype}; convert floats in [0, 1] with "
-            "(x * 255).round().astype(np.uint8)"
+            "(x * 255).round().astype(np.uint8) and 16-bit values with (x >> 8).astype(np.uint8)"
         )
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
         hint = " (channels-first? use array.transpose(1, 2, 0))" if array.ndim == 3 and array.shape[0] in (1, 3, 4) else ""
@@ -102,7 +118,7 @@ def to_rgb_array(image: ImageLike, what: str = "image") -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     if isinstance(image, PIL.Image.Image):
-        rgb = _pil_to_rgb(image)
+        rgb = _pil_to_rgb(image, what)
     elif isinstance(image, np.ndarray):
         rgb = array_to_rgb(image, what)
     else:

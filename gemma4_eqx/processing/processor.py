@@ -9,41 +9,29 @@ then the text is tokenized. Outputs are numpy arrays with transformers' names.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._batch import BatchFeature, check_return_tensors
 from .audio import AudioFeatureExtractor, load_audio
-from .chat_template import (builtin_template, extract_media, find_chat_template, normalize_conversations,
-                            render_chat_template, template_variables)
+from .chat_template import (CONTROL_TOKEN_END, CONTROL_TOKEN_START, builtin_template, control_token_patterns,
+                            control_tokens, extract_media, find_chat_template, mark_control_tokens,
+                            normalize_conversations, render_chat_template, template_variables)
+from .files import WARNED_BUILTIN, processor_config, read_json, resolve_folder, save_processor
 from .image import ImageProcessor, flatten_images
 from .tokenizer import Tokenizer
 from .video import VideoMetadata, VideoProcessor, batch_videos, timestamp_strings
 
-_TEXT_KEYS = {"add_special_tokens", "padding", "truncation", "max_length", "padding_side", "return_attention_mask"}
+_TEXT_KEYS = {"add_special_tokens", "padding", "truncation", "max_length", "padding_side", "return_attention_mask",
+              "sanitize_control_tokens"}
 _AUDIO_KEYS = {"padding", "max_length", "truncation", "sampling_rate", "return_attention_mask"}
 _IMAGE_KEYS = {"max_soft_tokens", "patch_size", "pooling_kernel_size", "do_resize", "do_rescale", "rescale_factor",
                "do_normalize", "image_mean", "image_std", "do_convert_rgb", "resample"}
 _VIDEO_KEYS = _IMAGE_KEYS | {"num_frames", "fps", "do_sample_frames"}
-_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja",
-          "chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json")
-
-
-def _resolve_folder(path_or_repo_id: str | os.PathLike) -> Path:
-    folder = Path(path_or_repo_id)
-    if folder.is_dir():
-        return folder
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"{path_or_repo_id} is not a folder (install huggingface_hub to download repos)") from None
-    return Path(snapshot_download(str(path_or_repo_id), allow_patterns=list(_FILES)))
 
 
 def _nest_images(images: Any) -> list[list[Any]] | None:
@@ -89,24 +77,35 @@ class Processor:
             setattr(self, name + "_id", tokenizer.convert_tokens_to_ids(token))
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike) -> "Processor":
-        """Read tokenizer.json, tokenizer_config.json, processor_config.json and chat_template.jinja."""
-        folder = _resolve_folder(path_or_repo_id)
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None,
+                        token: str | bool | None = None, local_files_only: bool | None = None) -> "Processor":
+        """Read tokenizer.json, tokenizer_config.json, processor_config.json and chat_template.jinja from a folder
+        or a Hub repo id (resolved as `g4.load` does: `revision`, `token`, offline mode with a clear error).
+
+        A folder without a chat template gets the built-in one (Google's 12B-it template, see chat_template.py)
+        with a one-time warning naming the folder; transformers would refuse apply_chat_template there.
+        """
+        folder = resolve_folder(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only)
         tokenizer = Tokenizer.from_pretrained(folder)
-        config: dict = {}
-        if (folder / "processor_config.json").is_file():
-            config = json.loads((folder / "processor_config.json").read_text())
-        image_cfg = config.get("image_processor") or _read_json(folder / "preprocessor_config.json")
-        video_cfg = config.get("video_processor") or _read_json(folder / "video_preprocessor_config.json")
+        config = read_json(folder / "processor_config.json")
+        image_cfg = config.get("image_processor") or read_json(folder / "preprocessor_config.json")
+        video_cfg = config.get("video_processor") or read_json(folder / "video_preprocessor_config.json")
         audio_cfg = config.get("feature_extractor") or {}
-        if not audio_cfg and "audio_samples_per_token" in _read_json(folder / "preprocessor_config.json"):
-            audio_cfg = _read_json(folder / "preprocessor_config.json")
+        if not audio_cfg and "audio_samples_per_token" in read_json(folder / "preprocessor_config.json"):
+            audio_cfg = read_json(folder / "preprocessor_config.json")
+        template = find_chat_template(folder, tokenizer.config)
+        if template is None and str(folder) not in WARNED_BUILTIN:
+            WARNED_BUILTIN.add(str(folder))
+            warnings.warn(f"{folder} has no chat template (chat_template.jinja, chat_template.json or a chat_template "
+                          "in tokenizer_config.json): using gemma4_eqx's built-in Gemma 4 template, which renders as "
+                          "google/gemma-4-12B-it's (transformers would refuse to apply a chat template here)",
+                          UserWarning, stacklevel=2)
         return cls(
             tokenizer,
             ImageProcessor.from_dict(image_cfg),
             VideoProcessor.from_dict(video_cfg),
             AudioFeatureExtractor.from_dict(audio_cfg),
-            chat_template=find_chat_template(folder, tokenizer.config),
+            chat_template=template,
             **{k: config[k] for k in ("image_seq_length", "audio_seq_length", "audio_ms_per_token") if k in config},
         )
 
@@ -124,7 +123,8 @@ class Processor:
     def expand_placeholders(self, text: list[str], replacements: dict[str, list[str]]) -> list[str]:
         """Replace the i-th marker of each modality (counted across the batch) by its i-th replacement."""
         markers = {"image": self.image_token, "video": self.video_token, "audio": self.audio_token}
-        groups = [f"(?P<{m}>{re.escape(markers[m])})" for m, r in replacements.items() if r]
+        # A marker the user typed under sanitize_control_tokens=True is wrapped in the private marks: not replaced.
+        groups = [f"(?<!{CONTROL_TOKEN_START})(?P<{m}>{re.escape(markers[m])})" for m, r in replacements.items() if r]
         if not groups:
             return text
         pattern = re.compile("|".join(groups))
@@ -170,6 +170,8 @@ class Processor:
             text = list(text)
             if not all(isinstance(t, str) for t in text):
                 raise TypeError("text must be a string or a list of strings")
+        if text is not None and not text:
+            raise ValueError("text is an empty list; expected one prompt string per sample")
         nested = _nest_images(images)
         if audio is not None:
             audio = [load_audio(a) if isinstance(a, (str, os.PathLike)) else a for a in _audio_list(audio)]
@@ -206,11 +208,17 @@ class Processor:
 
         expanded = self.expand_placeholders(text, replacements)
         text_inputs = self._tokenize(expanded, merged["text"])
+        mask = text_inputs.get("attention_mask")
+        lengths = mask.sum(axis=1) if mask is not None else [len(row) for row in text_inputs["input_ids"]]
+        empty = [i for i, n in enumerate(lengths) if n == 0]
+        if empty:  # "" is fine where the tokenizer adds <bos> (as in transformers); a prompt of no token is not
+            raise ValueError(f"text[{empty[0]}] is an empty prompt: it gives no token at all; expected some text "
+                             f"(with one {self.image_token} / {self.video_token} / {self.audio_token} per media item)")
         for modality, token_id in (("image", self.image_token_id), ("video", self.video_token_id),
                                    ("audio", self.audio_token_id)):
             marker = getattr(self, f"{modality}_token")
             ids_count = [int((row == token_id).sum()) for row in text_inputs["input_ids"]]
-            text_count = [sample.count(marker) for sample in expanded]
+            text_count = [_count_markers(sample, marker) for sample in expanded]
             if ids_count != text_count:
                 raise ValueError(
                     f"{modality} soft tokens were cut: the text has {text_count} {marker} but input_ids keep "
@@ -244,7 +252,7 @@ class Processor:
             return
         for modality, marker, items in (("images", self.image_token, flatten_images(nested) if nested else None),
                                          ("videos", self.video_token, videos), ("audio inputs", self.audio_token, audio)):
-            found = sum(sample.count(marker) for sample in text)
+            found = sum(_count_markers(sample, marker) for sample in text)
             if items is not None and found != len(items):
                 raise ValueError(
                     f"The total number of {marker} tokens in the prompts should be the same as the number of "
@@ -253,7 +261,7 @@ class Processor:
             if items is None and found:
                 raise ValueError(f"Found {found} {marker} tokens in the text but no {modality} were passed.")
         if nested is not None:
-            in_text = [sample.count(self.image_token) for sample in text]
+            in_text = [_count_markers(sample, self.image_token) for sample in text]
             given = [len(sample) for sample in nested]
             if in_text != given:
                 raise ValueError(
@@ -275,6 +283,7 @@ class Processor:
         return_dict: bool = False,
         return_tensors: str | None = "np",
         processor_kwargs: dict | None = None,
+        sanitize_control_tokens: bool = False,
         **kwargs: Any,
     ) -> str | list[str] | np.ndarray | BatchFeature:
         """Render conversation(s) with the chat template; with tokenize=True also run `__call__` on the
@@ -283,16 +292,33 @@ class Processor:
         Extra keywords (enable_thinking=True, ...) go to the template. As in transformers, those the template
         never reads (e.g. images_kwargs={"max_soft_tokens": 70}, max_soft_tokens=70) also go to `__call__`,
         merged into `processor_kwargs`, with a warning that the dict is the preferred spelling.
+
+        Control tokens (<|turn>, <turn|>, <|image|>, ...) written in the inputs are rendered as they are, so user text
+        can open a turn; with `sanitize_control_tokens=True` (transformers' option, needs tokenize=True) every control
+        token found in messages, tools, documents and template keywords is tokenized as plain text instead, and only
+        those the template writes itself become control tokens (a `<|image|>` typed by the user then asks for no image).
+        A role holding a control token or a line break is always refused, as are content given as a dict and content
+        blocks of an unknown type.
         """
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
-        conversations, batched = normalize_conversations(conversation)
         template = chat_template or self.chat_template
+        controls = control_tokens(self.tokenizer.added_tokens(), template)
+        conversations, batched = normalize_conversations(conversation, controls)
+        render_kwargs = kwargs
+        if sanitize_control_tokens:
+            if not tokenize:
+                raise ValueError("sanitize_control_tokens=True needs tokenize=True (the marks only mean something to "
+                                 "the tokenizer)")
+            pattern, _ = control_token_patterns(controls)
+            conversations = [mark_control_tokens(conv, pattern) for conv in conversations]
+            tools, documents = mark_control_tokens(tools, pattern), mark_control_tokens(documents, pattern)
+            render_kwargs = mark_control_tokens(kwargs, pattern)
         prompts = []
         for conv in conversations:
             prompt = render_chat_template(
                 template, conv, add_generation_prompt=add_generation_prompt, tools=tools, documents=documents,
-                special_tokens=self.tokenizer.special_tokens_map, **kwargs,
+                special_tokens=self.tokenizer.special_tokens_map, **render_kwargs,
             )
             if continue_final_message:
                 prompt = _cut_after_final_message(prompt, conv[-1])
@@ -315,7 +341,9 @@ class Processor:
             call_kwargs.setdefault("add_special_tokens", False)
         flat_videos = [v for sample in videos for v in sample]
         if flat_videos and any(m is not None for m in video_metadata) and "video_metadata" not in call_kwargs:
-            call_kwargs["video_metadata"] = [{"fps": None} if m is None else m for m in video_metadata]
+            call_kwargs["video_metadata"] = [{} if m is None else m for m in video_metadata]
+        if sanitize_control_tokens:
+            call_kwargs["sanitize_control_tokens"] = True
         out = self(
             text=prompts,
             images=images if any(images) else None,
@@ -326,9 +354,29 @@ class Processor:
         )
         return out if return_dict else out["input_ids"]
 
+    # ------------------------------------------------------------------ decoding and saving
+    def decode(self, token_ids: Any, skip_special_tokens: bool = False) -> str:
+        """The tokenizer's decode: ids (a list or a 1-D array) -> text."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        """One text per row of `sequences` (a list of id lists or a 2-D array)."""
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+    def to_dict(self) -> dict:
+        """processor_config.json as transformers' Gemma4UnifiedProcessor reads it."""
+        return processor_config(self)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> list[str]:
+        """Write tokenizer.json, tokenizer_config.json, chat_template.jinja and processor_config.json into `folder`
+        (created if needed) so that this class and transformers' AutoProcessor read them back. Each file is written
+        under a temporary name and renamed into place, so a failure never leaves a half-written file."""
+        return save_processor(self, folder)
+
+
+def _count_markers(text: str, marker: str) -> int:
+    """Occurrences of a media marker, leaving out those marked as user text (sanitize_control_tokens=True)."""
+    return text.count(marker) - text.count(CONTROL_TOKEN_START + marker + CONTROL_TOKEN_END)
 
 
 def _looks_like_text(images: Any) -> bool:

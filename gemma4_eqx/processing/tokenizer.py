@@ -62,8 +62,19 @@ class Tokenizer:
         if not tokenizer_json.is_file():
             raise FileNotFoundError(f"{tokenizer_json} not found (gemma4_eqx needs the tokenizers-format tokenizer.json)")
         config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        return cls(_BackendTokenizer.from_file(str(tokenizer_json)), config)
+        config: dict = {}
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+        try:
+            backend = _BackendTokenizer.from_file(str(tokenizer_json))
+        except Exception as e:  # the tokenizers library says only e.g. "key must be a string at line 1 column 2"
+            raise ValueError(f"{tokenizer_json}: not a valid tokenizers-format tokenizer.json ({e})") from e
+        return cls(backend, config)
 
     def __getattr__(self, name: str) -> Any:
         # bos_token, image_token, boi_token, ... and their *_id twins, looked up by token string.
@@ -106,6 +117,41 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def added_tokens(self) -> dict[str, bool]:
+        """Every added token of tokenizer.json -> whether it is special."""
+        return {t.content: bool(t.special) for t in self.backend.get_added_tokens_decoder().values()}
+
+    def encode_plain(self, text: str) -> list[int]:
+        """`text` as plain text: no added token, special or not, is matched (transformers'
+        `_encode_without_added_tokens`: the normalizer, the pre-tokenizer and the model, nothing else)."""
+        backend = self.backend
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        splits = [text] if backend.pre_tokenizer is None else [s for s, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+        return [token.id for split in splits for token in backend.model.tokenize(split)]
+
+    def encode_marked(self, text: str) -> list[int]:
+        """Encode a chat rendered from inputs marked by `chat_template.mark_control_tokens`: marked control tokens
+        become plain text, everything else (the template's own control tokens) is encoded as usual."""
+        from .chat_template import control_token_patterns
+
+        _, markers = control_token_patterns(tuple(self.added_tokens()))
+        pieces = markers.split(text)
+        newline = self.encode("\n", add_special_tokens=False)
+        ids = self.encode(pieces[0], add_special_tokens=False)
+        for i, piece in enumerate(pieces[1:], start=1):
+            if not piece:
+                continue
+            as_text = i % 2 == 1  # odd pieces are marked tokens
+            encode = self.encode_plain if as_text else (lambda t: self.encode(t, add_special_tokens=False))
+            # After a newline, so no prefix space is added at the start of the piece; the newline is removed again.
+            piece_ids = encode("\n" + piece)
+            piece_ids = piece_ids[len(newline):] if piece_ids[: len(newline)] == newline else encode(piece)
+            if as_text and self.convert_tokens_to_ids(piece) in piece_ids:
+                raise ValueError(f"cannot sanitize {piece!r}: the tokenizer produces it from plain text")
+            ids += piece_ids
+        return ids
+
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens)
 
@@ -126,6 +172,7 @@ class Tokenizer:
     ) -> BatchFeature:
         """input_ids and attention_mask. padding: True / "longest" or "max_length" (needs max_length)."""
         check_return_tensors(return_tensors)
+        sanitize = bool(kwargs.pop("sanitize_control_tokens", False))
         unknown = set(kwargs) - {"return_token_type_ids", "verbose"}
         if unknown:
             raise TypeError(f"tokenizer: unexpected keyword argument(s) {sorted(unknown)}")
@@ -133,7 +180,13 @@ class Tokenizer:
         texts = [text] if single else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a list of strings")
-        ids = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        if sanitize:  # texts rendered from marked chat inputs (Processor.apply_chat_template)
+            if add_special_tokens and self.backend.post_processor is not None and \
+                    self.backend.post_processor.num_special_tokens_to_add(False):
+                raise ValueError("sanitize_control_tokens=True needs add_special_tokens=False (the template writes <bos>)")
+            ids = [self.encode_marked(t) for t in texts]
+        else:
+            ids = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
         if truncation:
             if max_length is None:
                 raise ValueError("truncation=True needs max_length")

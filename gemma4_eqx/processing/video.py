@@ -10,6 +10,8 @@ The prompt text for each video (`MM:SS <|image>` + soft tokens + `<image|>` per 
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from collections.abc import Sequence
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+from jaxtyping import UInt8
 
 from ._batch import BatchFeature, check_return_tensors, stack_or_empty
 from .image import ImageProcessor, array_to_rgb, check_max_soft_tokens
@@ -35,6 +38,11 @@ class VideoMetadata:
     height: int | None = None
     duration: float | int | None = None
     video_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and (isinstance(self.fps, bool) or not math.isfinite(self.fps) or self.fps <= 0):
+            raise ValueError(f"video_metadata fps={self.fps!r}: expected a positive number of frames per second "
+                             "(or None, which assumes 24 as transformers does)")
 
     @classmethod
     def from_any(cls, meta: Any) -> "VideoMetadata":
@@ -67,6 +75,10 @@ def sample_frame_indices(
     """transformers' default sampling: N uniformly spaced frames, arange(N) * T // N in integers."""
     if num_frames is not None and fps is not None:
         raise ValueError("num_frames and fps are mutually exclusive: pass only one of them")
+    if num_frames is not None and (isinstance(num_frames, bool) or int(num_frames) != num_frames or num_frames < 1):
+        raise ValueError(f"num_frames={num_frames!r}: expected a whole number of frames >= 1 (or None with fps=...)")
+    if fps is not None and (isinstance(fps, bool) or not math.isfinite(fps) or fps <= 0):
+        raise ValueError(f"fps={fps!r}: expected a positive sampling rate in frames per second")
     if num_frames is None and fps is not None:
         if video_fps is None:
             raise ValueError("sampling by fps needs the video's own fps in video_metadata")
@@ -79,6 +91,34 @@ def sample_frame_indices(
             "pass num_frames (or fps) small enough, or do_sample_frames=False to keep every frame"
         )
     return np.arange(num_frames, dtype=np.int64) * total // num_frames
+
+
+def load_video(path: str | os.PathLike) -> tuple[UInt8[np.ndarray, "frames height width 3"], dict]:
+    """Decode every frame of a video file with PyAV (`pip install av`, the `video` extra) to RGB uint8, and the
+    metadata the video processor takes: total_num_frames, the stream's fps, width, height, duration."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError(f"reading the video file {path} needs PyAV: pip install av (or gemma4-eqx[video])") from None
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video file {path} not found")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: the file has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    except av.FFmpegError as e:
+        raise ValueError(f"{path}: PyAV cannot decode it ({e})") from e
+    if not frames:
+        raise ValueError(f"{path}: the video stream has no frames")
+    fps = float(rate) if rate else None
+    video = np.stack(frames)
+    meta = {"total_num_frames": len(frames), "fps": fps, "height": video.shape[1], "width": video.shape[2],
+            "duration": len(frames) / fps if fps else None, "video_backend": "pyav"}
+    return video, meta
 
 
 def _video_to_array(video: Any, what: str) -> np.ndarray:
@@ -162,7 +202,11 @@ class VideoProcessor:
         proc = replace(self, **overrides) if overrides else self
 
         videos = batch_videos(videos)
-        metas = self._metadata_list(videos, video_metadata)
+        file_meta: list[dict | None] = [None] * len(videos)
+        for i, video in enumerate(videos):
+            if isinstance(video, (str, os.PathLike)):
+                videos[i], file_meta[i] = load_video(video)
+        metas = self._metadata_list(videos, video_metadata, file_meta)
         frame_proc = proc._frame_processor()
         pixel_values, position_ids, frames_per_video, tokens_per_video, out_meta = [], [], [], [], []
         for v, (video, meta) in enumerate(zip(videos, metas)):
@@ -199,7 +243,8 @@ class VideoProcessor:
     preprocess = __call__
 
     @staticmethod
-    def _metadata_list(videos: list, video_metadata: Any) -> list[VideoMetadata]:
+    def _metadata_list(videos: list, video_metadata: Any, file_meta: list[dict | None] | None = None) -> list[VideoMetadata]:
+        """The caller's metadata per video; for a decoded file, the file's values fill what the caller left out."""
         if video_metadata is None:
             video_metadata = [{} for _ in videos]
         elif isinstance(video_metadata, (dict, VideoMetadata)):
@@ -207,9 +252,10 @@ class VideoProcessor:
         if len(video_metadata) != len(videos):
             raise ValueError(f"received {len(videos)} videos but {len(video_metadata)} video_metadata entries")
         metas = []
-        for video, meta in zip(videos, video_metadata):
+        for video, meta, found in zip(videos, video_metadata, file_meta or [None] * len(videos)):
             if isinstance(meta, dict):
-                meta = {"total_num_frames": len(video), **meta}
+                given = {k: v for k, v in meta.items() if v is not None} if found else meta
+                meta = {"total_num_frames": len(video), **(found or {}), **given}
             metas.append(VideoMetadata.from_any(meta))
         for i, meta in enumerate(metas):
             if meta.fps is None:
