@@ -131,6 +131,54 @@ def cmd_generate(args) -> int:
     return 130 if result.interrupted else 0
 
 
+def cmd_chat(args) -> int:
+    """An interactive conversation (`g4.ChatSession`): one user turn per stdin line; /reset, /quit."""
+    import time
+
+    import jax
+
+    from . import hub
+    from .chat import ChatSession
+    from .processing import Processor
+    from .streaming import TextStreamer
+
+    name = _resolve_model(args.model)
+    folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
+    model = hub.load(folder, dtype=_jnp_dtype(args.dtype))
+    proc = Processor.from_pretrained(folder)
+    settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
+    chat = ChatSession(model, proc, system=args.system, generation_config=folder, key=jax.random.key(args.seed),
+                       max_new_tokens=args.max_new_tokens, max_context=args.max_context,
+                       enable_thinking=args.thinking, **settings)
+    interactive = sys.stdin.isatty()
+    print(f"[{name}: chatting; /reset starts over, /quit or end of input leaves]", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            chat.reset()
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        streamer = TextStreamer(proc.tokenizer, stop_ids=chat.stop_ids)
+        try:
+            reply = chat.send(line, streamer=streamer)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            return 130
+        streamer.end()
+        dt = time.perf_counter() - streamer.start
+        ttft, n = streamer.time_to_first_token, streamer.tokens
+        rate = f"{(n - 1) / (dt - ttft):.1f} tokens/s" if n > 1 and dt > ttft else "- tokens/s"
+        print(f"\n[{n} tokens; prefilled {reply.prefilled}, reused {reply.reused} from the cache; time to first "
+              f"token {ttft:.2f} s; decode {rate}]", file=sys.stderr)
+
+
 def _verify_cases(folder: str, cfg) -> list[tuple]:
     """(name, batch inputs, recorded transformers logits or None, mask mode) to run both models on."""
     import numpy as np
@@ -210,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-special", action="store_true", help="print special tokens too")
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="an interactive conversation that keeps its KV cache (stdin lines; /reset, /quit)")
+    _model_arg(p)
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per reply")
+    p.add_argument("--max-context", type=int, default=4096, help="cache slots for the whole conversation")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="config, parameter counts, memory estimate (no weights are read)")
     p.add_argument("--model", default=None, help="checkpoint folder, Hub repo id or a config.json file "
