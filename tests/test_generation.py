@@ -9,7 +9,7 @@ import pytest
 
 import gemma4_eqx as g4
 from gemma4_eqx.batching import split_batch, stack_samples
-from gemma4_eqx.cache import cache_bytes
+from gemma4_eqx.cache import FullKV, RawKeyKV, cache_bytes
 from gemma4_eqx.generation import top_k_mask, top_p_mask
 from gemma4_eqx.sampling import ordered_log_softmax
 
@@ -113,7 +113,7 @@ def test_k_and_v_in_the_cache_equal_raw_keys():
         m64 = g4.load(ref.checkpoint_dir("tiny_a"), dtype=jnp.float64)
         caches = [g4.KVCache.init(m64.config, max_len=ids.shape[0] + 8, dtype=jnp.float64, raw_keys=r)
                   for r in (True, False)]
-        assert caches[0].layers[-1].raw is not None and caches[1].layers[-1].raw is None
+        assert isinstance(caches[0].layers[-1], RawKeyKV) and isinstance(caches[1].layers[-1], FullKV)
         out = []
         for cache in caches:
             logits, cache = m64.prefill(ids, cache, **prompt)
