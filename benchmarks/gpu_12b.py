@@ -37,7 +37,7 @@ import numpy as np
 
 import gemma4_eqx as g4
 from gemma4_eqx.cache import cache_bytes
-from gemma4_eqx.layers import attention as attn
+from gemma4_eqx.layers import kernels as attn
 from gemma4_eqx.masks import causal, inside_window
 from gemma4_eqx.testing import random_model
 

@@ -1,5 +1,12 @@
 """gemma4-eqx: Gemma 4 12B Unified in JAX/Equinox."""
 
+# GEMMA4_EQX_TYPECHECK=1: shape-check every annotated function (jaxtyping + beartype). The hook must be in place
+# before any submodule is imported, so this comes first (see gemma4_eqx/typecheck.py).
+from . import typecheck
+
+if typecheck.requested():
+    typecheck.install()
+
 from .config import AudioConfig, ConfigError, Gemma4Config, TextConfig, VisionConfig, small_config
 from .checkpoint import CheckpointError
 from .hub import load, save
@@ -17,14 +24,14 @@ from . import assets, batching
 __all__ = ["XLA", "AudioConfig", "AutoKernel", "ChatSession", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
            "Gemma4Config", "GenerationConfig", "GenerationResult", "Invariant", "KVCache", "Media", "PolicyError",
            "Processor", "Remat", "Reply", "TextConfig", "TorchCPU", "VisionConfig", "XLAKernel", "batching", "bridge",
-           "count_parameters", "generate", "load", "nnx", "save", "sharding", "small_config", "surgery", "train",
-           "with_policy"]
+           "count_parameters", "generate", "load", "losses", "nnx", "save", "sharding", "small_config", "surgery",
+           "train", "typecheck", "with_policy"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
     # The NNX reference and the bridge import flax: load them on first use only.
-    if name in ("bridge", "nnx", "sharding", "surgery", "train"):
+    if name in ("bridge", "losses", "nnx", "sharding", "surgery", "train"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -1,13 +1,23 @@
-"""The `gemma4-eqx` command line. With no `--model`, every command uses the small bundled checkpoint."""
+"""The `gemma4-eqx` command line. With no `--model`, every command uses the small bundled checkpoint.
+
+Every input (files, folders, numbers) is checked before a model is loaded; a problem is one line on stderr
+naming the flag, exit status 1 (`--debug` shows the traceback instead). A closed stdout (`| head`) ends the
+command quietly.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from .assets import TINY_CHECKPOINT
+from .cli_checks import (CliError, Parser, check_convert, check_generate, check_info, check_verify, float_in, int_in,
+                         shard_size)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -21,13 +31,13 @@ def _resolve_model(name: str | None) -> str:
     return os.fspath(TINY_CHECKPOINT) if name is None else name
 
 
-def _jnp_dtype(name: str | None):
+def _jnp_dtype(name: str | None) -> Any:
     import jax.numpy as jnp
 
     return None if name is None else {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
-def cmd_info(args) -> int:
+def cmd_info(args: argparse.Namespace) -> int:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -52,7 +62,7 @@ def cmd_info(args) -> int:
     info = {
         "model": _resolve_model(args.model),
         "layers": f"{t.num_hidden_layers} ({t.num_hidden_layers - n_full} sliding, {n_full} full)",
-        "layer pattern": abstract.layers.pattern, "pattern repeats": abstract.layers.num_repeats,
+        "layer pattern": [(kind.value, n) for kind, n in abstract.layers.pattern], "pattern repeats": abstract.layers.num_repeats,
         "hidden / intermediate": f"{t.hidden_size} / {t.intermediate_size}",
         "sliding attention": f"{t.num_attention_heads} q heads x {t.head_dim}, {t.num_key_value_heads} kv heads, "
                              f"window {t.sliding_window}",
@@ -77,7 +87,58 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _generation_defaults(folder: str) -> dict[str, Any]:
+    """stop ids, suppressed ids and sampling defaults from the checkpoint's generation_config.json, if any; each
+    value checked (a NaN temperature or a string id there is an error naming the file and the field)."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            g = json.loads(f.read())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CliError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(g, dict):
+        raise CliError(f"{path}: expected a JSON object")
+
+    def bad(key: str, what: str) -> CliError:
+        return CliError(f"{path}: {key}: expected {what}, found {json.dumps(g[key])[:60]}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    out: dict[str, Any] = {}
+    if g.get("eos_token_id") is not None:
+        eos = g["eos_token_id"]
+        ids = eos if isinstance(eos, list) else [eos]
+        if not ids or not all(map(is_int, ids)):
+            raise bad("eos_token_id", "a token id or a non-empty list of token ids")
+        out["stop_ids"] = tuple(ids)
+    if g.get("suppress_tokens") is not None:
+        if not isinstance(g["suppress_tokens"], list) or not all(map(is_int, g["suppress_tokens"])):
+            raise bad("suppress_tokens", "a list of token ids")
+        out["suppress_ids"] = tuple(g["suppress_tokens"])
+    checks = {"temperature": (lambda v: is_num(v) and v >= 0, "a finite number >= 0"),
+              "top_k": (is_int, "an integer >= 0"),
+              "top_p": (lambda v: is_num(v) and 0 < v <= 1, "a number in (0, 1]")}
+    for key, (ok, what) in checks.items():
+        if g.get(key) is not None:
+            if not ok(g[key]):
+                raise bad(key, what)
+            out[key] = g[key]
+    if "do_sample" in g and not isinstance(g["do_sample"], bool):
+        raise bad("do_sample", "true or false")
+    if g.get("do_sample") is False:
+        out["temperature"] = 0.0
+    if out.get("top_k") == 0:
+        out["top_k"] = None  # transformers' convention: 0 turns top-k off
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     import jax
@@ -112,6 +173,7 @@ def cmd_generate(args) -> int:
         if batch.get(k) is not None:
             inputs[k] = np.asarray(batch[k])
     ids = inputs.pop("input_ids")
+    _generation_defaults(folder)  # checks the file (a bad field is one line naming it); generate reads it below
     # unset settings come from the checkpoint's generation_config.json, inside generate (one source of defaults)
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
     print(f"[{name}: loaded in {time.perf_counter() - t0:.1f} s; prompt {len(ids)} tokens]", file=sys.stderr)
@@ -131,7 +193,7 @@ def cmd_generate(args) -> int:
     return 130 if result.interrupted else 0
 
 
-def cmd_chat(args) -> int:
+def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive conversation (`g4.ChatSession`): one user turn per stdin line; /reset, /quit."""
     import time
 
@@ -179,7 +241,7 @@ def cmd_chat(args) -> int:
               f"token {ttft:.2f} s; decode {rate}]", file=sys.stderr)
 
 
-def _verify_cases(folder: str, cfg) -> list[tuple]:
+def _verify_cases(folder: str, cfg: Any) -> list[tuple]:
     """(name, batch inputs, recorded transformers logits or None, mask mode) to run both models on."""
     import numpy as np
 
@@ -199,7 +261,7 @@ def _verify_cases(folder: str, cfg) -> list[tuple]:
                       "positions": positions.astype(np.int32)}, None, "intended")]
 
 
-def cmd_verify(args) -> int:
+def cmd_verify(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -228,20 +290,45 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
-def cmd_convert(args) -> int:
-    from . import hub
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Load, then write a complete folder atomically: weights, config.json and the source's generation_config.json
+    and tokenizer/processor files (so `generate`, `verify` and transformers read the result as is)."""
+    from . import checkpoint, hub
 
-    model = hub.load(_resolve_model(args.model), dtype=_jnp_dtype(args.dtype))
-    hub.save(model, args.out, max_shard_size=args.max_shard_size)
+    folder = hub.resolve(_resolve_model(args.model),
+                         allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
+    model = hub.load(folder, dtype=_jnp_dtype(args.dtype))
+    names = [*checkpoint.PROCESSOR_FILES, checkpoint.GENERATION_CONFIG]
+    extra = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    missing = [n for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
+                           checkpoint.GENERATION_CONFIG) if not os.path.isfile(os.path.join(folder, n))]
+    checkpoint.save(model, args.out, max_shard_size=args.max_shard_size, extra_files=extra)
     print(f"wrote {args.out}")
+    if missing:
+        print(f"note: {folder} has no {', '.join(missing)}; the converted folder lacks them too"
+              + (" (a generation_config.json was written from the config)" if checkpoint.GENERATION_CONFIG in missing
+                 else ""), file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemma4-eqx", description=__doc__)
+    from . import __version__
+
+    parser = Parser(prog="gemma4-eqx", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"gemma4-eqx {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="chat with a model: the prompt through the chat template, tokens streamed")
+    def command(name: str, help: str, func: Callable[[argparse.Namespace], int],
+                check: Callable[[argparse.Namespace], None] | None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+        p.set_defaults(func=func, check=check)
+        return p
+
+    p = command("generate", "chat with a model: the prompt through the chat template, tokens streamed",
+                cmd_generate, check_generate)
     _model_arg(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default=None)
@@ -249,55 +336,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="append", help="16 kHz mono wav/flac file (repeatable)")
     p.add_argument("--resample", action="store_true", help="resample audio of another rate to 16 kHz")
     p.add_argument("--downmix", action="store_true", help="average multi-channel audio to mono")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int_in(1, 1_000_000), default=64)
+    p.add_argument("--temperature", type=float_in(0.0), default=None,
+                   help="0 = greedy (default: generation_config)")
+    p.add_argument("--top-k", type=int_in(0), default=None, help="0 = no top-k (default: generation_config)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=None)
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
     p.add_argument("--show-special", action="store_true", help="print special tokens too")
     p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="an interactive conversation that keeps its KV cache (stdin lines; /reset, /quit)")
+    p = command("chat", "an interactive conversation that keeps its KV cache (stdin lines; /reset, /quit)",
+                cmd_chat, check_verify)
     _model_arg(p)
     p.add_argument("--system", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="per reply")
-    p.add_argument("--max-context", type=int, default=4096, help="cache slots for the whole conversation")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int_in(1, 1_000_000), default=256, help="per reply")
+    p.add_argument("--max-context", type=int_in(1, 2**31), default=4096, help="cache slots for the conversation")
+    p.add_argument("--temperature", type=float_in(0.0), default=None, help="0 = greedy (default: generation_config)")
+    p.add_argument("--top-k", type=int_in(0), default=None, help="0 = no top-k (default: generation_config)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=None)
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
     p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("info", help="config, parameter counts, memory estimate (no weights are read)")
+    p = command("info", "config, parameter counts, memory estimate (no weights are read)", cmd_info, check_info)
     p.add_argument("--model", default=None, help="checkpoint folder, Hub repo id or a config.json file "
                    "(default: the bundled small checkpoint)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    p.add_argument("--context", type=int, nargs="*", default=[8192, 262144])
+    p.add_argument("--context", type=int_in(1, 2**40), nargs="*", default=[8192, 262144])
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("verify", help="Equinox vs the NNX reference (and vs recorded transformers logits) on "
-                       "the same weights")
+    p = command("verify", "Equinox vs the NNX reference (and vs recorded transformers logits) on the same weights",
+                cmd_verify, check_verify)
     _model_arg(p)
-    p.add_argument("--tolerance", type=float, default=1e-4)
-    p.set_defaults(func=cmd_verify)
+    p.add_argument("--tolerance", type=float_in(0.0), default=1e-4)
 
-    p = sub.add_parser("convert", help="load a checkpoint and write it back (e.g. to another dtype or sharding)")
+    p = command("convert", "load a checkpoint and write a complete folder (e.g. in another dtype or sharding)",
+                cmd_convert, check_convert)
     _model_arg(p)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.add_argument("--max-shard-size", default="5GB")
-    p.set_defaults(func=cmd_convert)
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB")
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (CliError, ValueError, OSError, KeyError)) and text:
+        return text.strip("'\"") if isinstance(e, KeyError) else text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        if args.check is not None:
+            args.check(args)
+        status = args.func(args)
+        sys.stdout.flush()
+        return status
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        _quiet_stdout()
+        return 1
+    except KeyboardInterrupt:
+        print("gemma4-eqx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"gemma4-eqx: error: {_one_line(e)}" + ("" if isinstance(e, CliError) else
+                                                      " (--debug shows the traceback)"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

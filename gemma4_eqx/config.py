@@ -2,7 +2,7 @@
 
 The field names are transformers' (`Gemma4UnifiedTextConfig`, `...VisionConfig`, `...AudioConfig`,
 `Gemma4UnifiedConfig`), so a reader can hold this file against the checkpoint's JSON line by line.
-Spec: `decoder-and-checkpoint.md` §1.
+Spec (docs/spec/decoder-and-checkpoint.md): §1.
 """
 
 from __future__ import annotations
@@ -13,40 +13,41 @@ import math
 import os
 from typing import Any, Literal
 
+from .config_fields import (MAX_LAYERS, REQUIRED, ConfigError, _bool, _choice, _default, _fail, _float, _int,
+                            _is_int, _number, _section, _short, _token_ids)
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 MAX_SOFT_TOKENS_CHOICES = (70, 140, 280, 560, 1120)
 
 
-class ConfigError(ValueError):
-    """A config.json that does not describe a model this package can build."""
-
-
-def _fail(field: str, message: str) -> None:
-    raise ConfigError(f"{field}: {message}")
-
-
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """One RoPE schedule (spec §4). `proportional` rotates only `partial_rotary_factor` of the dims."""
+    """One RoPE schedule (docs/spec/decoder-and-checkpoint.md §4). `proportional` rotates only `partial_rotary_factor` of the dims."""
 
     rope_type: Literal["default", "proportional"] = "default"
     rope_theta: float = 10_000.0
     partial_rotary_factor: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("default", "proportional"):
+            _fail("rope_type", f"expected 'default' or 'proportional', found {self.rope_type!r}")
+        if _number(self.rope_theta) is None or self.rope_theta <= 0:
+            _fail("rope_theta", f"expected a finite number > 0, found {self.rope_theta!r}")
+        if _number(self.partial_rotary_factor) is None or not 0.0 < self.partial_rotary_factor <= 1.0:
+            _fail("partial_rotary_factor", f"expected a value in (0, 1], found {self.partial_rotary_factor!r}")
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], field: str) -> RopeConfig:
-        rope_type = d.get("rope_type", "default")
-        if rope_type not in ("default", "proportional"):
-            _fail(f"{field}.rope_type", f"expected 'default' or 'proportional', found {rope_type!r}")
-        factor = d.get("factor", 1.0)
-        if factor not in (None, 1.0):
-            _fail(f"{field}.factor", f"RoPE scaling is not used by Gemma 4; expected 1.0, found {factor}")
-        prf = float(d.get("partial_rotary_factor", 1.0))
-        if not 0.0 < prf <= 1.0:
-            _fail(f"{field}.partial_rotary_factor", f"expected a value in (0, 1], found {prf}")
-        return cls(rope_type=rope_type, rope_theta=float(d["rope_theta"]), partial_rotary_factor=prf)
+        rope_type = _choice(d, "rope_type", field, ("default", "proportional"))
+        factor = d.get("factor")
+        if factor is not None and (_number(factor) is None or factor != 1.0):
+            _fail(f"{field}.factor", f"RoPE scaling is not used by Gemma 4; expected 1.0 or null, found {_short(factor)}")
+        # proportional RoPE rotates only a fraction of the dims: that fraction is never assumed
+        prf = _float(d, "partial_rotary_factor", field, REQUIRED if rope_type == "proportional" else 1.0,
+                     maximum=1.0)
+        return cls(rope_type=rope_type, rope_theta=_float(d, "rope_theta", field), partial_rotary_factor=prf)
 
     def to_hf_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
@@ -57,7 +58,7 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LayerGeometry:
-    """What differs between a sliding and a full attention layer (spec §1.1, derived table)."""
+    """What differs between a sliding and a full attention layer (docs/spec/decoder-and-checkpoint.md §1.1, derived table)."""
 
     layer_type: str
     num_key_value_heads: int
@@ -108,6 +109,12 @@ class TextConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 _fail(f"text_config.{name}", f"expected a positive integer, found {value!r}")
+        if self.num_global_key_value_heads is not None and (not _is_int(self.num_global_key_value_heads)
+                                                            or self.num_global_key_value_heads <= 0):
+            _fail("text_config.num_global_key_value_heads",
+                  f"expected a positive integer or null, found {self.num_global_key_value_heads!r}")
+        if not isinstance(self.attention_k_eq_v, bool):
+            _fail("text_config.attention_k_eq_v", f"expected true or false, found {self.attention_k_eq_v!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             _fail("text_config.layer_types",
                   f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
@@ -132,11 +139,22 @@ class TextConfig:
                   " ('all' is a different model family and is not supported)")
         if not self.tie_word_embeddings:
             _fail("text_config.tie_word_embeddings", "Gemma 4 ties the lm head to the embedding; found false")
-        if self.final_logit_softcapping is not None and self.final_logit_softcapping <= 0:
+        if self.final_logit_softcapping is not None and (_number(self.final_logit_softcapping) is None
+                                                         or self.final_logit_softcapping <= 0):
             _fail("text_config.final_logit_softcapping",
                   f"expected a positive number or null, found {self.final_logit_softcapping}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            _fail("text_config.pad_token_id", f"{self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})")
+        if _number(self.rms_norm_eps) is None or self.rms_norm_eps <= 0:
+            _fail("text_config.rms_norm_eps", f"expected a finite number > 0, found {self.rms_norm_eps!r}")
+        if _number(self.initializer_range) is None or self.initializer_range < 0:
+            _fail("text_config.initializer_range", f"expected a finite number >= 0, found {self.initializer_range!r}")
+        if not _is_int(self.max_position_embeddings) or self.max_position_embeddings <= 0:
+            _fail("text_config.max_position_embeddings",
+                  f"expected a positive integer, found {self.max_position_embeddings!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 0 <= value < self.vocab_size:
+                _fail(f"text_config.{name}", f"{value!r} is outside the vocabulary [0, {self.vocab_size})")
+        _token_ids(self.eos_token_id, "text_config.eos_token_id", self.vocab_size)
 
     # ---- derived geometry -------------------------------------------------------------------
     def layer_geometry_for_type(self, layer_type: str) -> LayerGeometry:
@@ -157,96 +175,115 @@ class TextConfig:
 
     # ---- HF round trip ---------------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> TextConfig:
-        model_type = d.get("model_type", "gemma4_unified_text")
-        if model_type not in ("gemma4_unified_text", "gemma4_text"):
-            _fail("text_config.model_type", f"expected 'gemma4_unified_text', found {model_type!r}")
-        for key in ("enable_moe_block",):
-            if d.get(key):
-                _fail(f"text_config.{key}", "mixture-of-experts Gemma 4 variants are not supported")
-        if d.get("num_kv_shared_layers", 0):
-            _fail("text_config.num_kv_shared_layers",
-                  f"expected 0 (the 12B shares no KV), found {d['num_kv_shared_layers']}")
-        if d.get("hidden_size_per_layer_input", 0):
-            _fail("text_config.hidden_size_per_layer_input", "per-layer inputs are not part of gemma4_unified")
-        if d.get("attention_bias", False):
-            _fail("text_config.attention_bias", "expected false: Gemma 4 attention has no biases")
-        if d.get("use_double_wide_mlp", False):
-            _fail("text_config.use_double_wide_mlp", "expected false (only KV-shared layers use it)")
-        n_layers = int(d.get("num_hidden_layers", 30))
+    def from_hf_dict(cls, d: Any) -> TextConfig:
+        """`text_config` read strictly: every field typed and ranged, and no default assumed for a field the real
+        config.json always carries (sizes, heads, window, RoPE, soft cap, eps, ...). Raises `ConfigError`."""
+        p = "text_config"
+        if not isinstance(d, dict):
+            _fail(p, f"expected an object, found {_short(d)}")
+        _choice(d, "model_type", p, ("gemma4_unified_text", "gemma4_text"), "gemma4_unified_text")
+        if _bool(d, "enable_moe_block", p, False):
+            _fail(f"{p}.enable_moe_block", "mixture-of-experts Gemma 4 variants are not supported")
+        if _int(d, "num_kv_shared_layers", p, 0, minimum=0) != 0:
+            _fail(f"{p}.num_kv_shared_layers", f"expected 0 (the 12B shares no KV), found {d['num_kv_shared_layers']}")
+        if _int(d, "hidden_size_per_layer_input", p, 0, minimum=0, nullable=True):
+            _fail(f"{p}.hidden_size_per_layer_input", "per-layer inputs are not part of gemma4_unified")
+        if _bool(d, "attention_bias", p, False):
+            _fail(f"{p}.attention_bias", "expected false: Gemma 4 attention has no biases")
+        if _bool(d, "use_double_wide_mlp", p, False):
+            _fail(f"{p}.use_double_wide_mlp", "expected false (only KV-shared layers use it)")
+        n_layers = _int(d, "num_hidden_layers", p, maximum=MAX_LAYERS)
         layer_types = d.get("layer_types")
         if layer_types is None:  # transformers' rule: every 6th layer full, the last forced full
             layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)]
             if layer_types:
                 layer_types[-1] = FULL
-        k_eq_v = bool(d.get("attention_k_eq_v", False))
-        head_dim = int(d.get("head_dim", 256))
-        global_head_dim = d.get("global_head_dim")
-        num_global_kv = d.get("num_global_key_value_heads")
-        per_layer = d.get("per_layer_config")
+        elif not isinstance(layer_types, list):
+            _fail(f"{p}.layer_types", f"expected a list of {LAYER_TYPES}, found {_short(layer_types)}")
+        for i, t in enumerate(layer_types):
+            if not isinstance(t, str) or t not in LAYER_TYPES:
+                _fail(f"{p}.layer_types[{i}]", f"expected one of {LAYER_TYPES}, found {_short(t)}")
+        k_eq_v = _bool(d, "attention_k_eq_v", p)
+        head_dim = _int(d, "head_dim", p)
+        num_kv = _int(d, "num_key_value_heads", p)
+        global_head_dim = _int(d, "global_head_dim", p, None)
+        num_global_kv = _int(d, "num_global_key_value_heads", p, None, nullable=True)
+        per_layer = _section(d, "per_layer_config", p, None)
         if per_layer:  # the spelling transformers >= 5.2x writes: {"05": {"head_dim": 512, ...}, ...}
             overrides = {}
             for key, value in per_layer.items():
-                try:
-                    idx = int(key)
-                except ValueError:
-                    _fail(f"text_config.per_layer_config[{key!r}]", "expected a layer index as key")
-                if not 0 <= idx < n_layers:
-                    _fail(f"text_config.per_layer_config[{key!r}]", f"layer index outside [0, {n_layers})")
+                where = f"{p}.per_layer_config[{key!r}]"
+                if not key.isascii() or not key.isdigit():
+                    _fail(where, "expected a layer index as key")
+                idx = int(key)
+                if not 0 <= idx < len(layer_types):
+                    _fail(where, f"layer index outside [0, {len(layer_types)})")
                 if layer_types[idx] != FULL:
-                    _fail(f"text_config.per_layer_config[{key!r}]",
-                          f"overrides layer {idx}, which is {layer_types[idx]!r}; only full layers may differ")
-                overrides[idx] = (int(value.get("head_dim", head_dim)),
-                                  value.get("num_key_value_heads"))
+                    _fail(where, f"overrides layer {idx}, which is {layer_types[idx]!r}; only full layers may differ")
+                if not isinstance(value, dict):
+                    _fail(where, f"expected an object, found {_short(value)}")
+                overrides[idx] = (_int(value, "head_dim", where, head_dim),
+                                  _int(value, "num_key_value_heads", where, None, nullable=True))
             distinct = set(overrides.values())
             if len(distinct) > 1:
-                _fail("text_config.per_layer_config", f"full layers disagree on their geometry: {sorted(distinct, key=str)}")
+                _fail(f"{p}.per_layer_config", f"full layers disagree on their geometry: {sorted(distinct, key=str)}")
             missing = [i for i, t in enumerate(layer_types) if t == FULL and i not in overrides]
             if missing and distinct:
-                _fail("text_config.per_layer_config", f"full layers {missing} have no entry")
+                _fail(f"{p}.per_layer_config", f"full layers {missing} have no entry")
             if distinct:
                 (gdim, gkv), = distinct
-                if global_head_dim is not None and int(global_head_dim) != gdim:
-                    _fail("text_config.global_head_dim",
-                          f"{global_head_dim} contradicts per_layer_config head_dim {gdim}")
+                if global_head_dim is not None and global_head_dim != gdim:
+                    _fail(f"{p}.global_head_dim", f"{global_head_dim} contradicts per_layer_config head_dim {gdim}")
                 global_head_dim = gdim
-                if gkv is not None:
-                    num_global_kv = int(gkv)
-        if global_head_dim is None:
-            global_head_dim = 512
-        rope = d.get("rope_parameters") or {}
-        rope_sliding = RopeConfig.from_hf_dict(
-            rope.get(SLIDING, {"rope_type": "default", "rope_theta": 10_000.0}),
-            "text_config.rope_parameters.sliding_attention")
-        rope_full = RopeConfig.from_hf_dict(
-            rope.get(FULL, {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}),
-            "text_config.rope_parameters.full_attention")
-        eos = d.get("eos_token_id", 1)
+                if gkv is not None and k_eq_v:
+                    if num_global_kv is not None and num_global_kv != gkv:
+                        _fail(f"{p}.num_global_key_value_heads",
+                              f"{num_global_kv} contradicts per_layer_config num_key_value_heads {gkv}")
+                    num_global_kv = gkv
+                elif gkv is not None and gkv != num_kv:  # without k_eq_v full layers keep num_key_value_heads
+                    _fail(f"{p}.per_layer_config", f"num_key_value_heads {gkv} contradicts num_key_value_heads "
+                          f"{num_kv} (attention_k_eq_v is false: full layers use num_key_value_heads)")
+        if global_head_dim is None and FULL in layer_types:
+            _fail(f"{p}.global_head_dim", "missing; expected a positive integer here or as per_layer_config's "
+                  "head_dim (the real config.json always carries one of them)")
+        if num_global_kv is None and k_eq_v and FULL in layer_types and "num_global_key_value_heads" not in d:
+            _fail(f"{p}.num_global_key_value_heads", "missing; expected a positive integer here or as "
+                  "per_layer_config's num_key_value_heads (attention_k_eq_v is true)")
+        rope = _section(d, "rope_parameters", p)
+        rope_sliding = RopeConfig.from_hf_dict(_section(rope, SLIDING, f"{p}.rope_parameters"),
+                                               f"{p}.rope_parameters.{SLIDING}")
+        rope_full = RopeConfig.from_hf_dict(_section(rope, FULL, f"{p}.rope_parameters"),
+                                            f"{p}.rope_parameters.{FULL}")
+        eos = d.get("eos_token_id")
+        for key in ("pad_token_id", "bos_token_id"):
+            if d.get(key) is not None:
+                _int(d, key, p, minimum=0)
         return cls(
-            vocab_size=int(d.get("vocab_size", 262_144)),
-            hidden_size=int(d.get("hidden_size", 2304)),
-            intermediate_size=int(d.get("intermediate_size", 9216)),
+            vocab_size=_int(d, "vocab_size", p),
+            hidden_size=_int(d, "hidden_size", p),
+            intermediate_size=_int(d, "intermediate_size", p),
             num_hidden_layers=n_layers,
-            num_attention_heads=int(d.get("num_attention_heads", 8)),
-            num_key_value_heads=int(d.get("num_key_value_heads", 4)),
+            num_attention_heads=_int(d, "num_attention_heads", p),
+            num_key_value_heads=num_kv,
             head_dim=head_dim,
-            global_head_dim=int(global_head_dim),
-            num_global_key_value_heads=None if num_global_kv is None else int(num_global_kv),
+            global_head_dim=_default(cls, "global_head_dim") if global_head_dim is None else global_head_dim,
+            num_global_key_value_heads=num_global_kv,
             attention_k_eq_v=k_eq_v,
-            sliding_window=int(d.get("sliding_window", 1024)),
+            sliding_window=_int(d, "sliding_window", p),
             layer_types=tuple(layer_types),
             rope_sliding=rope_sliding,
             rope_full=rope_full,
-            final_logit_softcapping=d.get("final_logit_softcapping"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            hidden_activation=d.get("hidden_activation", "gelu_pytorch_tanh"),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            use_bidirectional_attention=d.get("use_bidirectional_attention", "vision"),
-            max_position_embeddings=int(d.get("max_position_embeddings", 262_144)),
-            pad_token_id=int(d.get("pad_token_id", 0) if d.get("pad_token_id") is not None else 0),
-            bos_token_id=int(d.get("bos_token_id", 2) if d.get("bos_token_id") is not None else 2),
-            eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),),
-            initializer_range=float(d.get("initializer_range", 0.02)),
+            final_logit_softcapping=_float(d, "final_logit_softcapping", p, nullable=True),
+            rms_norm_eps=_float(d, "rms_norm_eps", p, maximum=1.0),
+            hidden_activation=_choice(d, "hidden_activation", p, ("gelu_pytorch_tanh",),
+                                      _default(cls, "hidden_activation")),
+            tie_word_embeddings=_bool(d, "tie_word_embeddings", p, _default(cls, "tie_word_embeddings")),
+            use_bidirectional_attention=_choice(d, "use_bidirectional_attention", p, ("vision", None)),
+            max_position_embeddings=_int(d, "max_position_embeddings", p, _default(cls, "max_position_embeddings")),
+            pad_token_id=_default(cls, "pad_token_id") if d.get("pad_token_id") is None else d["pad_token_id"],
+            bos_token_id=_default(cls, "bos_token_id") if d.get("bos_token_id") is None else d["bos_token_id"],
+            eos_token_id=_default(cls, "eos_token_id") if eos is None else _token_ids(eos, f"{p}.eos_token_id"),
+            initializer_range=_float(d, "initializer_range", p, _default(cls, "initializer_range"), positive=False),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -295,14 +332,18 @@ class VisionConfig:
     mm_posemb_size: int = 1120
     output_proj_dims: int = 3840
     rms_norm_eps: float = 1e-6
-    layer_norm_eps: float = 1e-5  # torch nn.LayerNorm default (spec §2.4 a); not serialized by HF
+    layer_norm_eps: float = 1e-5  # torch nn.LayerNorm default (docs/spec/decoder-and-checkpoint.md §2.4 a); not serialized by HF
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "pooling_kernel_size", "mm_embed_dim", "mm_posemb_size", "output_proj_dims"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 _fail(f"vision_config.{name}", f"expected a positive integer, found {value!r}")
+        for name in ("rms_norm_eps", "layer_norm_eps"):
+            value = getattr(self, name)
+            if _number(value) is None or value <= 0:
+                _fail(f"vision_config.{name}", f"expected a finite number > 0, found {value!r}")
         if self.mm_embed_dim != self.output_proj_dims:
             _fail("vision_config.output_proj_dims", f"must equal mm_embed_dim={self.mm_embed_dim} "
                   f"(the pre-projection norm runs over the patch embedding), found {self.output_proj_dims}")
@@ -317,19 +358,20 @@ class VisionConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> VisionConfig:
-        model_type = d.get("model_type", "gemma4_unified_vision")
-        if model_type != "gemma4_unified_vision":
-            _fail("vision_config.model_type", f"expected 'gemma4_unified_vision', found {model_type!r}")
-        patch_size = int(d.get("patch_size", 16))
-        pooling = int(d.get("pooling_kernel_size", 3))
-        if "model_patch_size" in d and int(d["model_patch_size"]) != patch_size * pooling:
-            _fail("vision_config.model_patch_size",
+        p = "vision_config"
+        _choice(d, "model_type", p, ("gemma4_unified_vision",), "gemma4_unified_vision")
+        patch_size = _int(d, "patch_size", p)
+        pooling = _int(d, "pooling_kernel_size", p)
+        if "model_patch_size" in d and _int(d, "model_patch_size", p) != patch_size * pooling:
+            _fail(f"{p}.model_patch_size",
                   f"expected patch_size*pooling_kernel_size = {patch_size * pooling}, found {d['model_patch_size']}")
-        return cls(patch_size=patch_size, pooling_kernel_size=pooling,
-                   mm_embed_dim=int(d.get("mm_embed_dim", 3840)), mm_posemb_size=int(d.get("mm_posemb_size", 1120)),
-                   output_proj_dims=int(d.get("output_proj_dims", d.get("mm_embed_dim", 3840))),
-                   rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                   initializer_range=float(d.get("initializer_range", 0.02)))
+        mm_embed_dim = _int(d, "mm_embed_dim", p)
+        return cls(patch_size=patch_size, pooling_kernel_size=pooling, mm_embed_dim=mm_embed_dim,
+                   mm_posemb_size=_int(d, "mm_posemb_size", p),
+                   output_proj_dims=_int(d, "output_proj_dims", p, mm_embed_dim),
+                   rms_norm_eps=_float(d, "rms_norm_eps", p, maximum=1.0),
+                   initializer_range=_float(d, "initializer_range", p, _default(cls, "initializer_range"),
+                                            positive=False))
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {"model_type": "gemma4_unified_vision", "patch_size": self.patch_size,
@@ -345,8 +387,10 @@ class AudioConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
-        if not isinstance(self.audio_embed_dim, int) or self.audio_embed_dim <= 0:
+        if not _is_int(self.audio_embed_dim) or self.audio_embed_dim <= 0:
             _fail("audio_config.audio_embed_dim", f"expected a positive integer, found {self.audio_embed_dim!r}")
+        if _number(self.rms_norm_eps) is None or self.rms_norm_eps <= 0:
+            _fail("audio_config.rms_norm_eps", f"expected a finite number > 0, found {self.rms_norm_eps!r}")
 
     @property
     def samples_per_token(self) -> int:
@@ -354,15 +398,16 @@ class AudioConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> AudioConfig:
-        model_type = d.get("model_type", "gemma4_unified_audio")
-        if model_type != "gemma4_unified_audio":
-            _fail("audio_config.model_type", f"expected 'gemma4_unified_audio', found {model_type!r}")
-        dim = d.get("audio_embed_dim", d.get("hidden_size", 640))
+        p = "audio_config"
+        _choice(d, "model_type", p, ("gemma4_unified_audio",), "gemma4_unified_audio")
+        key = "audio_embed_dim" if "audio_embed_dim" in d or "hidden_size" not in d else "hidden_size"
+        dim = _int(d, key, p)
         for alias in ("hidden_size", "output_proj_dims", "audio_samples_per_token"):
-            if alias in d and int(d[alias]) != int(dim):
-                _fail(f"audio_config.{alias}", f"must equal audio_embed_dim={dim}, found {d[alias]}")
-        return cls(audio_embed_dim=int(dim), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                   initializer_range=float(d.get("initializer_range", 0.02)))
+            if alias in d and _int(d, alias, p) != dim:
+                _fail(f"{p}.{alias}", f"must equal audio_embed_dim={dim}, found {d[alias]}")
+        return cls(audio_embed_dim=dim, rms_norm_eps=_float(d, "rms_norm_eps", p, maximum=1.0),
+                   initializer_range=_float(d, "initializer_range", p, _default(cls, "initializer_range"),
+                                            positive=False))
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {"model_type": "gemma4_unified_audio", "audio_embed_dim": self.audio_embed_dim,
@@ -380,16 +425,19 @@ class Gemma4Config:
     boi_token_id: int = 255_999
     eoi_token_id: int = 258_882
     boa_token_id: int = 256_000
-    eoa_token_id: int = 258_883  # serialized as `eoa_token_index` (spec §1.4)
+    eoa_token_id: int = 258_883  # serialized as `eoa_token_index` (docs/spec/decoder-and-checkpoint.md §1.4)
     eos_token_id: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_token_id", "audio_token_id", "video_token_id", "boi_token_id",
                      "eoi_token_id", "boa_token_id", "eoa_token_id"):
             value = getattr(self, name)
-            if not 0 <= value < self.text.vocab_size:
+            if not _is_int(value) or not 0 <= value < self.text.vocab_size:
                 hf = "eoa_token_index" if name == "eoa_token_id" else name
                 _fail(hf, f"{value} is outside the vocabulary [0, {self.text.vocab_size})")
+        if self.eos_token_id is not None:
+            object.__setattr__(self, "eos_token_id", _token_ids(self.eos_token_id, "eos_token_id",
+                                                                 self.text.vocab_size))
         placeholders = (self.image_token_id, self.audio_token_id, self.video_token_id)
         if len(set(placeholders)) != 3:
             _fail("image_token_id", f"image/audio/video placeholder ids must differ, found {placeholders}")
@@ -400,49 +448,63 @@ class Gemma4Config:
 
     @classmethod
     def gemma4_12b(cls) -> Gemma4Config:
-        """The real google/gemma-4-12B values (spec §1, from its config.json)."""
+        """The real google/gemma-4-12B values (docs/spec/decoder-and-checkpoint.md §1, from its config.json)."""
         return cls(text=TextConfig(), vision=VisionConfig(), audio=AudioConfig())
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> Gemma4Config:
+    def from_hf_dict(cls, d: Any) -> Gemma4Config:
+        """A transformers `config.json` (as a dict) read strictly; any problem raises `ConfigError` naming the
+        field, the value found and what was expected."""
+        if not isinstance(d, dict):
+            _fail("config", f"expected a JSON object, found {_short(d)}")
         model_type = d.get("model_type")
         if model_type != "gemma4_unified":
-            _fail("model_type", f"expected 'gemma4_unified', found {model_type!r}")
-        if "text_config" not in d or d["text_config"] is None:
+            _fail("model_type", f"expected 'gemma4_unified', found {_short(model_type)}")
+        if d.get("text_config") is None:
             _fail("text_config", "missing")
-        text = TextConfig.from_hf_dict(d["text_config"])
-        vision = VisionConfig.from_hf_dict(d["vision_config"]) if d.get("vision_config") else None
-        audio = AudioConfig.from_hf_dict(d["audio_config"]) if d.get("audio_config") else None
-        if d.get("tie_word_embeddings") is False:
+        text = TextConfig.from_hf_dict(_section(d, "text_config"))
+        vision = _section(d, "vision_config", default=None)
+        audio = _section(d, "audio_config", default=None)
+        vision = VisionConfig.from_hf_dict(vision) if vision else None
+        audio = AudioConfig.from_hf_dict(audio) if audio else None
+        if not _bool(d, "tie_word_embeddings", "", True):
             _fail("tie_word_embeddings", "Gemma 4 ties the lm head to the embedding; found false")
-        eoa = d.get("eoa_token_index", d.get("eoa_token_id", 258_883))
-        if "eoa_token_index" in d and "eoa_token_id" in d and d["eoa_token_index"] != d["eoa_token_id"]:
-            _fail("eoa_token_index", f"{d['eoa_token_index']} contradicts eoa_token_id {d['eoa_token_id']}")
+        ids = {name: _int(d, name, "", minimum=0) for name in
+               ("image_token_id", "audio_token_id", "video_token_id", "boi_token_id", "eoi_token_id", "boa_token_id")}
+        if "eoa_token_index" in d or "eoa_token_id" not in d:
+            eoa = _int(d, "eoa_token_index", "", minimum=0)
+            if "eoa_token_id" in d and d["eoa_token_id"] != eoa:
+                _fail("eoa_token_index", f"{eoa} contradicts eoa_token_id {_short(d['eoa_token_id'])}")
+        else:
+            eoa = _int(d, "eoa_token_id", "", minimum=0)
         eos = d.get("eos_token_id")
-        if isinstance(eos, int):
-            eos = (eos,)
-        return cls(
-            text=text, vision=vision, audio=audio,
-            image_token_id=int(d.get("image_token_id", 258_880)),
-            audio_token_id=int(d.get("audio_token_id", 258_881)),
-            video_token_id=int(d.get("video_token_id", 258_884)),
-            boi_token_id=int(d.get("boi_token_id", 255_999)),
-            eoi_token_id=int(d.get("eoi_token_id", 258_882)),
-            boa_token_id=int(d.get("boa_token_id", 256_000)),
-            eoa_token_id=int(eoa),
-            eos_token_id=None if eos is None else tuple(int(e) for e in eos),
-        )
+        return cls(text=text, vision=vision, audio=audio, eoa_token_id=eoa, **ids,
+                   eos_token_id=None if eos is None else _token_ids(eos, "eos_token_id", text.vocab_size))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Gemma4Config:
-        """Read `config.json` from a folder (or the file itself). Hub ids go through `g4.load`."""
+        """Read `config.json` from a folder (or the file itself). Hub ids go through `g4.load`.
+
+        A file that cannot be read or parsed, or that describes no valid model, raises `ConfigError` naming the
+        file (and the field); a missing file raises `FileNotFoundError`."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f))
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({str(e)[:200]})") from None
+        try:
+            return cls.from_hf_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -469,9 +531,19 @@ class Gemma4Config:
         if dtype is not None:
             d["dtype"] = dtype
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(d, f, indent=2)
-            f.write("\n")
+        path = os.path.join(folder, "config.json")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:  # written beside, fsynced, renamed over: the old config.json or the new one, never half of one
+            with open(tmp, "w") as f:
+                json.dump(d, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     def replace(self, **changes: Any) -> Gemma4Config:
         return dataclasses.replace(self, **changes)

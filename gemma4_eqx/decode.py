@@ -61,7 +61,7 @@ def forward_with_cache(
                     lambda: f"KVCache: writing {t} more tokens exceeds max_len {cache.max_len}; "
                             "allocate a larger cache")
     ctx, cache = cache.begin_chunk(positions, chunk_valid, blocks, mask_mode,
-                                   ordered_ring=model.numerics.reads_ring_in_order)
+                                   ordered_ring=model.numerics.shape_invariant)
     h, kv = model.layers.with_cache(h, positions, cache.layers, ctx)
     cache = eqx.tree_at(lambda c: c.layers, cache, kv)
     return model.norm(h), cache

@@ -1,4 +1,4 @@
-"""The encoder-free multimodal embedders (spec §6.2, §6.3).
+"""The encoder-free multimodal embedders (docs/spec/decoder-and-checkpoint.md §6.2, §6.3).
 
 Vision: raw 48x48x3 patch vector -> LayerNorm -> Linear(+bias) -> LayerNorm -> + factorised 2-D position
 embedding -> LayerNorm -> scale-free RMSNorm -> Linear. Audio: 640-sample frame -> scale-free RMSNorm -> Linear.

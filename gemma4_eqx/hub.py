@@ -9,8 +9,9 @@ when the revision or a file is not there. The environment is read at each call, 
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Sequence
+from typing import Any
 
 from . import checkpoint
 
@@ -46,7 +47,7 @@ def _cached_revisions(cache: str, repo_id: str) -> str:
     return f"the cache {cache} holds refs {refs} and snapshots {snaps}"
 
 
-def _check_snapshot(folder: str, allow_patterns, what: str) -> None:
+def _check_snapshot(folder: str, allow_patterns: Sequence[str], what: str) -> None:
     """The files a model load needs are in the snapshot (a partial cache fails here, not deep in the loader)."""
     patterns = set(allow_patterns)
     needed = ["config.json"] if "config.json" in patterns else []
@@ -56,8 +57,7 @@ def _check_snapshot(folder: str, allow_patterns, what: str) -> None:
     if "*.safetensors" in patterns:
         index = os.path.join(folder, checkpoint.SAFE_INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = sorted(set(checkpoint.read_index(folder).values()))
             for file in files:
                 if not os.path.isfile(os.path.join(folder, file)):
                     raise FileNotFoundError(f"{what}: {file} (listed in {checkpoint.SAFE_INDEX}) is missing from the "
@@ -68,7 +68,8 @@ def _check_snapshot(folder: str, allow_patterns, what: str) -> None:
 
 
 def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
-            local_files_only: bool | None = None, allow_patterns=MODEL_FILES, cache_dir: str | None = None) -> str:
+            local_files_only: bool | None = None, allow_patterns: Sequence[str] = MODEL_FILES,
+            cache_dir: str | None = None) -> str:
     """A local folder as is; otherwise a Hub repo id resolved to a snapshot folder in the local cache.
 
     Offline mode (`HF_HUB_OFFLINE=1` or `local_files_only=True`) uses the cache only and fails at once with a
@@ -80,7 +81,10 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
     if os.path.exists(path):
         raise ValueError(f"{path}: expected a checkpoint folder or a Hub repo id, found a file")
     if path.count("/") != 1 or path.startswith((".", "/")):
-        raise FileNotFoundError(f"{path}: no such folder, and not a Hub repo id of the form 'owner/name'")
+        left = checkpoint.leftovers(path)
+        hint = (f"; an interrupted save left {left[0]} (the previous checkpoint or an unfinished new one: check it, "
+                f"then rename it to {path})" if left else "")
+        raise FileNotFoundError(f"{path}: no such folder, and not a Hub repo id of the form 'owner/name'{hint}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
@@ -101,10 +105,10 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
     return folder
 
 
-def load(path_or_repo_id: str | os.PathLike, *, dtype=None, revision: str | None = None,
+def load(path_or_repo_id: str | os.PathLike, *, dtype: Any = None, revision: str | None = None,
          token: str | bool | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
-         remat: bool | str = False, attention_implementation: str = "xla", numerics: str = "xla", mesh=None,
-         rules=None, progress=None):
+         remat: bool | str = False, attention_implementation: str = "xla", numerics: str = "xla", mesh: Any = None,
+         rules: Any = None, progress: Any = None) -> Any:
     """Load a transformers-format Gemma 4 Unified checkpoint into a `Gemma4`.
 
     `dtype=None` keeps the checkpoint's precision (bit-exact); `dtype=jnp.bfloat16` etc. casts on load.
@@ -113,8 +117,9 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype=None, revision: str | None
     Tensors are read one at a time, so host memory stays near the largest leaf plus what the model keeps on
     the host. `progress`: a tqdm bar over bytes and tensors; `None` shows it for checkpoints of 1 GiB or more.
     `remat`, `attention_implementation` and `numerics` are passed to `Gemma4` (see
-    `Gemma4.with_attention_implementation`, `Gemma4.with_numerics`).
+    `Gemma4.with_attention_implementation`, `Gemma4.with_numerics`). `dtype` must be a floating dtype.
     """
+    checkpoint.float_dtype(dtype)  # before any download: an integer dtype would truncate the weights
     folder = resolve(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only,
                      cache_dir=cache_dir)
     model_kwargs = {"remat": remat, "attention_implementation": attention_implementation, "numerics": numerics}
@@ -122,9 +127,15 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype=None, revision: str | None
                                        progress=progress)
 
 
-def save(model, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
-    """config.json + HF-named safetensors (sharded with an index above `max_shard_size`).
+def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB", processor: Any = None,
+         generation_config: dict[str, Any] | None = None) -> None:
+    """A complete transformers-format folder, written atomically: HF-named safetensors (sharded with an index
+    above `max_shard_size`), config.json, generation_config.json (`generation_config`, else the folder's own,
+    else one from the config) and, given `processor`, its tokenizer/processor files.
 
-    A sharded model is gathered one tensor at a time as it is written.
+    The folder holds the complete old checkpoint or the complete new one at every instant, even if the process
+    is killed or the disk fills (see `gemma4_eqx.checkpoint_save`). A sharded model is gathered one tensor at a
+    time as it is written.
     """
-    checkpoint.save(model, folder, max_shard_size=max_shard_size)
+    checkpoint.save(model, folder, max_shard_size=max_shard_size, processor=processor,
+                    generation_config=generation_config)

@@ -70,7 +70,7 @@ def _normalise(region: Region | None, shape: tuple[int, ...]) -> Region:
 class SafetensorsFile:
     """One `.safetensors` file: its header, and reads of whole tensors or of rectangular regions."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
         self.path = path
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -78,8 +78,9 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise ValueError("file shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER, size - 8):
-                raise ValueError(f"header length {n} exceeds the file size {size}")
+            if n > min(MAX_HEADER, size - 8):  # the number itself is not shown: it may be any file's first bytes
+                raise ValueError(f"the 8-byte header length exceeds the file size ({size} bytes) or the "
+                                 f"{MAX_HEADER}-byte limit: not a safetensors file, or a truncated one")
             try:
                 header = json.loads(f.read(n))
             except ValueError as e:
@@ -93,9 +94,11 @@ class SafetensorsFile:
         spans = []
         for name, e in header.items():
             try:
-                dtype, shape, (begin, end) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
+                dtype, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+                if not all(type(v) is int and v >= 0 for v in (*shape, begin, end)) or end < begin:
+                    raise ValueError("negative or non-integer sizes")
             except (KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{name}: malformed header entry {e!r}") from err
+                raise ValueError(f"{name}: malformed header entry {str(e)[:200]}") from err
             if dtype in DTYPES and end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
                 raise ValueError(f"{name}: {end - begin} bytes for a {dtype} tensor of shape {shape}")
             self.entries[name] = (dtype, shape, begin, end)
@@ -193,11 +196,13 @@ class SafetensorsFile:
 
 
 def write_file(path: str, layout: Iterable[tuple[str, str, tuple[int, ...]]],
-               tensors: Iterator[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> int:
+               tensors: Iterator[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None,
+               fsync: bool = True) -> int:
     """Write one safetensors file from a known `layout` (name, dtype name, shape), pulling each tensor in turn.
 
     `tensors` must yield the layout's names in order; each array is written and dropped before the next one is
-    asked for. Returns the number of data bytes written.
+    asked for. The bytes go to `path + ".partial"`, are fsynced (unless `fsync=False`) and renamed to `path` only
+    when complete; on any error the partial file is removed. Returns the number of data bytes written.
     """
     layout = list(layout)
     header: dict[str, dict] = {}
@@ -211,14 +216,24 @@ def write_file(path: str, layout: Iterable[tuple[str, str, tuple[int, ...]]],
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     tmp = path + ".partial"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for name, dtype, shape in layout:
-            got_name, t = next(tensors)
-            if got_name != name or tuple(t.shape) != tuple(shape) or DTYPE_NAMES.get(t.dtype) != dtype:
-                raise AssertionError(f"{got_name} {t.shape} {t.dtype}: expected {name} {shape} {dtype}")
-            f.write(memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8)))
-            del t
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for name, dtype, shape in layout:
+                got_name, t = next(tensors)
+                if got_name != name or tuple(t.shape) != tuple(shape) or DTYPE_NAMES.get(t.dtype) != dtype:
+                    raise AssertionError(f"{got_name} {t.shape} {t.dtype}: expected {name} {shape} {dtype}")
+                f.write(memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8)))
+                del t
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
     return offset

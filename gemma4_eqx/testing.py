@@ -14,8 +14,10 @@ near 1 a random network is chaotic, and with a large embedding it only repeats i
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from .config import Gemma4Config
@@ -57,3 +59,21 @@ def random_model(config: Gemma4Config, seed: int = 0, dtype=jnp.float32, **kwarg
     """A `Gemma4` with well-conditioned random weights and no norm weight or scalar left at 1."""
     k1, k2 = jax.random.split(jax.random.key(seed))
     return perturbed(Gemma4(config, key=k1, dtype=dtype, **kwargs), k2)
+
+
+def leaf_name(path) -> str:
+    """A leaf's dotted path in the model (`layers.runs.0.self_attn.q_proj.weight`)."""
+    return _path_name(path)
+
+
+def filled_model(config: Gemma4Config, fill, *, seed: int = 0, dtype=jnp.float32, **model_kwargs) -> Gemma4:
+    """A `Gemma4` built abstractly (nothing compiled, nothing initialised twice) whose every array leaf is
+    `fill(name, shape, rng)`: a numpy array drawn from `rng = np.random.default_rng(seed)`, cast to `dtype`.
+
+    The one factory the tests build their random models with; each passes the draw its checks need.
+    """
+    rng = np.random.default_rng(seed)
+    abstract = eqx.filter_eval_shape(lambda: Gemma4(config, key=jax.random.key(0), dtype=dtype, **model_kwargs))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(np.asarray(fill(_path_name(path), x.shape, rng), np.float32), x.dtype),
+        abstract)

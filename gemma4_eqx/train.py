@@ -12,9 +12,12 @@ The loss is the mean cross-entropy over counted positions (over the whole batch 
 weighs the same, whatever its sequence's length).
 
 Precision. Logits and the cross-entropy are computed in fp32 (fp64 for fp64 models) from the final hidden
-states, whatever the parameter dtype. `make_train_step(compute_dtype=jnp.bfloat16)` keeps the parameters you
-pass (e.g. fp32 master weights) and casts them to bf16 inside the step: activations are bf16, gradients arrive
-in the master dtype (the cast's transpose) and optax updates the master copy. With bf16 parameters and no
+states, whatever the parameter dtype, by `g4.losses.next_token_nll`: blocked over rows and vocabulary, so the
+`[seq, vocab]` logits are never materialised, forward or backward (under `numerics="invariant"` the model's own
+lm head is used instead, so the loss's logits equal decoding's bit for bit).
+`make_train_step(compute_dtype=jnp.bfloat16)` keeps the parameters you pass (e.g. fp32 master weights) and casts
+them to bf16 inside the step: activations are bf16, gradients arrive in the master dtype (the cast's transpose)
+and optax updates the master copy. With bf16 parameters and no
 `compute_dtype`, everything but the loss is bf16; give optax fp32 moments then (`optax.adam(..., mu_dtype=jnp.float32)`).
 """
 
@@ -30,6 +33,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .layers.numerics import compute_dtype as _compute_dtype
 from .layers.policy import Remat, as_remat, with_policy
+from .losses import next_token_nll
 from .masks import MaskMode
 
 
@@ -63,12 +67,18 @@ def sequence_nll(
     """
     h = model.hidden_states(input_ids, mask_mode=mask_mode, **inputs)
     h = h.astype(_compute_dtype(h.dtype))
-    logits = model.logits_from_hidden(h[:-1])
+    if model.numerics.shape_invariant:
+        # the lm head's own row-at-a-time product, so the loss's logits equal decoding's bit for bit
+        logits = model.logits_from_hidden(h[:-1])
+        picked = jnp.take_along_axis(logits, input_ids[1:, None], axis=-1)[:, 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    else:
+        # blocked over rows and vocabulary: the [seq, vocab] logits are never built (gemma4_eqx/losses.py)
+        nll = next_token_nll(h[:-1], model.embed_tokens, input_ids[1:],
+                             softcap=model.config.text.final_logit_softcapping)
     mask = target_mask(input_ids, model.config, attention_mask=inputs.get("attention_mask"),
                        mm_token_type_ids=inputs.get("mm_token_type_ids"), loss_mask=loss_mask)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, input_ids[1:, None], axis=-1)[:, 0]
-    nll = jnp.where(mask, logz - picked, 0.0)
+    nll = jnp.where(mask, nll, 0.0)
     return nll.sum(), mask.sum().astype(nll.dtype)
 
 

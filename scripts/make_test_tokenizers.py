@@ -106,7 +106,9 @@ def special_ids(vocab_size: int, real_mm_ids: bool = False) -> dict[str, int]:
     return {**FIXED_SPECIALS, **tail}
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024) -> Tokenizer:
+def build_tiny_tokenizer(vocab_size: int = 1024, corpus: str = CORPUS) -> Tokenizer:
+    """The BPE of (a), trained on `corpus` (default: the English text above; the small trained checkpoint passes
+    its own corpus, scripts/train_small_checkpoint.py)."""
     specials = special_ids(vocab_size)
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     n_learned = vocab_size - len(specials) - len(byte_tokens)
@@ -115,7 +117,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> Tokenizer:
     trainer_tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=True, fuse_unk=True))
     _gemma_pipeline(trainer_tok)
     trainer = trainers.BpeTrainer(vocab_size=n_learned, special_tokens=[], show_progress=False)
-    trainer_tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    trainer_tok.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
     trained = json.loads(trainer_tok.to_str())["model"]
     learned = sorted(trained["vocab"].items(), key=lambda kv: kv[1])
     learned = [t for t, _ in learned if t not in specials and t not in byte_tokens][:n_learned]

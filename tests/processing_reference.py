@@ -1,7 +1,7 @@
 """Recorded transformers outputs for the processing tests (made by scripts/record_hf_processor.py).
 
-The package is imported under the jaxtyping/beartype hook here too, so its annotations are checked
-when the processing tests run, as for the rest of gemma4_eqx.
+The package's annotations are checked here as everywhere in the tests: `conftest.py` imports it under the
+jaxtyping/beartype hook.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import pathlib
 
 import numpy as np
 import PIL.Image
-from jaxtyping import install_import_hook
 
-with install_import_hook("gemma4_eqx.processing", "beartype.beartype"):
-    from gemma4_eqx import processing  # noqa: F401
+from gemma4_eqx import processing  # noqa: F401
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "processor"

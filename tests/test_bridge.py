@@ -8,20 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jaxtyping import install_import_hook
 
 import gemma4_eqx as g4
-
-with install_import_hook(["gemma4_eqx.nnx", "gemma4_eqx.bridge"], "beartype.beartype"):
-    from gemma4_eqx import bridge
-    from gemma4_eqx import nnx as g4nnx
+from gemma4_eqx import bridge
+from gemma4_eqx import nnx as g4nnx
+from gemma4_eqx.testing import filled_model
 
 
 def random_equinox(cfg: g4.Gemma4Config, dtype, seed: int = 0) -> g4.Gemma4:
     """Every leaf a distinct random array, so a swapped or misplaced tensor cannot go unnoticed."""
-    rng = np.random.default_rng(seed)
-    abstract = eqx.filter_eval_shape(lambda: g4.Gemma4(cfg, key=jax.random.key(0), dtype=dtype))
-    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.1, dtype), abstract)
+    return filled_model(cfg, lambda name, shape, rng: 0.1 * rng.standard_normal(shape), seed=seed, dtype=dtype)
 
 
 def random_nnx(cfg: g4.Gemma4Config, seed: int = 0) -> g4nnx.Gemma4NNX:

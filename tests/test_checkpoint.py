@@ -141,3 +141,43 @@ def test_transformers_in_memory_vision_names_are_accepted(saved, tmp_path):
     again = g4.load(renamed)
     np.testing.assert_array_equal(np.asarray(again.embed_vision.pos_embedding),
                                   np.asarray(model.embed_vision.pos_embedding))
+
+
+# ---- complete folders ----------------------------------------------------------------------------------------
+class _FakeProcessor:
+    """Stands in for g4.Processor.save_pretrained: writes the files a processor folder holds."""
+
+    FILES = {"tokenizer.json": "{}", "tokenizer_config.json": "{}", "chat_template.jinja": "{{ x }}",
+             "processor_config.json": "{}"}
+
+    def save_pretrained(self, folder) -> None:
+        for name, text in self.FILES.items():
+            with open(f"{folder}/{name}", "w") as f:
+                f.write(text)
+
+
+def test_save_writes_a_complete_folder_with_the_processor(saved, tmp_path):
+    model, _ = saved
+    g4.save(model, tmp_path / "out", processor=_FakeProcessor())
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert names == {"model.safetensors", "config.json", "generation_config.json", *_FakeProcessor.FILES}
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    cfg = model.config
+    assert generation["eos_token_id"] == list(cfg.eos_token_id or cfg.text.eos_token_id)
+    assert generation["suppress_tokens"] == [cfg.eoa_token_id, cfg.eoi_token_id]
+
+
+def test_save_writes_the_generation_config_given_and_keeps_the_folders_own_otherwise(saved, tmp_path):
+    model, _ = saved
+    g4.save(model, tmp_path, generation_config={"eos_token_id": [1, 7], "do_sample": False})
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == {"eos_token_id": [1, 7],
+                                                                             "do_sample": False}
+    g4.save(model, tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == [1, 7]
+
+
+def test_save_refuses_a_processor_it_cannot_write(saved, tmp_path):
+    model, _ = saved
+    with pytest.raises(TypeError, match="processor: expected an object with save_pretrained"):
+        g4.save(model, tmp_path / "out", processor=object())
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import pathlib
 
 import pytest
 
@@ -117,3 +118,178 @@ def test_optional_modalities():
     del d["audio_config"]
     cfg = g4.Gemma4Config.from_hf_dict(d)
     assert cfg.vision is None and cfg.audio is None
+
+
+# ---- strict reading: typed, ranged, no silent default -------------------------------------------------------
+import math  # noqa: E402
+
+import hypothesis.strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from gemma4_eqx.assets import TINY_CHECKPOINT  # noqa: E402
+
+
+def _tiny() -> dict:
+    return json.loads((TINY_CHECKPOINT / "config.json").read_text())
+
+
+@pytest.mark.parametrize("key", ["sliding_window", "final_logit_softcapping", "rms_norm_eps", "hidden_size",
+                                 "num_key_value_heads", "attention_k_eq_v", "rope_parameters",
+                                 "use_bidirectional_attention", "vocab_size"])
+def test_a_field_the_real_config_always_carries_is_never_defaulted(key):
+    d = _tiny()
+    del d["text_config"][key]
+    with pytest.raises(g4.ConfigError, match=rf"text_config\.{key}: missing; expected"):
+        g4.Gemma4Config.from_hf_dict(d)
+
+
+@pytest.mark.parametrize("key, value, found", [
+    ("attention_k_eq_v", "false", "'false'"),  # a string would read as True
+    ("sliding_window", 16.9, "16.9"),  # would be truncated to 16
+    ("sliding_window", 16.0, "16.0"),
+    ("rms_norm_eps", -1e-6, "-1e-06"),  # would give NaN
+    ("rms_norm_eps", float("nan"), "nan"),
+    ("final_logit_softcapping", float("inf"), "inf"),
+    ("hidden_size", True, "True"),
+    ("num_hidden_layers", 10**30, str(10**30)),
+    ("tie_word_embeddings", 1, "1"),
+])
+def test_a_mistyped_or_out_of_range_field_names_field_value_and_expectation(key, value, found):
+    d = _tiny()
+    d["text_config"][key] = value
+    with pytest.raises(g4.ConfigError, match=rf"text_config\.{key}: expected .*, found {found}"):
+        g4.Gemma4Config.from_hf_dict(d)
+
+
+def test_the_proportional_rope_fraction_and_thetas_are_never_assumed():
+    d = _tiny()
+    del d["text_config"]["rope_parameters"]["full_attention"]["partial_rotary_factor"]
+    with pytest.raises(g4.ConfigError, match=r"rope_parameters\.full_attention\.partial_rotary_factor: missing"):
+        g4.Gemma4Config.from_hf_dict(d)
+    d = _tiny()
+    del d["text_config"]["rope_parameters"]["sliding_attention"]["rope_theta"]
+    with pytest.raises(g4.ConfigError, match=r"rope_parameters\.sliding_attention\.rope_theta: missing"):
+        g4.Gemma4Config.from_hf_dict(d)
+
+
+def test_the_full_layer_geometry_must_come_from_one_spelling_or_the_other():
+    d = _tiny()
+    for key in ("per_layer_config", "global_head_dim"):
+        del d["text_config"][key]
+    with pytest.raises(g4.ConfigError, match=r"text_config\.global_head_dim: missing"):
+        g4.Gemma4Config.from_hf_dict(d)
+
+
+def test_null_soft_cap_is_read_as_no_soft_cap():
+    d = _tiny()
+    d["text_config"]["final_logit_softcapping"] = None
+    assert g4.Gemma4Config.from_hf_dict(d).text.final_logit_softcapping is None
+
+
+def test_absent_optional_fields_take_the_dataclass_defaults():
+    d = _tiny()
+    for key in ("initializer_range", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+                "hidden_activation", "tie_word_embeddings", "layer_types"):
+        d["text_config"].pop(key)
+    del d["vision_config"]["output_proj_dims"]
+    text = g4.Gemma4Config.from_hf_dict(d).text
+    default = g4.TextConfig()
+    for key in ("initializer_range", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+                "hidden_activation", "tie_word_embeddings"):
+        assert getattr(text, key) == getattr(default, key), key
+
+
+def test_an_unreadable_config_json_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gemma4_unified", ')
+    with pytest.raises(g4.ConfigError, match=rf"{tmp_path / 'config.json'}: not valid JSON"):
+        g4.Gemma4Config.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(g4.ConfigError, match="config.json: not valid JSON"):
+        g4.Gemma4Config.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(g4.ConfigError, match="config.json: config: expected a JSON object"):
+        g4.Gemma4Config.from_pretrained(tmp_path)
+
+
+def test_a_bad_field_read_from_a_file_names_the_file_and_the_field(tmp_path):
+    d = _tiny()
+    d["text_config"]["sliding_window"] = "1024"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(g4.ConfigError, match=r"config\.json: text_config\.sliding_window: expected a positive "
+                                             r"integer, found '1024'"):
+        g4.Gemma4Config.from_pretrained(tmp_path)
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) inside a JSON tree, containers included."""
+    yield prefix, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+_BASES = {"tiny": _tiny(), "12b": json.loads((pathlib.Path(__file__).parent / "fixtures" / "configs" /
+                                             "gemma-4-12B.per_layer_config.json").read_text())}
+_PATHS = {name: [p for p, _ in _paths(base) if p] for name, base in _BASES.items()}
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | st.integers(-(10**40), 10**40)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.5, 16.9, 1e-6, -1e-6, 1.0, 2, 0])
+    | st.sampled_from(["", "false", "true", "16", "vision", "all", "full_attention", "default", "proportional"])
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+
+
+@st.composite
+def _mutated(draw):
+    name = draw(st.sampled_from(sorted(_BASES)))
+    d = copy.deepcopy(_BASES[name])
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_PATHS[name]))
+        parent = d
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            if not isinstance(parent, (dict, list)) or (isinstance(parent, list) and path[-1] >= len(parent)):
+                continue
+            if isinstance(parent, dict) and path[-1] not in parent:
+                continue
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation removed or replaced this path
+        if isinstance(parent, dict) and draw(st.booleans()):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(_JSON)
+    return d
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_mutated())
+def test_random_configs_give_a_valid_config_or_a_config_error(tmp_path_factory, d):
+    folder = tmp_path_factory.mktemp("cfg", numbered=True)
+    (folder / "config.json").write_text(json.dumps(d))  # NaN and Infinity written as JSON's extensions
+    try:
+        cfg = g4.Gemma4Config.from_pretrained(folder)
+    except g4.ConfigError as e:
+        assert str(e).startswith(str(folder / "config.json") + ": ")
+        return
+    # a config that reads is a consistent one: it writes back and reads again to itself
+    assert g4.Gemma4Config.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict()))) == cfg
+    t = cfg.text
+    assert all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in
+               (t.hidden_size, t.sliding_window, t.head_dim, t.global_head_dim, t.num_hidden_layers))
+    assert math.isfinite(t.rms_norm_eps) and t.rms_norm_eps > 0
+    assert t.final_logit_softcapping is None or (math.isfinite(t.final_logit_softcapping)
+                                                 and t.final_logit_softcapping > 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_as_config_json_give_a_config_error(tmp_path_factory, raw):
+    folder = tmp_path_factory.mktemp("raw", numbered=True)
+    (folder / "config.json").write_bytes(raw)
+    with pytest.raises(g4.ConfigError, match="config.json: "):
+        g4.Gemma4Config.from_pretrained(folder)

@@ -21,13 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jaxtyping import install_import_hook
 
 import gemma4_eqx as g4
 import hf_reference
-
-with install_import_hook(["gemma4_eqx.nnx", "gemma4_eqx.bridge"], "beartype.beartype"):
-    from gemma4_eqx import nnx as g4nnx
+from gemma4_eqx import nnx as g4nnx
+from gemma4_eqx.testing import filled_model
 
 # fp32 rounding moves the logits by ~1e-6 relative to their scale, so for the absolute 1e-6 check the logits are
 # kept near 0.2 (and the cap at 0.25, where tanh is far from linear). Measured worst case 3.3e-7 over 4 seeds.
@@ -44,31 +42,26 @@ HF_TOL = 1e-4
 def random_model(cfg: g4.Gemma4Config, seed: int) -> g4.Gemma4:
     """Every leaf drawn afresh (numpy, no compilation): linears N(0, 1/fan_in), norm weights gain * (1 + 0.3 N),
     LayerNorm biases 0.1 N, distinct layer scalars in [0.5, 1.5]."""
-    rng = np.random.default_rng(seed)
-    abstract = eqx.filter_eval_shape(lambda: g4.Gemma4(cfg, key=jax.random.key(0)))
 
-    def normal(x, std=1.0, mean=0.0):
-        return jnp.asarray((mean + std * rng.standard_normal(x.shape)).astype(np.float32))
-
-    def new(path, x):
-        name = ".".join(str(getattr(p, "name", getattr(p, "idx", p))) for p in path)
+    def draw(name, shape, rng):
+        normal = lambda std=1.0, mean=0.0: mean + std * rng.standard_normal(shape)
         if name == "embed_tokens":
-            return normal(x, EMBED_STD)
+            return normal(EMBED_STD)
         if name == "norm.weight":
-            return FINAL_NORM_GAIN * normal(x, 0.3, 1.0)
+            return FINAL_NORM_GAIN * normal(0.3, 1.0)
         if name.endswith(("q_norm.weight", "k_norm.weight")):
-            return QK_NORM_GAIN * normal(x, 0.3, 1.0)
+            return QK_NORM_GAIN * normal(0.3, 1.0)
         if name.endswith("layer_scalar"):
-            return jnp.asarray(rng.uniform(0.5, 1.5, x.shape).astype(np.float32))
+            return rng.uniform(0.5, 1.5, shape)
         if name.endswith("pos_embedding"):
-            return normal(x, 0.5)
+            return normal(0.5)
         if name.endswith(".bias"):
-            return normal(x, 0.1)
+            return normal(0.1)
         if "norm" in name or "_ln" in name:  # RMSNorm and vision LayerNorm weights
-            return normal(x, 0.3, 1.0)
-        return normal(x, 1.0 / math.sqrt(x.shape[-2]))  # linear [.., in, out]
+            return normal(0.3, 1.0)
+        return normal(1.0 / math.sqrt(shape[-2]))  # linear [.., in, out]
 
-    return jax.tree_util.tree_map_with_path(new, abstract)
+    return filled_model(cfg, draw, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from gemma4_eqx import surgery, train
 from gemma4_eqx.batching import stack_samples
 from gemma4_eqx.checkpoint import CheckpointError
 from gemma4_eqx.layers.attention import AbstractAttention, Attention
+from gemma4_eqx.testing import filled_model
 
 from test_transforms import as_jax, tree_max_diff
 
@@ -25,16 +26,13 @@ CONFIG = g4.small_config(vocab_size=256, num_hidden_layers=12, sliding_window=6)
 @functools.lru_cache(maxsize=None)
 def model():
     """Random weights filled from numpy into an abstract model: nothing is compiled to build it."""
-    abstract = eqx.filter_eval_shape(lambda: g4.Gemma4(CONFIG, key=jax.random.key(0)))
-    rng = np.random.default_rng(0)
 
-    def fill(path, x):
-        name = jax.tree_util.keystr(path)
+    def draw(name, shape, rng):
         ones = any(k in name for k in ("norm", "ln", "layer_scalar")) and not name.endswith(".bias")
         scale = 1.0 if "embed_tokens" in name else 0.1
-        return jnp.asarray(float(ones) + scale * rng.standard_normal(x.shape), x.dtype)
+        return float(ones) + scale * rng.standard_normal(shape)
 
-    return jax.tree_util.tree_map_with_path(fill, abstract)
+    return filled_model(CONFIG, draw)
 
 
 class Wrapped(AbstractAttention):

@@ -118,8 +118,9 @@ class Numerics(Policy):
     """How the layers round: `XLA` (default), `TorchCPU` (transformers' CPU run, bit for bit) or `Invariant` (a
     token's numbers independent of the call's shape). See `layers/numerics.py` for what each one does."""
 
-    #: the sliding layers read their ring buffer oldest first (a fixed key order whatever the ring's start)
-    reads_ring_in_order: ClassVar[bool] = False
+    #: a token's numbers do not depend on the call's shape: the sliding layers read their ring oldest first (a
+    #: fixed key order whatever the ring's start) and the loss keeps the model's own lm head
+    shape_invariant: ClassVar[bool] = False
 
     @abc.abstractmethod
     def matmul(self, x: Float[Array, "*batch k"], w: Float[Array, "k n"]) -> Float[Array, "*batch n"]:
@@ -213,7 +214,7 @@ class Invariant(Numerics):
     decoding then equals the no-cache forward bit for bit. Slow (sequential loops); needs the XLA kernel."""
 
     name: ClassVar[str] = "invariant"
-    reads_ring_in_order: ClassVar[bool] = True
+    shape_invariant: ClassVar[bool] = True
 
     def matmul(self, x, w):
         return rowwise_matmul(x, w)

@@ -1,4 +1,4 @@
-"""Rotary position embeddings: the default and the proportional schedules (spec §4)."""
+"""Rotary position embeddings: the default and the proportional schedules (docs/spec/decoder-and-checkpoint.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Self-attention of the NNX reference (spec §3.4), batched `[batch, seq, ...]` like transformers' eager path.
+"""Self-attention of the NNX reference (docs/spec/decoder-and-checkpoint.md §3.4), batched `[batch, seq, ...]` like transformers' eager path.
 
 Sliding layers: GQA with their own `v_proj`. Full layers with `attention_k_eq_v`: one KV head, no `v_proj`;
 the values are the raw `k_proj` output, taken before `k_norm` and RoPE. Values are never rotated and go through

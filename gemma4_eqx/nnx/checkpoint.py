@@ -1,10 +1,10 @@
-"""Checkpoint names of the NNX reference and `load` (spec §2).
+"""Checkpoint names of the NNX reference and `load` (docs/spec/decoder-and-checkpoint.md §2).
 
 Every NNX parameter maps to exactly one on-disk tensor. The attribute paths already follow transformers' module
 names, so the on-disk name is the path with the shared prefixes of `gemma4_eqx.checkpoint` and two renames:
 NNX's `kernel` (stored `[in, out]`) is the PyTorch `weight` (stored `[out, in]`, hence transposed), and the token
 table `embedding` is `embed_tokens.weight`. The vision projection lives on disk at top level
-(`model.embed_vision.embedding_projection.weight`), not under `model.vision_embedder.` (spec §2.3).
+(`model.embed_vision.embedding_projection.weight`), not under `model.vision_embedder.` (docs/spec/decoder-and-checkpoint.md §2.3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One decoder layer of the NNX reference (spec §3.3): sandwich norms around attention and MLP, then the
+"""One decoder layer of the NNX reference (docs/spec/decoder-and-checkpoint.md §3.3): sandwich norms around attention and MLP, then the
 per-layer `layer_scalar`, applied once after the MLP residual add.
 """
 

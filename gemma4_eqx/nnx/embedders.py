@@ -1,4 +1,4 @@
-"""The encoder-free multimodal embedders of the NNX reference (spec §6.2, §6.3), batched over images / clips.
+"""The encoder-free multimodal embedders of the NNX reference (docs/spec/decoder-and-checkpoint.md §6.2, §6.3), batched over images / clips.
 
 Vision (`Gemma4UnifiedVisionEmbedder`): cast to the weight dtype -> LayerNorm(eps 1e-5) -> Linear(+bias) ->
 LayerNorm -> + pos_embedding[x, 0] + pos_embedding[y, 1] (each term zeroed where that coordinate is -1) ->

@@ -1,10 +1,10 @@
-"""Batched boolean attention masks of the NNX reference (spec §5), True = visible, `[batch, query, key]`.
+"""Batched boolean attention masks of the NNX reference (docs/spec/decoder-and-checkpoint.md §5), True = visible, `[batch, query, key]`.
 
 Query and key indices are cache slots (0..S-1 over the row), not position ids. Vision blocks follow
 transformers' `get_block_sequence_ids_for_mask`. Modes:
 
-- `"intended"` (spec §5.3): full `causal & pad`; sliding `(causal | block) & window & pad`.
-- `"hf_forward"` (spec §5.4, transformers' bare forward): full `(causal | block) & pad`;
+- `"intended"` (docs/spec/decoder-and-checkpoint.md §5.3): full `causal & pad`; sliding `(causal | block) & window & pad`.
+- `"hf_forward"` (docs/spec/decoder-and-checkpoint.md §5.4, transformers' bare forward): full `(causal | block) & pad`;
   sliding `((causal & window) | block) & pad`.
 """
 

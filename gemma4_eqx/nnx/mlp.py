@@ -1,4 +1,4 @@
-"""The GeGLU feed-forward block of the NNX reference (spec §3.5): `down(gelu_tanh(gate(x)) * up(x))`, no bias."""
+"""The GeGLU feed-forward block of the NNX reference (docs/spec/decoder-and-checkpoint.md §3.5): `down(gelu_tanh(gate(x)) * up(x))`, no bias."""
 
 from __future__ import annotations
 

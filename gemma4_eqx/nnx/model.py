@@ -5,7 +5,7 @@ This is the project's independent cross-check of the Equinox model: written from
 the Equinox layers except the config and the checkpoint names. Attribute paths follow transformers' module
 names (`layers[i].self_attn.q_proj`, `embed_vision.multimodal_embedder.embedding_projection`, ...), with NNX's
 `kernel` (stored `[in, out]`) for a linear weight and `embedding` for the token table.
-Spec: `decoder-and-checkpoint.md` §3 (decoder), §4 (RoPE), §5 (masks), §6 (splice).
+Spec (docs/spec/decoder-and-checkpoint.md): §3 (decoder), §4 (RoPE), §5 (masks), §6 (splice).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from ..config import FULL, SLIDING, Gemma4Config
+from ..media import Media
 from .decoder import DecoderLayer
 from .embedders import MultimodalEmbedder, VisionEmbedder
 from .masks import attention_masks, block_sequence_ids
@@ -115,15 +116,16 @@ class Gemma4NNX(nnx.Module):
         self,
         input_ids: Ints,
         *,
-        pixel_values: Float[Array | np.ndarray, "images patches patch_dim"] | None = None,
-        image_position_ids: Int[Array | np.ndarray, "images patches 2"] | None = None,
-        pixel_values_videos: Float[Array | np.ndarray, "frames vpatches patch_dim"] | None = None,
-        video_position_ids: Int[Array | np.ndarray, "frames vpatches 2"] | None = None,
-        input_features: Float[Array | np.ndarray, "clips aframes samples"] | None = None,
-        input_features_mask: Bool[Array | np.ndarray, "clips aframes"] | None = None,
+        media: Media | None = None,
+        **media_kwargs,
     ) -> Float[Array, "batch seq hidden"]:
-        """Scaled token embeddings with the soft tokens of every image, video frame and audio clip spliced in."""
+        """Scaled token embeddings with the soft tokens of every image, video frame and audio clip spliced in
+        (media stacked across the batch, as transformers' processor returns them: a `g4.Media` or its keywords)."""
         cfg = self.config
+        media = Media.of(media, **media_kwargs)
+        pixel_values, image_position_ids = media.pixel_values, media.image_position_ids
+        pixel_values_videos, video_position_ids = media.pixel_values_videos, media.video_position_ids
+        input_features, input_features_mask = media.input_features, media.input_features_mask
         input_ids = jnp.asarray(input_ids)
         image_mask = input_ids == cfg.image_token_id
         video_mask = input_ids == cfg.video_token_id
@@ -163,13 +165,9 @@ class Gemma4NNX(nnx.Module):
         positions: Ints | None = None,
         attention_mask: Mask | None = None,
         mm_token_type_ids: Ints | None = None,
-        pixel_values: Float[Array | np.ndarray, "images patches patch_dim"] | None = None,
-        image_position_ids: Int[Array | np.ndarray, "images patches 2"] | None = None,
-        pixel_values_videos: Float[Array | np.ndarray, "frames vpatches patch_dim"] | None = None,
-        video_position_ids: Int[Array | np.ndarray, "frames vpatches 2"] | None = None,
-        input_features: Float[Array | np.ndarray, "clips aframes samples"] | None = None,
-        input_features_mask: Bool[Array | np.ndarray, "clips aframes"] | None = None,
         mask_mode: str = "intended",
+        media: Media | None = None,
+        **media_kwargs,
     ) -> Float[Array, "batch seq hidden"]:
         """Hidden states after the final norm."""
         input_ids = jnp.asarray(input_ids)
@@ -188,9 +186,7 @@ class Gemma4NNX(nnx.Module):
             blocks = block_sequence_ids(jnp.asarray(mm_token_type_ids))
         masks = attention_masks(attention_mask, t.sliding_window, blocks, mask_mode)
 
-        h = self.embed(input_ids, pixel_values=pixel_values, image_position_ids=image_position_ids,
-                       pixel_values_videos=pixel_values_videos, video_position_ids=video_position_ids,
-                       input_features=input_features, input_features_mask=input_features_mask)
+        h = self.embed(input_ids, media=media, **media_kwargs)
         rope = {}
         for layer_type in (SLIDING, FULL):
             g = t.layer_geometry_for_type(layer_type)
@@ -207,19 +203,13 @@ class Gemma4NNX(nnx.Module):
         positions: Ints | None = None,
         attention_mask: Mask | None = None,
         mm_token_type_ids: Ints | None = None,
-        pixel_values: Float[Array | np.ndarray, "images patches patch_dim"] | None = None,
-        image_position_ids: Int[Array | np.ndarray, "images patches 2"] | None = None,
-        pixel_values_videos: Float[Array | np.ndarray, "frames vpatches patch_dim"] | None = None,
-        video_position_ids: Int[Array | np.ndarray, "frames vpatches 2"] | None = None,
-        input_features: Float[Array | np.ndarray, "clips aframes samples"] | None = None,
-        input_features_mask: Bool[Array | np.ndarray, "clips aframes"] | None = None,
         mask_mode: str = "intended",
+        media: Media | None = None,
+        **media_kwargs,
     ) -> Float[Array, "batch seq vocab"]:
         """Soft-capped logits of the tied lm head (no embedding scale), in the activation dtype."""
         h = self(input_ids, positions=positions, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                 pixel_values=pixel_values, image_position_ids=image_position_ids,
-                 pixel_values_videos=pixel_values_videos, video_position_ids=video_position_ids,
-                 input_features=input_features, input_features_mask=input_features_mask, mask_mode=mask_mode)
+                 mask_mode=mask_mode, media=media, **media_kwargs)
         logits = self.embed_tokens.attend(h)
         cap = self.config.text.final_logit_softcapping
         if cap is not None:

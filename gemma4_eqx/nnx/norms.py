@@ -1,4 +1,4 @@
-"""Normalisation modules of the NNX reference (spec §3.2, §6.2), written from transformers' definitions.
+"""Normalisation modules of the NNX reference (docs/spec/decoder-and-checkpoint.md §3.2, §6.2), written from transformers' definitions.
 
 - `RMSNorm` is `Gemma4UnifiedRMSNorm`: upcast to fp32 (fp64 stays fp64), `x * pow(mean(x^2) + eps, -0.5)`, times the plain weight
   (not `1 + w`), one cast back to the input dtype. `with_scale=False` holds no parameter (v_norm, the multimodal

@@ -1,4 +1,4 @@
-"""Rotary embeddings of the NNX reference (spec §4), after transformers' rotary class and
+"""Rotary embeddings of the NNX reference (docs/spec/decoder-and-checkpoint.md §4), after transformers' rotary class and
 `_compute_proportional_rope_parameters`: fp32 inverse frequencies and angles, cos/sin cast to the activation
 dtype, rotate-half.
 """

@@ -1,4 +1,4 @@
-"""Audio of Gemma 4 Unified (spec processors.md §3, §11.5): raw 16 kHz mono samples in 40 ms frames.
+"""Audio of Gemma 4 Unified (docs/spec/processors.md §3, §11.5): raw 16 kHz mono samples in 40 ms frames.
 
 No mel spectrogram and no normalisation: a waveform of n samples becomes ceil(n / 640) frames of 640
 raw samples (the last one zero padded), a batch is right padded on the frame axis to the longest clip,
@@ -22,7 +22,7 @@ SAMPLING_RATE = 16_000
 
 @dataclass
 class AudioFeatureExtractor:
-    """Gemma4UnifiedAudioFeatureExtractor in NumPy. Defaults are the 12B checkpoint's (spec §0)."""
+    """Gemma4UnifiedAudioFeatureExtractor in NumPy. Defaults are the 12B checkpoint's (docs/spec/processors.md §0)."""
 
     feature_size: int = 640
     audio_samples_per_token: int = 640

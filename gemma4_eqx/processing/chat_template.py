@@ -1,4 +1,4 @@
-"""Chat template rendering (spec processors.md §5) with jinja2, in the sandbox transformers uses.
+"""Chat template rendering (docs/spec/processors.md §5) with jinja2, in the sandbox transformers uses.
 
 The template is the checkpoint folder's `chat_template.jinja` when it has one (else `chat_template.json`
 or the `chat_template` of tokenizer_config.json), and otherwise the built-in Gemma 4 template next to

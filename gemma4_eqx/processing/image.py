@@ -1,4 +1,4 @@
-"""Image processor of Gemma 4 Unified (spec processors.md §1, §11.3).
+"""Image processor of Gemma 4 Unified (docs/spec/processors.md §1, §11.3).
 
 Per image: convert to RGB uint8, resize (aspect preserving, sides multiples of 48 px, area budget
 max_soft_tokens * 9 * 256 px) with the torchvision-exact bicubic of `resize.py`, rescale to [0, 1] in
@@ -135,7 +135,7 @@ def rescale_and_normalize(
     """uint8 -> float32 like transformers' torchvision backend.
 
     Rescale alone is x * float32(factor); with normalisation both are fused into
-    (x - mean / factor) / (std / factor), so the video path computes (x - 0) / 255 (spec §2 note).
+    (x - mean / factor) / (std / factor), so the video path computes (x - 0) / 255 (docs/spec/processors.md §2 note).
     """
     x = image.astype(np.float32)
     if do_rescale and do_normalize:
@@ -152,7 +152,7 @@ def rescale_and_normalize(
 def patchify(image: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, C) -> patches [N, patch*patch*C] flattened (row, col, channel), raster order, and (x, y) positions.
 
-    Equal to transformers' 16-px patchify followed by the 3x3 merge (spec §1.3).
+    Equal to transformers' 16-px patchify followed by the 3x3 merge (docs/spec/processors.md §1.3).
     """
     h, w, c = image.shape
     rows, cols = h // patch, w // patch
@@ -184,7 +184,7 @@ def flatten_images(images: Any) -> list[ImageLike]:
 
 @dataclass
 class ImageProcessor:
-    """Gemma4UnifiedImageProcessor in NumPy. Defaults are the 12B checkpoint's (spec §0)."""
+    """Gemma4UnifiedImageProcessor in NumPy. Defaults are the 12B checkpoint's (docs/spec/processors.md §0)."""
 
     patch_size: int = 16
     pooling_kernel_size: int = 3

@@ -1,4 +1,4 @@
-"""`Processor`: text + images + videos + audio -> the arrays the model takes (spec §1.5, §2, §3, §7, §11).
+"""`Processor`: text + images + videos + audio -> the arrays the model takes (docs/spec/processors.md §1.5, §2, §3, §7, §11).
 
 Call conventions follow transformers' `Gemma4UnifiedProcessor`: each `<|image|>` / `<|video|>` /
 `<|audio|>` marker in the text is replaced, left to right across the batch, by the expansion of the
@@ -132,7 +132,7 @@ class Processor:
         return [pattern.sub(lambda match: next(iters[match.lastgroup]), sample) for sample in text]
 
     def mm_token_type_ids(self, input_ids: np.ndarray) -> np.ndarray:
-        """0 text (delimiters included), 1 image, 2 video, 3 audio soft tokens (spec §4)."""
+        """0 text (delimiters included), 1 image, 2 video, 3 audio soft tokens (docs/spec/processors.md §4)."""
         types = np.zeros_like(input_ids)
         types[input_ids == self.image_token_id] = 1
         types[input_ids == self.video_token_id] = 2

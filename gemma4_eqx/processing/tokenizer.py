@@ -1,4 +1,4 @@
-"""Tokenizer over the `tokenizers` library (tokenizer.json + tokenizer_config.json), spec §4 and §11.4.
+"""Tokenizer over the `tokenizers` library (tokenizer.json + tokenizer_config.json), docs/spec/processors.md §4 and §11.4.
 
 The special tokens are named in tokenizer_config.json (boi_token = "<|image>", image_token = "<|image|>",
 ...) and their ids are looked up in tokenizer.json, so a small tokenizer with other ids works the same.
@@ -17,7 +17,7 @@ from tokenizers import Tokenizer as _BackendTokenizer
 
 from ._batch import BatchFeature, check_return_tensors
 
-# tokenizer_config.json attribute -> default token string (the real Gemma 4 names, spec §4).
+# tokenizer_config.json attribute -> default token string (the real Gemma 4 names, docs/spec/processors.md §4).
 SPECIAL_TOKEN_DEFAULTS = {
     "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>",
     "boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
@@ -110,7 +110,7 @@ class Tokenizer:
         return [self.backend.id_to_token(int(i)) for i in ids]
 
     def adds_bos(self) -> bool:
-        """True when the post-processor prepends `<bos>` (a base-model tokenizer, spec §11.4)."""
+        """True when the post-processor prepends `<bos>` (a base-model tokenizer, docs/spec/processors.md §11.4)."""
         bos = self.bos_token_id
         return bos is not None and self.backend.encode("", add_special_tokens=True).ids[:1] == [bos]
 

@@ -1,4 +1,4 @@
-"""Video processor of Gemma 4 Unified (spec processors.md §2, §11.1, §11.6).
+"""Video processor of Gemma 4 Unified (docs/spec/processors.md §2, §11.1, §11.6).
 
 Takes decoded frames (uint8 [T, H, W, C] per video) and their metadata (fps). Samples
 `arange(N) * T // N` with N = num_frames (32), processes every sampled frame like an image with
@@ -65,7 +65,7 @@ class VideoMetadata:
 
 
 def timestamp_strings(seconds: Sequence[float | int]) -> list[str]:
-    """MM:SS with truncation, both zero padded (spec §2)."""
+    """MM:SS with truncation, both zero padded (docs/spec/processors.md §2)."""
     return [f"{int(s // 60):02d}:{int(s % 60):02d}" for s in seconds]
 
 
@@ -155,7 +155,7 @@ def batch_videos(videos: Any) -> list[Any]:
 
 @dataclass
 class VideoProcessor:
-    """Gemma4UnifiedVideoProcessor in NumPy. Defaults are the 12B checkpoint's (spec §0)."""
+    """Gemma4UnifiedVideoProcessor in NumPy. Defaults are the 12B checkpoint's (docs/spec/processors.md §0)."""
 
     patch_size: int = 16
     pooling_kernel_size: int = 3
