@@ -185,10 +185,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("\n[interrupted]", file=sys.stderr)
         return 130
     streamer.end()
+    sys.stdout.write("\n")  # the reply ends its line (and a closed stdout is noticed even if it was empty)
+    sys.stdout.flush()
     dt = time.perf_counter() - streamer.start
     ttft, n = streamer.time_to_first_token, streamer.tokens
     rate = f"{(n - 1) / (dt - ttft):.1f} tokens/s" if n > 1 and dt > ttft else "-"
-    print(f"\n[{n} tokens in {dt:.2f} s, including compilation; time to first token {ttft:.2f} s; "
+    print(f"[{n} tokens in {dt:.2f} s, including compilation; time to first token {ttft:.2f} s; "
           f"decode {rate}]" + (" [interrupted]" if result.interrupted else ""), file=sys.stderr)
     return 130 if result.interrupted else 0
 
