@@ -11,7 +11,9 @@ from .config import AudioConfig, ConfigError, Gemma4Config, TextConfig, VisionCo
 from .checkpoint import CheckpointError
 from .hub import load, save
 from .cache import KVCache
-from .generation import generate
+from .chat import ChatSession, Reply
+from .generation import GenerationResult, generate
+from .generation_config import GenerationConfig
 from .layers.policy import (XLA, AutoKernel, CuDNNKernel, Invariant, PolicyError, Remat, TorchCPU, XLAKernel,
                             with_policy)
 from .media import Media
@@ -19,10 +21,11 @@ from .model import Gemma4, count_parameters
 from .processing import Processor
 from . import assets, batching
 
-__all__ = ["XLA", "AudioConfig", "AutoKernel", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
-           "Gemma4Config", "Invariant", "KVCache", "Media", "PolicyError", "Processor", "Remat", "TextConfig",
-           "TorchCPU", "VisionConfig", "XLAKernel", "batching", "bridge", "count_parameters", "generate", "load",
-           "losses", "nnx", "save", "sharding", "small_config", "surgery", "train", "typecheck", "with_policy"]
+__all__ = ["XLA", "AudioConfig", "AutoKernel", "ChatSession", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
+           "Gemma4Config", "GenerationConfig", "GenerationResult", "Invariant", "KVCache", "Media", "PolicyError",
+           "Processor", "Remat", "Reply", "TextConfig", "TorchCPU", "VisionConfig", "XLAKernel", "batching", "bridge",
+           "count_parameters", "generate", "load", "losses", "nnx", "save", "sharding", "small_config", "surgery",
+           "train", "typecheck", "with_policy"]
 __version__ = "0.1.0"
 
 

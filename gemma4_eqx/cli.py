@@ -147,6 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from . import hub
     from .generation import generate
     from .processing import Processor, load_audio
+    from .streaming import TextStreamer
 
     name = _resolve_model(args.model)
     folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
@@ -172,29 +173,74 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if batch.get(k) is not None:
             inputs[k] = np.asarray(batch[k])
     ids = inputs.pop("input_ids")
-    settings = {"temperature": 1.0, "top_k": 64, "top_p": 0.95, **_generation_defaults(folder)}
-    for key in ("temperature", "top_k", "top_p"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    if settings.get("top_k") == 0:
-        settings["top_k"] = None  # --top-k 0: no top-k filtering
+    _generation_defaults(folder)  # checks the file (a bad field is one line naming it); generate reads it below
+    # unset settings come from the checkpoint's generation_config.json, inside generate (one source of defaults)
+    settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
     print(f"[{name}: loaded in {time.perf_counter() - t0:.1f} s; prompt {len(ids)} tokens]", file=sys.stderr)
-    printed, produced = "", []
+    streamer = TextStreamer(proc.tokenizer, skip_special_tokens=not args.show_special)
+    try:
+        result = generate(model, ids, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
+                          streamer=streamer, generation_config=folder, return_result=True, **settings, **inputs)
+    except KeyboardInterrupt:  # Ctrl-C before the first token (loading, compiling)
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    streamer.end()
+    sys.stdout.write("\n")  # the reply ends its line (and a closed stdout is noticed even if it was empty)
+    sys.stdout.flush()
+    dt = time.perf_counter() - streamer.start
+    ttft, n = streamer.time_to_first_token, streamer.tokens
+    rate = f"{(n - 1) / (dt - ttft):.1f} tokens/s" if n > 1 and dt > ttft else "-"
+    print(f"[{n} tokens in {dt:.2f} s, including compilation; time to first token {ttft:.2f} s; "
+          f"decode {rate}]" + (" [interrupted]" if result.interrupted else ""), file=sys.stderr)
+    return 130 if result.interrupted else 0
 
-    def stream(tokens: Any) -> None:
-        nonlocal printed
-        produced.append(int(tokens[0]))
-        text = proc.tokenizer.decode(produced, skip_special_tokens=not args.show_special)
-        sys.stdout.write(text[len(printed):])
-        sys.stdout.flush()
-        printed = text
 
-    t1 = time.perf_counter()
-    generate(model, ids, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed), streamer=stream,
-             **settings, **inputs)
-    dt = time.perf_counter() - t1
-    print(f"\n[{len(produced)} tokens in {dt:.2f} s, including compilation]", file=sys.stderr)
-    return 0
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive conversation (`g4.ChatSession`): one user turn per stdin line; /reset, /quit."""
+    import time
+
+    import jax
+
+    from . import hub
+    from .chat import ChatSession
+    from .processing import Processor
+    from .streaming import TextStreamer
+
+    name = _resolve_model(args.model)
+    folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
+    model = hub.load(folder, dtype=_jnp_dtype(args.dtype))
+    proc = Processor.from_pretrained(folder)
+    settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
+    chat = ChatSession(model, proc, system=args.system, generation_config=folder, key=jax.random.key(args.seed),
+                       max_new_tokens=args.max_new_tokens, max_context=args.max_context,
+                       enable_thinking=args.thinking, **settings)
+    interactive = sys.stdin.isatty()
+    print(f"[{name}: chatting; /reset starts over, /quit or end of input leaves]", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            chat.reset()
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        streamer = TextStreamer(proc.tokenizer, stop_ids=chat.stop_ids)
+        try:
+            reply = chat.send(line, streamer=streamer)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            return 130
+        streamer.end()
+        dt = time.perf_counter() - streamer.start
+        ttft, n = streamer.time_to_first_token, streamer.tokens
+        rate = f"{(n - 1) / (dt - ttft):.1f} tokens/s" if n > 1 and dt > ttft else "- tokens/s"
+        print(f"\n[{n} tokens; prefilled {reply.prefilled}, reused {reply.reused} from the cache; time to first "
+              f"token {ttft:.2f} s; decode {rate}]", file=sys.stderr)
 
 
 def _verify_cases(folder: str, cfg: Any) -> list[tuple]:
@@ -300,6 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
     p.add_argument("--show-special", action="store_true", help="print special tokens too")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+
+    p = command("chat", "an interactive conversation that keeps its KV cache (stdin lines; /reset, /quit)",
+                cmd_chat, check_verify)
+    _model_arg(p)
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-new-tokens", type=int_in(1, 1_000_000), default=256, help="per reply")
+    p.add_argument("--max-context", type=int_in(1, 2**31), default=4096, help="cache slots for the conversation")
+    p.add_argument("--temperature", type=float_in(0.0), default=None, help="0 = greedy (default: generation_config)")
+    p.add_argument("--top-k", type=int_in(0), default=None, help="0 = no top-k (default: generation_config)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=None)
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
+    p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
     p.add_argument("--dtype", choices=DTYPES, default=None)
 
     p = command("info", "config, parameter counts, memory estimate (no weights are read)", cmd_info, check_info)

@@ -130,8 +130,24 @@ def _spec(filter_spec: FilterSpec | None, model):
 
 
 def init_optimizer(optimizer, model, filter_spec: FilterSpec | None = None):
-    """`optimizer.init` on the trainable part of `model` (the same `filter_spec` as the step)."""
-    return optimizer.init(eqx.filter(model, _spec(filter_spec, model)))
+    """`optimizer.init` on the trainable part of `model` (the same `filter_spec` as the step).
+
+    The state is committed to the parameters' devices: `optimizer.init` leaves some leaves (Adam's step count)
+    uncommitted, the step returns them committed, and jit keys its cache on that, so the second step would
+    compile the whole program again.
+    """
+    params = eqx.filter(model, _spec(filter_spec, model))
+    state = optimizer.init(params)
+    arrays = [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)]
+    if not arrays:
+        return state
+    like = arrays[0].sharding
+    replicated = (jax.sharding.NamedSharding(like.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(like, jax.sharding.NamedSharding)
+                  else jax.sharding.SingleDeviceSharding(next(iter(like.device_set))))
+    commit = lambda x: x if not isinstance(x, jax.Array) or getattr(x, "committed", True) else jax.device_put(
+        x, replicated)
+    return jax.tree.map(commit, state)
 
 
 def make_train_step(optimizer, filter_spec: FilterSpec | None = None, *, remat: bool | str | None = None,

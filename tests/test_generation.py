@@ -11,6 +11,7 @@ import gemma4_eqx as g4
 from gemma4_eqx.batching import split_batch, stack_samples
 from gemma4_eqx.cache import FullKV, RawKeyKV, cache_bytes
 from gemma4_eqx.generation import top_k_mask, top_p_mask
+from gemma4_eqx.sampling import ordered_log_softmax
 
 import hf_reference as ref
 
@@ -280,3 +281,155 @@ def test_generate_runs_in_float64():
         ids = jnp.asarray(ref.cases("tiny_c")["gen_text"]["input_ids"][0])
         out = g4.generate(m, ids, max_new_tokens=4, temperature=0.0, stop_ids=())
         assert out.shape == (4,)
+
+
+# ---- the result object, log-probs, defaults, checks, processor batches ----------------------------------------
+def test_result_object_gives_lengths_and_rows_without_pads():
+    m = model("tiny_a")
+    sample = _samples("tiny_a", "gen_text")[0]
+    ids = sample.pop("input_ids")
+    free = np.asarray(g4.generate(m, ids, max_new_tokens=6, temperature=0.0, stop_ids=(), suppress_ids=()))
+    stop = int(free[2])
+    out = g4.generate(m, ids, max_new_tokens=6, temperature=0.0, stop_ids=(stop,), suppress_ids=(), pad_id=0,
+                      return_result=True)
+    cut = int(np.argmax(free == stop)) + 1
+    assert isinstance(out, g4.GenerationResult) and out.tokens.shape == (6,) and int(out.lengths) == cut
+    np.testing.assert_array_equal(out.sequences[0], free[:cut])
+    assert out.logprobs is None  # only with return_logprobs
+
+
+def test_logprobs_are_the_log_softmax_of_the_models_logits():
+    m = model("tiny_c")
+    ids = jnp.asarray(ref.cases("tiny_c")["gen_text"]["input_ids"][0])
+    out = g4.generate(m, ids, max_new_tokens=10, key=jax.random.key(3), temperature=1.0, top_k=40, top_p=0.9,
+                      stop_ids=(), suppress_ids=(), return_logprobs=True)
+    full = jnp.concatenate([ids, jnp.asarray(out.tokens)])
+    lp = np.asarray(jax.nn.log_softmax(m(full)))[len(ids) - 1: -1]
+    np.testing.assert_allclose(out.logprobs, lp[np.arange(10), out.tokens], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(out.top_logprobs[:, 0], lp.max(-1), atol=2e-5, rtol=0)
+    assert (out.sampling_logprobs >= out.logprobs - 1e-5).all()  # at T=1 filtering only concentrates the mass
+
+
+def test_logprobs_equal_a_training_forward_bit_for_bit_under_invariant_numerics():
+    """Under numerics="invariant" the cached logits equal the no-cache forward's, so the returned log-probs equal
+    the training forward's at those positions exactly (text, and a left-padded batch). The log-softmax is
+    `ordered_log_softmax` on both sides: XLA's own `jax.nn.log_softmax` rounds a row differently depending on how
+    many rows the call holds (checked below), so no cached decoder could match it bit for bit."""
+    m = model("tiny_a").with_numerics("invariant")
+    sample = _samples("tiny_a", "gen_text")[0]
+    ids = np.asarray(sample["input_ids"])
+    out = g4.generate(m, ids, max_new_tokens=12, temperature=0.0, stop_ids=(), suppress_ids=(),
+                      return_logprobs=True)
+    full = jnp.concatenate([jnp.asarray(ids), jnp.asarray(out.tokens)])
+    lp = np.asarray(jax.jit(lambda f: ordered_log_softmax(m(f)))(full))[len(ids) - 1: -1]
+    np.testing.assert_array_equal(out.logprobs, lp[np.arange(12), out.tokens])
+    xla = np.asarray(jax.jit(lambda f: jax.nn.log_softmax(m(f)))(full))[len(ids) - 1: -1]
+    np.testing.assert_allclose(xla, lp, atol=1e-5, rtol=0)
+    batch = stack_samples([{k: np.asarray(v) for k, v in s.items()} for s in _samples("tiny_a", "gen_left_pad")])
+    out = g4.generate(m, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=8,
+                      temperature=0.0, stop_ids=(), suppress_ids=(), return_logprobs=True)
+    for b in range(batch["input_ids"].shape[0]):
+        mask = np.concatenate([batch["attention_mask"][b], np.ones(8, bool)])
+        full = jnp.concatenate([jnp.asarray(batch["input_ids"][b]), jnp.asarray(out.tokens[b])])
+        pos = np.where(mask, np.cumsum(mask) - 1, 0)
+        lp = np.asarray(jax.jit(lambda f, a, p: ordered_log_softmax(m(f, attention_mask=a, positions=p)))(
+            full, mask, pos))[len(mask) - 9: -1]
+        np.testing.assert_array_equal(out.logprobs[b], lp[np.arange(8), out.tokens[b]])
+
+
+def test_ordered_log_softmax_does_not_depend_on_the_number_of_rows():
+    x = jnp.asarray(5 * np.random.default_rng(0).normal(size=(40, 1000)), jnp.float32)
+    whole = np.asarray(jax.jit(ordered_log_softmax)(x))
+    rows = np.stack([np.asarray(jax.jit(ordered_log_softmax)(x[i])) for i in (0, 17, 39)])
+    np.testing.assert_array_equal(whole[[0, 17, 39]], rows)
+    np.testing.assert_allclose(whole, np.asarray(jax.nn.log_softmax(x)), atol=1e-5, rtol=0)
+
+
+def test_defaults_come_from_the_generation_config():
+    m = g4.load(g4.assets.TINY_CHECKPOINT)
+    gen = g4.GenerationConfig.from_pretrained(g4.assets.TINY_CHECKPOINT)
+    assert gen.stop_ids == (1, 106, 50) and gen.suppress_ids == (1022, 1021) and gen.top_k == 64
+    ids = np.arange(3, 15, dtype=np.int32)
+    free = np.asarray(g4.generate(m, ids, max_new_tokens=4, temperature=0.0, stop_ids=(), suppress_ids=()))
+    # a config that stops at the first greedy token and suppresses nothing
+    mine = g4.GenerationConfig(stop_ids=(int(free[0]),), temperature=0.0)
+    out = g4.generate(m, ids, max_new_tokens=4, generation_config=mine, return_result=True)
+    assert int(out.lengths) == 1 and out.tokens[0] == free[0]
+    # do_sample=False is greedy whatever the config's temperature; transformers' names are accepted
+    out = g4.generate(m, ids, max_new_tokens=4, generation_config=g4.assets.TINY_CHECKPOINT, do_sample=False,
+                      eos_token_id=[], suppress_tokens=[])
+    np.testing.assert_array_equal(np.asarray(out), free)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_k=-3), "top_k"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(stop_ids=(5, 99_999)), "stop_ids"),
+    (dict(pad_id=-1), "pad_id"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=300_000), "max_position_embeddings"),
+    (dict(max_length=3), "max_length"),
+])
+def test_bad_settings_are_refused_before_tracing(kwargs, match):
+    m = model("tiny_c")
+    settings = {"temperature": 1.0, "key": jax.random.key(0), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        g4.generate(m, np.arange(3, 8, dtype=np.int32), **settings)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_beams=4), "num_beams"),
+    (dict(repetition_penalty=1.3), "repetition_penalty"),
+    (dict(pixel_value=np.zeros((1, 4, 768))), "pixel_values"),
+    (dict(images=[1]), "media keywords"),
+])
+def test_transformers_habits_are_refused_by_name(kwargs, match):
+    m = model("tiny_c")
+    with pytest.raises(TypeError, match=match):
+        g4.generate(m, np.arange(3, 8, dtype=np.int32), temperature=0.0, **kwargs)
+
+
+def test_harmless_transformers_settings_are_accepted():
+    m = model("tiny_c")
+    ids = np.arange(3, 8, dtype=np.int32)
+    a = g4.generate(m, ids, max_new_tokens=3, temperature=0.0, stop_ids=())
+    b = g4.generate(m, ids, max_length=8, num_beams=1, repetition_penalty=1.0, do_sample=False, stop_ids=())
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_padding_without_a_mask_warns_and_right_padding_is_refused():
+    m = model("tiny_c")
+    ids = np.stack([np.r_[0, 0, np.arange(3, 8)], np.arange(3, 10)]).astype(np.int32)
+    with pytest.warns(UserWarning, match="attention_mask"):
+        g4.generate(m, ids, max_new_tokens=2, temperature=0.0)
+    mask = np.ones(ids.shape, bool)
+    mask[0, -2:] = False
+    with pytest.raises(ValueError, match="right padding"):
+        g4.generate(m, ids, attention_mask=mask, max_new_tokens=2, temperature=0.0)
+
+
+def test_a_processor_batch_goes_straight_to_generate():
+    """`**proc(...)`: input_ids [B, S], attention_mask, mm_token_type_ids and images stacked over the batch."""
+    m = g4.load(g4.assets.TINY_CHECKPOINT)
+    proc = g4.Processor.from_pretrained(g4.assets.TINY_CHECKPOINT)
+    rng = np.random.default_rng(0)
+    images = [[rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)], [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)]]
+    batch = proc(text=["<|image|> what is this?", "a longer prompt first, then <|image|> this"], images=images)
+    assert batch["pixel_values"].ndim == 3  # transformers' layout: every image of the batch stacked
+    out = g4.generate(m, **batch, max_new_tokens=5, temperature=0.0, stop_ids=())
+    assert out.shape == (2, 5)
+    stacked = stack_samples(split_batch(dict(batch), m.config))
+    ids = stacked.pop("input_ids")
+    again = g4.generate(m, ids, max_new_tokens=5, temperature=0.0, stop_ids=(), **stacked)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
+    for b in range(2):  # each row as its own prompt, without the batch's padding
+        keep = batch["attention_mask"][b].astype(bool)
+        one = proc(text=[["<|image|> what is this?", "a longer prompt first, then <|image|> this"][b]],
+                   images=[images[b]])
+        alone = g4.generate(m, **one, max_new_tokens=5, temperature=0.0, stop_ids=())
+        assert keep.sum() == one["input_ids"].shape[1]
+        np.testing.assert_array_equal(np.asarray(alone)[0], np.asarray(out)[b])

@@ -92,3 +92,26 @@ def test_a_per_leaf_filter_is_refused_with_a_hint():
     step = train.make_train_step(optax.sgd(1e-3), eqx.is_inexact_array)
     with pytest.raises(ValueError, match="pytree of bools"):
         step(model32(), None, TEXT)
+
+
+def test_the_train_step_compiles_once(batch):
+    """The optimizer state starts committed (init_optimizer), so the second step reuses the first's program."""
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+
+    m = model32()
+    optimizer = optax.adam(1e-3)
+    opt_state = train.init_optimizer(optimizer, m)
+    step = train.make_train_step(optimizer)
+    m, opt_state, _ = step(m, opt_state, batch)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(2):
+            m, opt_state, loss = step(m, opt_state, batch)
+        jax.block_until_ready(loss)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert seen == [], f"{len(seen)} compilations after the first step"

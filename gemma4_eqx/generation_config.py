@@ -1,0 +1,82 @@
+"""Generation defaults: one source, the checkpoint's `generation_config.json` (as transformers reads it).
+
+`g4.generate`, `g4.ChatSession` and the CLI take stop ids, suppressed ids, pad id, temperature, top-k and top-p
+from a `GenerationConfig` whenever the caller does not give them. `g4.load` attaches nothing to the model (the
+model is a pure pytree of weights), so the config is passed explicitly:
+
+    gen = g4.GenerationConfig.from_pretrained(folder)      # reads folder/generation_config.json
+    g4.generate(model, ids, generation_config=gen)          # or generation_config=folder
+
+Without one, `GenerationConfig.from_model_config(model.config)` applies: the stop ids of `config.json`
+(`eos_token_id`), no suppressed ids, and Gemma 4's published sampling settings (temperature 1, top-k 64,
+top-p 0.95).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+GEMMA4_SAMPLING = dict(temperature=1.0, top_k=64, top_p=0.95)
+
+
+def _ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    stop_ids: tuple[int, ...] = ()
+    suppress_ids: tuple[int, ...] = ()
+    pad_id: int | None = None
+    temperature: float = GEMMA4_SAMPLING["temperature"]
+    top_k: int | None = GEMMA4_SAMPLING["top_k"]
+    top_p: float | None = GEMMA4_SAMPLING["top_p"]
+
+    @classmethod
+    def from_dict(cls, g: dict) -> "GenerationConfig":
+        """transformers' field names: eos_token_id, suppress_tokens, pad_token_id, do_sample, temperature, ..."""
+        out = dict(stop_ids=_ids(g.get("eos_token_id")), suppress_ids=_ids(g.get("suppress_tokens")),
+                   pad_id=g.get("pad_token_id"))
+        for key in ("temperature", "top_k", "top_p"):
+            if g.get(key) is not None:
+                out[key] = g[key]
+        if g.get("do_sample") is False:  # transformers: greedy whatever the temperature says
+            out["temperature"] = 0.0
+        return cls(**out)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
+        """A checkpoint folder (its `generation_config.json`) or the file itself."""
+        path = os.fspath(path)
+        file = os.path.join(path, "generation_config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"generation_config: no generation_config.json at {path}")
+        with open(file) as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_model_config(cls, config) -> "GenerationConfig":
+        """What a checkpoint without generation_config.json gets: config.json's stop ids, Gemma 4's sampling."""
+        stop = _ids(getattr(config, "eos_token_id", None)) or _ids(config.text.eos_token_id)
+        return cls(stop_ids=stop, pad_id=config.text.pad_token_id)
+
+    @classmethod
+    def resolve(cls, value, model_config) -> "GenerationConfig":
+        """`generation_config=` as given to generate: None, a GenerationConfig, a dict, a file or a checkpoint
+        folder (one without generation_config.json gets `from_model_config`)."""
+        if value is None:
+            return cls.from_model_config(model_config)
+        if isinstance(value, GenerationConfig):
+            return value
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        if isinstance(value, (str, os.PathLike)):
+            if os.path.isdir(value) and not os.path.isfile(os.path.join(value, "generation_config.json")):
+                return cls.from_model_config(model_config)  # as transformers: a checkpoint without the file
+            return cls.from_pretrained(value)
+        raise TypeError(f"generation_config: expected a GenerationConfig, a dict or a path, found "
+                        f"{type(value).__name__}")

@@ -1,0 +1,81 @@
+"""g4.ChatSession: the cache kept between turns equals a from-scratch render; `gemma4-eqx chat` with piped input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gemma4_eqx as g4
+
+GREEDY = g4.GenerationConfig(temperature=0.0, stop_ids=(1, 106))
+MEDIA_KW = {"images_kwargs": {"max_soft_tokens": 70}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return g4.load(g4.assets.TINY_CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return g4.Processor.from_pretrained(g4.assets.TINY_CHECKPOINT)
+
+
+def _common_prefix(a, b):
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+def test_three_turns_prefill_only_what_the_render_adds_and_equal_a_from_scratch_run(model, proc):
+    image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    chat = g4.ChatSession(model, proc, generation_config=GREEDY, max_new_tokens=10, max_context=512,
+                          processor_kwargs=MEDIA_KW)
+    turns = [[{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}],
+             "Describe it in more detail.", "Thanks! One more word?"]
+    previous = None
+    for i, content in enumerate(turns):
+        reply = chat.send(content)
+        messages = chat.messages[:-1]  # the conversation as sent, before this reply was appended
+        render = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          processor_kwargs=MEDIA_KW)
+        ids = np.asarray(render["input_ids"])[0]
+        if i == 0:
+            assert reply.reused == 0 and reply.prefilled == len(ids)
+        else:
+            shared = _common_prefix(previous, ids)
+            assert shared > len(previous) - 10  # the earlier prompt, image included, stays in the cache
+            assert reply.reused == shared and reply.prefilled == len(ids) - shared
+            assert (ids[shared:] != model.config.image_token_id).all()  # the image is not prefilled again
+        scratch = g4.generate(model, **render, max_new_tokens=10, generation_config=GREEDY, return_result=True)
+        np.testing.assert_array_equal(reply.tokens, scratch.sequences[0])
+        previous = ids
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 3
+
+
+def test_reset_forgets_the_conversation(model, proc):
+    chat = g4.ChatSession(model, proc, generation_config=GREEDY, max_new_tokens=4, max_context=256)
+    first = chat.send("Hello")
+    chat.send("Again")
+    chat.reset()
+    again = chat.send("Hello")
+    assert again.reused == 0 and chat.messages[0]["content"] == "Hello"
+    np.testing.assert_array_equal(first.tokens, again.tokens)
+
+
+def test_a_conversation_longer_than_the_cache_is_refused(model, proc):
+    chat = g4.ChatSession(model, proc, generation_config=GREEDY, max_new_tokens=4, max_context=32)
+    with pytest.raises(ValueError, match="max_context"):
+        chat.send("word " * 40)
+
+
+def test_cli_chat_with_piped_input():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    stdin = "Hello there\n/reset\nSecond try\n/quit\nnever read\n"
+    out = subprocess.run([sys.executable, "-m", "gemma4_eqx.cli", "chat", "--max-new-tokens", "4",
+                          "--temperature", "0"], input=stdin, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count("tokens/s") == 2  # two replies, then /quit
+    assert "[conversation reset]" in out.stderr
