@@ -21,7 +21,6 @@ from .decode import decode_step_jitted, prefill_jitted
 from .embedders import AudioEmbedder, VisionEmbedder
 from .layers.decoder import DecoderStack
 from .layers.norm import RMSNorm
-from .layers.numerics import warn_if_bf16_rounding_differs
 from .layers.policy import Numerics, Remat, as_kernel, as_numerics, as_remat, with_policy
 from .masks import MaskMode, TokenType, layer_masks, token_types, vision_block_ids
 from .media import InputArray, Media
@@ -66,8 +65,7 @@ class Gemma4(eqx.Module):
         kernel_refused = numerics.refuses_kernel(kernel)
         if kernel_refused is not None:
             raise ValueError(kernel_refused)
-        if numerics.name == "torch_cpu":
-            warn_if_bf16_rounding_differs(dtype)
+        numerics.check_dtype(dtype)
         self.config = config
         self.embed_tokens = (t.initializer_range * jax.random.normal(ke, (t.vocab_size, t.hidden_size))).astype(dtype)
         self.layers = DecoderStack.build(t, key=kl, dtype=dtype, remat=remat, unroll=unroll, numerics=numerics,
@@ -99,8 +97,7 @@ class Gemma4(eqx.Module):
         raise `g4.PolicyError` naming it. A thin alias of `g4.with_policy(model, ...)`.
         """
         numerics = as_numerics(numerics)
-        if numerics.name == "torch_cpu":
-            warn_if_bf16_rounding_differs(self.dtype)
+        numerics.check_dtype(self.dtype)
         return with_policy(self, numerics)
 
     def with_remat(self, remat: bool | str | Remat) -> Gemma4:

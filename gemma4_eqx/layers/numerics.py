@@ -86,7 +86,7 @@ def warn_if_bf16_rounding_differs(dtype) -> None:
     if jnp.dtype(dtype).itemsize == 2 and not excess_precision_disabled():
         warnings.warn(f"numerics='torch_cpu' in {jnp.dtype(dtype).name}: XLA keeps excess precision between "
                       f"operations unless XLA_FLAGS contains {EXCESS_PRECISION_FLAG} (set before JAX starts), so "
-                      "intermediate roundings will differ from torch's", stacklevel=3)
+                      "intermediate roundings will differ from torch's", stacklevel=4)
 
 
 # ---- the cascade sum ------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from jaxtyping import Array, Bool, Float
 
 from .kernels import (backend, banded_attention, cudnn_accepts, fused_attention, in_bands, ordered_attention,
                       xla_attention)
-from .numerics import compute_dtype, gelu_tanh_torch_cpu, reciprocal_sqrt, rowwise_matmul, torch_cpu_mean
+from .numerics import (compute_dtype, gelu_tanh_torch_cpu, reciprocal_sqrt, rowwise_matmul, torch_cpu_mean,
+                       warn_if_bf16_rounding_differs)
 
 
 class PolicyError(ValueError):
@@ -148,6 +149,9 @@ class Numerics(Policy):
         """Why this numerics mode cannot run with `kernel` (None when it can)."""
         return None
 
+    def check_dtype(self, dtype) -> None:
+        """Warn when this mode cannot keep its promise in `dtype` under the current XLA flags."""
+
 
 def _plain_inverse_rms(x, eps):
     # pow(., -0.5) rather than rsqrt, as transformers does to stay close to JAX references.
@@ -206,6 +210,9 @@ class TorchCPU(Numerics):
 
     def attend(self, q, k, v, mask, band, kernel):
         return kernel.attend(q, k, v, mask, band)
+
+    def check_dtype(self, dtype) -> None:
+        warn_if_bf16_rounding_differs(dtype)
 
 
 class Invariant(Numerics):
