@@ -50,6 +50,7 @@ from .batching import split_batch, stack_samples
 from .cache import KVCache
 from .decode import decode_step, forward_with_cache, prefill_chunks
 from .generation_config import GenerationConfig
+from .masks import TokenType
 from .sampling import Choice, SamplingParams, choose, top_k_mask, top_p_mask  # noqa: F401 (re-exported)
 
 # Kept for callers that imported them; the defaults now come from the generation config.
@@ -286,6 +287,21 @@ def _as_batch(model, ids: np.ndarray, attention_mask, positions, media: dict) ->
     return batch
 
 
+def _check_prompt_ids(model, ids: np.ndarray, media: dict) -> None:
+    """Before tracing: ids inside the vocabulary, and every modality whose placeholders appear has its media."""
+    cfg = model.config
+    vocab = cfg.text.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"prompt_ids: token ids must lie in [0, {vocab}) (vocab_size); found values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    for token_id, name, what in ((cfg.image_token_id, "pixel_values", "image"),
+                                 (cfg.video_token_id, "pixel_values_videos", "video"),
+                                 (cfg.audio_token_id, "input_features", "audio")):
+        if media.get(name) is None and bool((ids == token_id).any()):
+            raise ValueError(f"{name}: prompt_ids hold {what} placeholder tokens but no {name} was given for them "
+                             "(pass the processor's media arrays)")
+
+
 def _check_padding(ids: np.ndarray, mask: np.ndarray | None, pad_id: int) -> None:
     if mask is not None:
         if not mask[:, -1].all():
@@ -467,9 +483,10 @@ def generate(
         if value is not None and np.shape(value) != ids.shape:
             raise ValueError(f"{name}: expected shape {list(ids.shape)} like prompt_ids, found {list(np.shape(value))}")
     _check_padding(ids, None if attention_mask is None else np.asarray(attention_mask, bool), pad_id)
+    _check_prompt_ids(model, ids, media)
     batch = _as_batch(model, ids, attention_mask, positions, {"mm_token_type_ids": token_types, **media})
     types = batch.get("mm_token_type_ids")
-    has_vision = types is not None and bool(np.isin(types, (1, 2)).any())
+    has_vision = types is not None and bool(np.isin(types, (TokenType.IMAGE, TokenType.VIDEO)).any())
     b, seq = batch["input_ids"].shape
 
     if prefill_chunk_size is not None and has_vision:
