@@ -32,10 +32,7 @@ from .generation import GenerationResult, _prefill, next_pow2, run_decode, sampl
 from .generation_config import GenerationConfig
 from .sampling import SamplingParams
 
-try:  # the official parser (processing.chat_parser)
-    from .processing import parse_response
-except ImportError:  # pragma: no cover - before the chat parser existed
-    parse_response = None
+from .processing import parse_response
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +176,7 @@ class ChatSession:
                      prefilled=len(ids) - keep, reused=keep, interrupted=result.interrupted)
 
     def _parse(self, text: str) -> dict[str, Any]:
-        if parse_response is not None:
-            try:
-                return parse_response(text)
-            except ValueError:  # an unreadable tool call: keep the text as the answer
-                pass
-        return {"content": text, "reasoning": None, "tool_calls": []}
+        try:
+            return parse_response(text)
+        except ValueError:  # an unreadable (e.g. cut-off) tool call: keep the text as the answer
+            return {"content": text, "reasoning": None, "tool_calls": []}
