@@ -136,10 +136,22 @@ class _Reader:
         return key
 
     def quoted(self) -> str:
+        """A `<|"|>`-quoted string. The string may itself hold the quote token (the template writes it as is),
+        so the closing quote is the first one the syntax can continue after: one followed by `,`, `:`, `}`, `]`
+        or the end (after spaces); failing that, the first one."""
         self.pos += len(QUOTE)
         end = self.text.find(QUOTE, self.pos)
         if end < 0:
             raise self.fail(f"a string opened with {QUOTE} is not closed")
+        first, candidate = end, end
+        while candidate >= 0:
+            rest = self.text[candidate + len(QUOTE):].lstrip(" \t\n\r")
+            if not rest or rest[0] in ",:}]":
+                end = candidate
+                break
+            candidate = self.text.find(QUOTE, candidate + len(QUOTE))
+        else:
+            end = first
         value, self.pos = self.text[self.pos:end], end + len(QUOTE)
         return value
 
