@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import numpy as np
 
 from .checkpoint_names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, _canonical_name, tensor_specs
 from .config import Gemma4Config
+from .config_fields import read_json_file
 from .safetensors_io import SafetensorsFile, aligned_empty
 
 SAVE_MARK = ".g4-save-"  # `checkpoint_save` stages a folder `X` as the sibling `.X.g4-save-<token>`
@@ -44,15 +44,7 @@ def check_shard_name(name: Any, where: str) -> str:
 def read_index(folder: str) -> dict[str, str]:
     """`model.safetensors.index.json`'s `weight_map` (tensor name -> shard file name), every entry checked."""
     path = os.path.join(folder, SAFE_INDEX)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from e
-    try:
-        index = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    index = read_json_file(path, CheckpointError)
     if not isinstance(index, dict):
         raise CheckpointError(f"{path}: expected a JSON object with a 'weight_map', found {type(index).__name__}")
     if "weight_map" not in index:

@@ -13,8 +13,8 @@ import math
 import os
 from typing import Any, Literal
 
-from .config_fields import (MAX_LAYERS, REQUIRED, ConfigError, _bool, _choice, _default, _fail, _float, _int,
-                            _is_int, _number, _section, _short, _token_ids)
+from .config_fields import (MAX_LAYERS, REQUIRED, ConfigError, read_json_file, _bool, _choice, _default, _fail,
+                            _float, _int, _is_int, _number, _section, _short, _token_ids)
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -492,15 +492,7 @@ class Gemma4Config:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
-        try:
-            d = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({str(e)[:200]})") from None
+        d = read_json_file(path, ConfigError)
         try:
             return cls.from_hf_dict(d)
         except ConfigError as e:

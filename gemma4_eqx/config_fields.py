@@ -3,12 +3,27 @@ expected (`ConfigError`), and a field the real config.json always carries is nev
 
 from __future__ import annotations
 
+import json
+
 import math
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A config.json that does not describe a model this package can build."""
+
+
+def read_json_file(path: str, error: type[Exception]) -> object:
+    """The JSON value in the file at `path`; `error` (naming the file) when it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from e
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({str(e)[:200]})") from None
 
 
 def _fail(field: str, message: str) -> None:
