@@ -6,6 +6,30 @@ The import hook must be installed before anything imports `gemma4_eqx`.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _share_compiled_programs() -> None:
+    """One persistent compilation cache for the whole run: xdist workers, notebook kernels and test subprocesses.
+
+    Many tests compile the same programs (every module clears JAX's in-memory caches when it ends, see
+    `_release_compiled_programs`); with this, the second compilation of an identical program (same HLO, same
+    options, same XLA_FLAGS: all in JAX's cache key) is read back instead. The first process of a run (the xdist
+    controller, or the only process) makes a fresh folder and removes it at exit; workers and children inherit it
+    through the environment. A folder the user set already is used as is.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="gemma4-eqx-tests-xla-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+_share_compiled_programs()
 # Round after every bf16 operation, as torch does, so bf16 runs are compared with transformers' rounding points.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
 

@@ -31,17 +31,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARD = "400KB"  # the new checkpoint in several shards plus an index
 CHILD = """
 import os, signal, sys
-import gemma4_eqx as g4
+import gemma4_eqx as g4  # imported once: each save below runs in a fork of this process
 from gemma4_eqx import checkpoint_save
-src, target, kill_at, shard = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-model = g4.load(src)
-calls = [0]
-def hook(step):
-    calls[0] += 1
-    if calls[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-checkpoint_save.FAULT_HOOK = hook
-g4.save(model, target, max_shard_size=shard)
+src, shard, targets = sys.argv[1], sys.argv[2], sys.argv[3:]
+for kill_at, target in enumerate(targets, start=1):
+    pid = os.fork()
+    if pid == 0:  # no JAX backend (so no XLA thread) exists before this point: forking is safe
+        model = g4.load(src)
+        calls = [0]
+        def hook(step):
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint_save.FAULT_HOOK = hook
+        g4.save(model, target, max_shard_size=shard)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print(kill_at, status, flush=True)  # the raw wait status
 """
 
 
@@ -116,13 +122,18 @@ def test_sigkill_after_any_file_operation_leaves_old_or_new(models, tmp_path):
     old_dir, new_dir, *_ = models
     steps = _steps(models, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    seen = []
+    targets = []
     for k in range(1, len(steps) + 1):
-        target = tmp_path / f"kill{k}"
-        shutil.copytree(old_dir, target)
-        run = subprocess.run([sys.executable, "-c", CHILD, str(new_dir), str(target), str(k), SHARD], env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == -signal.SIGKILL, (k, steps[k - 1], run.stderr[-2000:])
+        targets.append(tmp_path / f"kill{k}")
+        shutil.copytree(old_dir, targets[-1])
+    run = subprocess.run([sys.executable, "-c", CHILD, str(new_dir), SHARD, *map(str, targets)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    statuses = dict(map(int, line.split()) for line in run.stdout.split("\n") if line.strip())
+    signals = {k: os.WTERMSIG(v) if os.WIFSIGNALED(v) else f"exit {os.WEXITSTATUS(v)}" for k, v in statuses.items()}
+    seen = []
+    for k, target in enumerate(targets, start=1):
+        assert signals[k] == signal.SIGKILL, (k, steps[k - 1], signals[k], run.stderr[-2000:])
         state = _state(target, models)
         switched = steps.index("exchange") < k
         assert state == ("new" if switched else "old"), (k, steps[k - 1], state)
