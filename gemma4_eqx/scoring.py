@@ -11,7 +11,7 @@ of the chunk size below L, at most 2L; a row with image or video soft tokens to 
 power-of-two item counts (and patch / frame counts), and a short last group is filled up with copies of its first
 row, so one program serves every group whose (padded length, continuation bucket, media shapes) agree. Only the
 last `width` positions go through the tied head (`width`: the next power of two >= the group's longest
-continuation), so no `[seq, vocab]` logits are built for the prompt. Left padding changes no result (pads are
+continuation, at least 8), so no `[seq, vocab]` logits are built for the prompt. Left padding changes no result (pads are
 masked keys before every real token, and positions count real tokens only), up to XLA choosing other kernels for
 another shape (fp32: ~1e-6 in the log-probs; fp64: ~1e-15).
 """
@@ -30,7 +30,7 @@ import numpy as np
 
 from .batching import MEDIA as _MEDIA_SPECS, _soft_tokens, split_batch, stack_samples
 from .generation import MEDIA_FIELDS, _ordered, _pad_rows, next_pow2, prompt_bucket
-from .masks import MASK_MODES, MaskMode
+from .masks import MASK_MODES
 from .sampling import ordered_log_softmax
 
 # dimensions of one item of each medium ([patches, patch_dim] per image, ...), and what the arrays hold
@@ -38,6 +38,7 @@ _ITEM_NDIM = {"pixel_values": 2, "image_position_ids": 2, "pixel_values_videos":
               "input_features": 2, "input_features_mask": 1}
 _KIND = {"pixel_values": "f", "pixel_values_videos": "f", "input_features": "f",
          "image_position_ids": "i", "video_position_ids": "i", "input_features_mask": "b"}
+MIN_WIDTH = 8  # the head runs over the last next_pow2(max(longest continuation, 8)) positions of a group
 _KIND_WORDS = {"f": "floating point", "i": "integer", "b": "boolean"}
 
 
@@ -58,27 +59,27 @@ class ScoreResult:
     @property
     def count(self) -> np.ndarray:
         """Scored tokens per row (the continuation's length)."""
-        return self.mask.sum(-1)
+        return np.asarray(self.mask.sum(-1))
 
     @property
     def sum(self) -> np.ndarray:
         """Total log-likelihood of each continuation (lm-eval's `loglikelihood`)."""
-        return np.where(self.mask, self.logprobs, 0.0).sum(-1)
+        return np.asarray(np.where(self.mask, self.logprobs, 0.0).sum(-1))
 
     @property
     def mean(self) -> np.ndarray:
         """Mean log-likelihood per token of each continuation."""
-        return self.sum / self.count
+        return np.asarray(self.sum / self.count)
 
     @property
     def perplexity(self) -> np.ndarray:
         """exp(-mean log-likelihood) of each continuation."""
-        return np.exp(-self.mean)
+        return np.asarray(np.exp(-self.mean))
 
     @property
     def is_greedy(self) -> np.ndarray:
         """Each continuation is what greedy decoding produces after its prompt (every token the argmax)."""
-        return np.where(self.mask, self.greedy, True).all(-1)
+        return np.asarray(np.where(self.mask, self.greedy, True).all(-1))
 
     @property
     def corpus_perplexity(self) -> float:
@@ -116,14 +117,14 @@ def _rows(name: str, value) -> tuple[list[np.ndarray], bool]:
             arr = np.asarray(row)
         except ValueError as e:
             raise ValueError(f"{name}[{i}]: not a flat sequence of token ids ({e})") from None
-        if arr.dtype.kind not in "iu":
-            raise TypeError(f"{name}[{i}]: expected integer token ids, found dtype {arr.dtype}")
-        if arr.ndim != 1:
-            raise ValueError(f"{name}[{i}]: expected a 1-D row of token ids, found shape {list(arr.shape)}")
         if arr.size == 0:
             what = ("an empty continuation has no token to score" if name == "continuations" else
                     "the first continuation token needs a context: start the prompt with <bos>")
             raise ValueError(f"{name}[{i}]: empty; {what}")
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"{name}[{i}]: expected integer token ids, found dtype {arr.dtype}")
+        if arr.ndim != 1:
+            raise ValueError(f"{name}[{i}]: expected a 1-D row of token ids, found shape {list(arr.shape)}")
         out.append(arr.astype(np.int32))
     return out, single
 
@@ -220,7 +221,7 @@ def score(
     continuations,
     *,
     batch_size: int = 8,
-    mask_mode: MaskMode = "intended",
+    mask_mode: str = "intended",
     **media,
 ) -> ScoreResult:
     """Log-likelihood of each continuation given its prompt, token by token.
@@ -286,7 +287,7 @@ def score(
         longest = max(len(ids[i]) for i in slots)
         vision = any(np.isin(ids[i], vision_ids).any() for i in slots)
         p, _ = prompt_bucket(longest, vision)
-        width = min(next_pow2(int(n_cont[slots].max())), p - 1)
+        width = min(next_pow2(max(int(n_cont[slots].max()), MIN_WIDTH)), p - 1)
         tokens = np.full((b, longest), pad_id, np.int32)
         mask = np.zeros((b, longest), bool)
         for k, i in enumerate(slots):
@@ -318,5 +319,5 @@ def score(
     result = ScoreResult(logprobs=logprobs, mask=valid, greedy=greedy & valid, padded_length=padded)
     if single:
         result = ScoreResult(logprobs=logprobs[0], mask=valid[0], greedy=greedy[0] & valid[0],
-                             padded_length=padded[0])
+                             padded_length=np.asarray(padded[0]))
     return result
