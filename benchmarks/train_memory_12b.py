@@ -1,7 +1,7 @@
 """Per-device memory of a 12B training step (LoRA and full fine-tuning) on an 8-device FSDP x TP mesh, from XLA.
 
     PYTHONPATH=. .venv/bin/python benchmarks/train_memory_12b.py [--fsdp 4 --tp 2] [--seq 8192]
-        [--steps lora full] [--remat off on dots_saveable] [--lora-rank 16] [--markdown]
+        [--steps lora full] [--remat off on dots_saveable] [--lora-rank 16] [--json FILE]
 
 Nothing is materialised: the real 12B config (`Gemma4Config.gemma4_12b()`) is built with `eqx.filter_eval_shape`,
 every parameter, optimizer-state and batch leaf is a `jax.ShapeDtypeStruct` carrying the `NamedSharding` that

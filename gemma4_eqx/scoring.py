@@ -6,14 +6,14 @@ the log-softmax of `model(prompt + continuation)` gathered at the targets (paddi
 hold images, video and audio (the media keywords of `g4.generate`); continuations are text.
 
 What is compiled, and for which shapes: rows are sorted by length and scored `batch_size` at a time. Each group
-is left-padded as `g4.generate` pads a prompt (`generation.prompt_bucket`: a text row of L tokens to a multiple
-of the chunk size below L, at most 2L; a row with image or video soft tokens to the next power of two), media to
-power-of-two item counts (and patch / frame counts), and a short last group is filled up with copies of its first
-row, so one program serves every group whose (padded length, continuation bucket, media shapes) agree. Only the
-last `width` positions go through the tied head (`width`: the next power of two >= the group's longest
-continuation, at least 8), so no `[seq, vocab]` logits are built for the prompt. Left padding changes no result (pads are
-masked keys before every real token, and positions count real tokens only), up to XLA choosing other kernels for
-another shape (fp32: ~1e-6 in the log-probs; fp64: ~1e-15).
+is left-padded as `g4.generate` pads a prompt (`generation.prompt_bucket`: a text row of L tokens to a
+multiple of the chunk size below L, at most 2L; a row with image or video soft tokens to the next power of two),
+media to power-of-two item counts (and patch / frame counts), and a short last group is filled up with copies of
+its first row, so one program serves every group whose (padded length, continuation bucket, media shapes)
+agree. Only the last `width` positions go through the tied head (`width`: the next power of two >= the group's
+longest continuation, at least 8), so no `[seq, vocab]` logits are built for the prompt. Left padding changes
+no result (pads are masked keys before every real token, and positions count real tokens only), up to XLA
+choosing other kernels for another shape (fp32: a few 1e-6 in the log-probs; fp64: ~1e-15).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import jax

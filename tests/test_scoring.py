@@ -173,7 +173,7 @@ def test_five_prompts_in_one_bucket_compile_once(tiny):
     assert scoring._score_rows._cache_size() == before + 1
     assert len(first) >= 1 and len(rest) == 0, (len(first), len(rest))
     assert r.padded_length[0] == 128 and all(x.padded_length == 128 for x in results)
-    one, c = results[0], conts[1]
+    one = results[0]
     assert one.logprobs.shape == (8,) and one.sum.shape == () and one.count == 8
     assert np.isclose(one.perplexity, np.exp(-one.logprobs.sum() / 8), rtol=1e-5)
 
@@ -209,7 +209,8 @@ def test_a_data_set_compiles_once_per_bucket(tiny):
     ([[2, 5]], [[5]], {"pixel_valeus": np.zeros((1, 4, 6912))}, TypeError, r"did you mean 'pixel_values'"),
     ([[2, 5]], [[5]], {"batch_size": 0}, ValueError, r"batch_size: expected a positive integer"),
     ([[2, 5]], [[5]], {"mask_mode": "causal"}, ValueError, r"mask_mode: expected one of"),
-    ([[2, 5], [2, 5]], [[5], [6]], {"pixel_values": [None]}, ValueError, r"pixel_values: a list .* one entry per row \(2\)"),
+    ([[2, 5], [2, 5]], [[5], [6]], {"pixel_values": [None]}, ValueError,
+     r"pixel_values: a list .* one entry per row \(2\)"),
 ])
 def test_bad_input_is_refused_by_name(tiny, prompts, conts, kwargs, error, match):
     with pytest.raises(error, match=match):

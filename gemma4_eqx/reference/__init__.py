@@ -1,4 +1,4 @@
-"""Layer-by-layer comparison with transformers on the user's own checkpoint (`gemma4-eqx verify --against-transformers`).
+"""Layer-by-layer comparison with transformers on a checkpoint (`gemma4-eqx verify --against-transformers`).
 
 transformers needs torch, which this package's environment need not have, so transformers runs in a subprocess
 with a Python that has both (`find_reference_python`): the script `hf_layers.py` beside this file reads the
@@ -132,7 +132,6 @@ def our_layers(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     scanned stack's per-layer outputs, in flat layer order), the final norm, the logits; and `model(...)`'s own
     logits (`logits (model(...))`), which must equal the layer-by-layer path's."""
     import equinox as eqx
-    import jax
     import jax.numpy as jnp
 
     from ..layers.decoder import scan_layers

@@ -1,4 +1,4 @@
-"""transformers' per-layer hidden states of a Gemma 4 Unified checkpoint, for `gemma4-eqx verify --against-transformers`.
+"""transformers' per-layer hidden states of a Gemma 4 checkpoint, for `gemma4-eqx verify --against-transformers`.
 
 Run by `gemma4-eqx verify` with a Python that has torch and transformers (it imports nothing from gemma4_eqx, so
 it runs in any environment that has them, e.g. a Python 3.11 venv):
