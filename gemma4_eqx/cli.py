@@ -263,7 +263,34 @@ def _verify_cases(folder: str, cfg: Any) -> list[tuple]:
                       "positions": positions.astype(np.int32)}, None, "intended")]
 
 
+def _verify_against_transformers(args: argparse.Namespace) -> int:
+    """Layer by layer against transformers (run in a subprocess with `--reference-python`): exit 0 when every
+    state is within the tolerance, 1 when one is not, 2 when no Python with transformers is found."""
+    import jax.numpy as jnp
+
+    from . import hub, reference
+    from .config import Gemma4Config
+
+    try:
+        python = reference.find_reference_python(args.reference_python)
+    except reference.ReferenceUnavailable as e:
+        print(f"gemma4-eqx: error: {e}", file=sys.stderr)
+        return 2
+    folder = hub.resolve(_resolve_model(args.model))
+    inputs = reference.verify_inputs(Gemma4Config.from_pretrained(folder))
+    print(f"[{folder}: transformers in {python}; prompt {reference.describe_inputs(inputs)}]", file=sys.stderr)
+    theirs, meta = reference.run_transformers(python, folder, inputs)  # before ours: never both in memory
+    model = hub.load(folder, dtype=jnp.float32)
+    rows = reference.compare(reference.our_layers(model, inputs), theirs, meta["layer_types"], args.tolerance)
+    print(f"gemma4-eqx vs transformers {meta['transformers']} (torch {meta['torch']}), float32, mask_mode intended")
+    text, ok = reference.report(rows, args.tolerance)
+    print(text)
+    return 0 if ok else 1
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.against_transformers:
+        return _verify_against_transformers(args)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -372,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_verify, check_verify)
     _model_arg(p)
     p.add_argument("--tolerance", type=float_in(0.0), default=1e-4)
+    p.add_argument("--against-transformers", action="store_true",
+                   help="run transformers too and print each layer's largest difference (embeddings, every decoder "
+                        "layer, final norm, logits) on a short prompt, with an image when the model has a vision "
+                        "tower; limit: tolerance x max(1, max |transformers|)")
+    p.add_argument("--reference-python", default=None, metavar="PATH",
+                   help="a Python with torch and transformers >= 5.24 for --against-transformers (default: this "
+                        "one if it has them, else $GEMMA4_EQX_REFERENCE_PYTHON)")
 
     p = command("convert", "load a checkpoint and write a complete folder (e.g. in another dtype or sharding)",
                 cmd_convert, check_convert)
