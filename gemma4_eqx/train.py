@@ -178,6 +178,9 @@ def make_train_step(optimizer, filter_spec: FilterSpec | None = None, *, remat: 
     def update(params, opt_state, frozen, batch):
         loss, grads = eqx.filter_value_and_grad(loss_of)(params, frozen, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
+        # an optimizer whose state is wider than the parameters (fp32 moments of bf16 weights) returns wide updates:
+        # keep each parameter's dtype, so the step's output matches its input (and the donated buffer is reused)
+        updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
         return eqx.apply_updates(params, updates), opt_state, loss
 
     # (frozen, batch) first so that "all-except-first" donates exactly the params and the optimizer state

@@ -115,3 +115,19 @@ def test_the_train_step_compiles_once(batch):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert seen == [], f"{len(seen)} compilations after the first step"
+
+
+def test_bf16_parameters_stay_bf16_under_an_optimizer_with_fp32_moments(batch):
+    """optax's adam with `mu_dtype=float32` returns fp32 updates for bf16 weights; the step keeps the weights bf16
+    (the same pytree types in and out, so the next step reuses the program and the donated buffers)."""
+    m16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, model32())
+    optimizer = optax.adam(1e-3, mu_dtype=jnp.float32)
+    spec = surgery.only_full_attention(m16)
+    opt_state = train.init_optimizer(optimizer, m16, spec)
+    step = train.make_train_step(optimizer, spec, donate=False)
+    new, opt_state, loss = step(m16, opt_state, batch)
+    before = jax.tree.leaves(eqx.filter(m16, spec))
+    after = jax.tree.leaves(eqx.filter(new, spec))
+    assert {x.dtype for x in after} == {jnp.dtype(jnp.bfloat16)}
+    assert any(not bool(jnp.array_equal(a, b)) for a, b in zip(before, after))  # the step did change them
+    assert np.isfinite(float(loss))
