@@ -19,13 +19,15 @@ from .layers.policy import (XLA, AutoKernel, CuDNNKernel, Invariant, PolicyError
 from .media import Media
 from .model import Gemma4, count_parameters
 from .processing import Processor
+from .taps import TapResult, Taps
 from . import assets, batching
 
 __all__ = ["XLA", "AudioConfig", "AutoKernel", "ChatSession", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
            "Gemma4Config", "GenerationConfig", "GenerationResult", "Invariant", "KVCache", "Media", "PolicyError",
-           "Processor", "Remat", "Reply", "TextConfig", "TorchCPU", "VisionConfig", "XLAKernel", "batching", "bridge",
+           "Processor", "Remat", "Reply", "TapResult", "Taps", "TextConfig", "TorchCPU", "VisionConfig", "XLAKernel",
+           "batching", "bridge",
            "count_parameters", "generate", "load", "losses", "nnx", "save", "sharding", "small_config", "surgery",
-           "train", "typecheck", "with_policy"]
+           "taps", "train", "typecheck", "with_policy"]
 __version__ = "0.1.0"
 
 
