@@ -99,8 +99,8 @@ class TapResult(eqx.Module):
     """What `Taps` read: `residual` `[len(taps.residual), seq, hidden]` and `attention`
     `[len(taps.attention), heads, seq, seq]` (query, key) in the order asked; None where nothing was asked."""
 
-    residual: Float[Array, "reads seq hidden"] | None
-    attention: Float[Array, "reads heads q k"] | None
+    residual: Float[Array, "residual_reads seq hidden"] | None
+    attention: Float[Array, "attention_reads heads q k"] | None
 
 
 def attention_probabilities(
