@@ -20,7 +20,9 @@ The layers stay a `lax.scan` (one body per layer kind): each layer step gets its
 small constant tables, whether to read or patch, writing into `[n, ...]` buffers carried through the scan, so
 only the asked-for layers are stored. Works under `jax.jit`, `jax.vmap` (vmap the model call; `values` and
 `where` may carry the batch axis) and `jax.grad` (gradients flow into `values` and through the residuals).
-With no taps the model runs exactly the program it runs without this module (`tests/test_taps.py` compares the
+Attention reads compute the probabilities only at the layers asked for (a `lax.cond`), except under `vmap`,
+where the cond becomes a select and every softmax layer computes them. With no taps the model runs exactly the
+program it runs without this module (`tests/test_taps.py` compares the
 jaxprs and lowered programs). Taps act on the whole-sequence forward (`model(...)`, `hidden_states`,
 `decode_hidden`), not on cached decoding.
 """
@@ -44,9 +46,10 @@ from .layers.numerics import compute_dtype
 def _layer_tuple(name: str, layers: Sequence[int] | int) -> tuple[int, ...]:
     if isinstance(layers, (int, np.integer)):
         layers = (layers,)
-    out = tuple(int(i) for i in layers)
-    if any(isinstance(i, bool) for i in layers):
+    layers = list(layers)
+    if any(isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) for i in layers):
         raise ValueError(f"{name}: expected layer indices (ints), found {tuple(layers)}")
+    out = tuple(int(i) for i in layers)
     if len(set(out)) != len(out):
         raise ValueError(f"{name}: each layer may be listed once, found {out}")
     return out

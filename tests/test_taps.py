@@ -164,6 +164,8 @@ def test_bad_taps_are_named(model, ids):
         model(ids, taps=g4.Taps(residual=(1, 6)))
     with pytest.raises(ValueError, match="residual: each layer may be listed once"):
         g4.Taps(residual=(1, 1))
+    with pytest.raises((ValueError, TypeCheckError), match="attention"):
+        g4.Taps(attention=(1.0,))
     with pytest.raises(ValueError, match="values: patching layers"):
         g4.Taps(patch=(1,))
     with pytest.raises((ValueError, TypeCheckError), match="values"):
