@@ -20,13 +20,15 @@ from .media import Media
 from .model import Gemma4, count_parameters
 from .processing import Processor
 from .scoring import ScoreResult, score
+from .taps import TapResult, Taps
 from . import assets, batching
 
 __all__ = ["XLA", "AudioConfig", "AutoKernel", "ChatSession", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
            "Gemma4Config", "GenerationConfig", "GenerationResult", "Invariant", "KVCache", "Media", "PolicyError",
-           "Processor", "Remat", "Reply", "TextConfig", "TorchCPU", "VisionConfig", "XLAKernel", "batching", "bridge",
+           "Processor", "Remat", "Reply", "TapResult", "Taps", "TextConfig", "TorchCPU", "VisionConfig", "XLAKernel",
+           "batching", "bridge",
            "count_parameters", "generate", "load", "losses", "nnx", "save", "sharding", "small_config", "surgery",
-           "train", "typecheck", "with_policy", "ScoreResult", "score"]
+           "taps", "train", "typecheck", "with_policy", "ScoreResult", "score"]
 __version__ = "0.1.0"
 
 

@@ -14,10 +14,10 @@ GiB with a bf16 one (3.2 GiB with `accumulate_in_loss_dtype=False`): `benchmarks
 
 Packing. `pack_sequences` lays several sequences end to end in rows of a fixed length with `segment_ids`
 (1, 2, ... per sequence, 0 for padding) and positions that restart at 0 in every segment. `packed_sequence_nll`
-runs the model with attention confined to each segment (on top of the causal / sliding-window / vision-block
-rules), and drops the position that would predict across a boundary; the sum of a packed row's losses then equals
-the sum over its sequences run one by one. Until the model takes `segment_ids` itself it builds the masks here
-and calls the decoder stack directly (see `packed_hidden_states`).
+runs the model with `segment_ids` (`Gemma4.__call__`: attention confined to each segment on top of the causal /
+sliding-window / vision-block rules, positions restarting at each segment start) and drops the position that
+would predict across a boundary (`train.target_mask`); the sum of a packed row's losses then equals the sum over
+its sequences run one by one (`tests/test_packing.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from .masks import MaskMode, layer_masks, vision_block_ids
+from ._checks import check_value
+from .masks import MaskMode, layer_masks, vision_block_ids, within_segments
 
 DEFAULT_BLOCK_SIZE = 1024         # rows per block
 DEFAULT_VOCAB_BLOCK_SIZE = 32768  # vocabulary entries per chunk (a 1024 x 32768 fp32 tile is 128 MiB)
@@ -243,14 +244,13 @@ def segment_masks(
     mm_token_type_ids: Int[Array, " seq"] | None = None,
     mode: MaskMode = "intended",
 ) -> dict[str, Bool[Array, "seq seq"]]:
-    """Each layer type's mask for a packed row: the model's rule (causal, window, vision blocks, padding keys)
-    AND same segment. Slots are row indices, so the window counts tokens of the row, which within one segment
-    are the segment's own tokens."""
+    """Each layer type's mask for a packed row, as the model builds it from `segment_ids`: the model's rule
+    (causal, window, vision blocks, padding keys = segment 0) AND same segment (`masks.within_segments`). Slots
+    are row indices, so the window counts tokens of the row, which within one segment are the segment's own."""
     slots = jnp.arange(segment_ids.shape[0])
     blocks = None if mm_token_type_ids is None else vision_block_ids(mm_token_type_ids)
     masks = layer_masks(slots, slots, segment_ids > 0, sliding_window, blocks, blocks, mode)
-    same = segment_ids[:, None] == segment_ids[None, :]
-    return {kind: m & same for kind, m in masks.items()}
+    return within_segments(masks, segment_ids, segment_ids)
 
 
 def packed_hidden_states(
@@ -258,22 +258,17 @@ def packed_hidden_states(
     input_ids: Int[Array, " seq"],
     segment_ids: Int[Array, " seq"],
     *,
-    positions: Int[Array, " seq"],
+    positions: Int[Array, " seq"] | None = None,
     mm_token_type_ids: Int[Array, " seq"] | None = None,
     mask_mode: MaskMode = "intended",
     **media,
 ) -> Float[Array, "seq hidden"]:
-    """`model.hidden_states` for a packed row (no token attends outside its segment).
-
-    Stopgap until `Gemma4.hidden_states` takes `segment_ids`: it reuses the model's embedding (the splice fills
-    the row's placeholders in order from the concatenated media), builds `segment_masks` and runs the decoder
-    stack and final norm itself.
-    """
-    h = model.embed(input_ids, **media)
-    if mm_token_type_ids is not None and model.config.text.use_bidirectional_attention != "vision":
-        mm_token_type_ids = None
-    masks = segment_masks(segment_ids, model.config.text.sliding_window, mm_token_type_ids, mask_mode)
-    return model.norm(model.layers(h, positions, masks, None))  # band None: the masks are not a pure window
+    """`model.hidden_states` of a packed row (no token attends outside its segment; segment 0 is padding, which no
+    token attends to). `positions` default to restarting at every segment start. The same as
+    `model.hidden_states(input_ids, segment_ids=segment_ids, attention_mask=segment_ids > 0, ...)`."""
+    return model.hidden_states(input_ids, segment_ids=segment_ids, attention_mask=segment_ids > 0,
+                               positions=positions, mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode,
+                               **media)
 
 
 def packed_sequence_nll(
@@ -281,28 +276,25 @@ def packed_sequence_nll(
     input_ids: Int[Array, " seq"],
     segment_ids: Int[Array, " seq"],
     *,
-    positions: Int[Array, " seq"],
+    positions: Int[Array, " seq"] | None = None,
     loss_mask: Bool[Array, " seq"] | None = None,
     mm_token_type_ids: Int[Array, " seq"] | None = None,
     mask_mode: MaskMode = "intended",
     attention_mask: Bool[Array, " seq"] | None = None,
     **media,
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """(summed next-token cross-entropy, count) of a packed row: `g4.train.sequence_nll`'s rule per segment,
-    and no position predicts the first token of the next segment. `attention_mask` (from `pack_sequences`) is
-    implied by `segment_ids > 0` and accepted for convenience."""
-    from .layers.norm import compute_dtype
-    from .train import target_mask
+    """(summed next-token cross-entropy, count) of a packed row: `g4.train.sequence_nll` with `segment_ids`, and
+    segment 0 as padding. `attention_mask` (from `pack_sequences`) is implied by `segment_ids > 0` and accepted
+    for convenience (it must agree)."""
+    from .train import sequence_nll
 
-    h = packed_hidden_states(model, input_ids, segment_ids, positions=positions,
-                             mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode, **media)
-    h = h.astype(compute_dtype(h.dtype))
-    nll = next_token_nll(h[:-1], model.embed_tokens, input_ids[1:], softcap=model.config.text.final_logit_softcapping)
-    mask = target_mask(input_ids, model.config, attention_mask=segment_ids > 0,
-                       mm_token_type_ids=mm_token_type_ids, loss_mask=loss_mask)
-    mask = mask & (segment_ids[:-1] == segment_ids[1:])
-    nll = jnp.where(mask, nll, 0.0)
-    return nll.sum(), mask.sum().astype(nll.dtype)
+    real = segment_ids > 0
+    if attention_mask is not None:
+        real = check_value(real, jnp.any(jnp.asarray(attention_mask).astype(bool) != real),
+                           lambda: "attention_mask: must equal segment_ids > 0 in a packed row (segment 0 is padding)")
+    return sequence_nll(model, input_ids, segment_ids=segment_ids, attention_mask=real,
+                        positions=positions, loss_mask=loss_mask, mm_token_type_ids=mm_token_type_ids,
+                        mask_mode=mask_mode, **media)
 
 
 def packed_batch_loss(model, batch: dict[str, Any], *, mask_mode: MaskMode = "intended") -> Float[Array, ""]:

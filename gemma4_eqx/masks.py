@@ -16,9 +16,12 @@ from __future__ import annotations
 import enum
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Int
 
+from ._checks import check_value, is_concrete
 from .config import FULL, SLIDING
 
 MaskMode = Literal["intended", "hf_forward"]
@@ -73,6 +76,47 @@ def layer_masks(
     if mode == "intended":
         return {FULL: c & pad, SLIDING: (c | b) & w & pad}
     return {FULL: (c | b) & pad, SLIDING: ((c & w) | b) & pad}
+
+
+# ---- packed sequences (segment ids) -----------------------------------------------------------------------
+def segment_starts(segment_ids: Int[Array, " seq"]) -> Int[Array, " seq"]:
+    """Index of the first token of each token's segment (a segment is a run of equal ids)."""
+    idx = jnp.arange(segment_ids.shape[0])
+    first = jnp.concatenate([jnp.ones((1,), bool), segment_ids[1:] != segment_ids[:-1]])
+    return jax.lax.cummax(jnp.where(first, idx, 0))
+
+
+def segment_positions(segment_ids: Int[Array, " seq"]) -> Int[Array, " seq"]:
+    """Positions restarting at 0 at every segment start: 0, 1, 2, 0, 1, ... for ids 1, 1, 1, 2, 2, ..."""
+    return jnp.arange(segment_ids.shape[0]) - segment_starts(segment_ids)
+
+
+def checked_segment_ids(segment_ids, seq: int) -> Int[Array, " seq"]:
+    """`segment_ids` `[seq]` of an integer dtype, each id one contiguous run (an id may not come back after
+    another one: 1 1 2 2 0 0 is fine, 1 2 1 is not). Raises naming the problem (eagerly, or when the compiled
+    function runs)."""
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.shape != (seq,):
+        raise ValueError(f"segment_ids: expected shape [{seq}] (one id per token), found {list(segment_ids.shape)}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids: expected an integer dtype, found {segment_ids.dtype}")
+    # first occurrence of each token's id vs the start of its run: they differ iff the id came back
+    first_seen = jnp.argmax(segment_ids[:, None] == segment_ids[None, :], axis=-1)
+    broken = jnp.any(first_seen != segment_starts(segment_ids))
+    return check_value(
+        segment_ids, broken,
+        lambda: "segment_ids: each segment must be one contiguous run of tokens; found id "
+                f"{int(segment_ids[int(np.argmax(np.asarray(first_seen != segment_starts(segment_ids))))])} "
+                "again after another id" if is_concrete(segment_ids) else
+                "segment_ids: each segment must be one contiguous run of tokens (an id came back after another)")
+
+
+def within_segments(
+    masks: dict[str, Bool[Array, "q k"]], q_segments: Int[Array, " q"], k_segments: Int[Array, " k"]
+) -> dict[str, Bool[Array, "q k"]]:
+    """Every layer type's mask AND same segment: no token sees another segment (vision blocks included)."""
+    same = q_segments[:, None] == k_segments[None, :]
+    return {kind: m & same for kind, m in masks.items()}
 
 
 class TokenType(enum.IntEnum):

@@ -22,8 +22,11 @@ from .embedders import AudioEmbedder, VisionEmbedder
 from .layers.decoder import DecoderStack
 from .layers.norm import RMSNorm
 from .layers.policy import Numerics, Remat, as_kernel, as_numerics, as_remat, with_policy
-from .masks import MaskMode, TokenType, layer_masks, token_types, vision_block_ids
+from .masks import (MaskMode, TokenType, checked_segment_ids, layer_masks, segment_positions, token_types,
+                    vision_block_ids, within_segments)
 from .media import InputArray, Media
+from .taps import TapResult, Taps
+from .taps import run as run_with_taps
 
 
 def _splice(
@@ -204,15 +207,20 @@ class Gemma4(eqx.Module):
         mm_token_type_ids: Int[InputArray, " seq"] | None = None,
         mask_mode: MaskMode = "intended",
         media: Media | None = None,
+        segment_ids: Int[InputArray, " seq"] | None = None,
+        taps: Taps | None = None,
         **media_kwargs,
-    ) -> Float[Array, "seq hidden"]:
-        """Final-norm hidden states of every position."""
+    ) -> Float[Array, "seq hidden"] | tuple[Float[Array, "seq hidden"], TapResult]:
+        """Final-norm hidden states of every position (and what `taps` read, when given: see `__call__`)."""
         media = Media.of(media, **media_kwargs)
         h = self.embed(input_ids, media=media)
         # Without media `embed` has refused placeholder ids, so the sequence is text: no token types to derive.
-        return self.norm(self.decode_hidden(h, positions=positions, attention_mask=attention_mask,
-                                            mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode,
-                                            input_ids=None if media.empty else input_ids))
+        out = self.decode_hidden(h, positions=positions, attention_mask=attention_mask,
+                                 mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode,
+                                 input_ids=None if media.empty else input_ids, segment_ids=segment_ids, taps=taps)
+        if taps is None:
+            return self.norm(out)
+        return self.norm(out[0]), out[1]
 
     def decode_hidden(
         self,
@@ -223,18 +231,31 @@ class Gemma4(eqx.Module):
         mm_token_type_ids: Int[InputArray, " seq"] | None = None,
         mask_mode: MaskMode = "intended",
         input_ids: Int[InputArray, " seq"] | None = None,
-    ) -> Float[Array, "seq hidden"]:
+        segment_ids: Int[InputArray, " seq"] | None = None,
+        taps: Taps | None = None,
+    ) -> Float[Array, "seq hidden"] | tuple[Float[Array, "seq hidden"], TapResult]:
         """Run the decoder stack over embeddings (before the final norm). `input_ids`, when given, supply the
         token types if `mm_token_type_ids` is omitted (and are checked against it when both are given); without
-        either the sequence is text."""
+        either the sequence is text. `segment_ids`, `taps`: see `__call__`."""
         seq = h.shape[0]
         slots = jnp.arange(seq)
-        positions, valid, blocks = self.token_inputs(seq, positions, attention_mask, mm_token_type_ids, slots,
-                                                     input_ids)
+        default_positions = slots
+        if segment_ids is not None:
+            segment_ids = checked_segment_ids(segment_ids, seq)
+            default_positions = segment_positions(segment_ids)
+        positions, valid, blocks = self.token_inputs(seq, positions, attention_mask, mm_token_type_ids,
+                                                     default_positions, input_ids)
         window = self.config.text.sliding_window
         masks = layer_masks(slots, slots, valid, window, blocks, blocks, mask_mode)
-        band = window if blocks is None else None  # text only: the sliding mask is a pure window
-        return self.layers(jnp.asarray(h), positions, masks, band)
+        if segment_ids is not None:
+            masks = within_segments(masks, segment_ids, segment_ids)
+        # text only: the sliding mask lies inside a window band (segments only remove keys from it)
+        band = window if blocks is None else None
+        if taps is None:
+            return self.layers(jnp.asarray(h), positions, masks, band)
+        if taps.empty:
+            return self.layers(jnp.asarray(h), positions, masks, band), TapResult(residual=None, attention=None)
+        return run_with_taps(self.layers, jnp.asarray(h), positions, masks, band, taps)
 
     def token_inputs(self, seq: int, positions, attention_mask, mm_token_type_ids, default_positions,
                      input_ids=None) -> tuple[Int[Array, " seq"], Bool[Array, " seq"], Int[Array, " seq"] | None]:
@@ -281,15 +302,28 @@ class Gemma4(eqx.Module):
         mm_token_type_ids: Int[InputArray, " seq"] | None = None,
         mask_mode: MaskMode = "intended",
         media: Media | None = None,
+        segment_ids: Int[InputArray, " seq"] | None = None,
+        taps: Taps | None = None,
         **media_kwargs,
-    ) -> Float[Array, "seq vocab"]:
+    ) -> Float[Array, "seq vocab"] | tuple[Float[Array, "seq vocab"], TapResult]:
         """Soft-capped logits for every position of one sequence. Media as `media=g4.Media(...)` or as the
         keywords `pixel_values`, `image_position_ids`, `pixel_values_videos`, `video_position_ids`,
-        `input_features`, `input_features_mask`."""
-        h = self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
-                               mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode, media=media,
-                               **media_kwargs)
-        return self.logits_from_hidden(h)
+        `input_features`, `input_features_mask`.
+
+        `segment_ids` (packed sequences, e.g. from `g4.losses.pack_sequences`): one id per token, each segment a
+        contiguous run; no token attends outside its segment (sliding and global layers, image blocks included),
+        and without `positions` the positions restart at 0 at every segment start. Padding is still
+        `attention_mask`'s job. The media's soft tokens fill the row's placeholders in order.
+
+        `taps` (`g4.Taps`): read residuals / attention probabilities of chosen layers and patch residuals
+        (`gemma4_eqx/taps.py`); the call then returns `(logits, g4.TapResult)`. Without it the program is the
+        same as before taps existed."""
+        out = self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
+                                 mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode, media=media,
+                                 segment_ids=segment_ids, taps=taps, **media_kwargs)
+        if taps is None:
+            return self.logits_from_hidden(out)
+        return self.logits_from_hidden(out[0]), out[1]
 
     # ---- cached generation (decode.py) -------------------------------------------------------------
     def prefill(self, input_ids: Int[InputArray, " seq"], cache: KVCache, **kwargs) -> tuple[Float[Array, " vocab"], KVCache]:

@@ -7,7 +7,9 @@ Which positions count. Position `t` predicts token `t + 1` and is in the loss if
   position *before* an image/audio block (`<|image>` / boi) does not predict into it, while the block's last soft
   token does predict the closing marker (`<image|>` / eoi), and text after it counts as usual;
 - `loss_mask[t + 1]` is True when a `loss_mask` is given (True = "this token is a target": e.g. only the
-  assistant's answer).
+  assistant's answer);
+- tokens `t` and `t + 1` are in the same segment when `segment_ids` are given (packed sequences: the last token
+  of one sequence does not predict the first of the next).
 The loss is the mean cross-entropy over counted positions (over the whole batch for `batch_loss`: each token
 weighs the same, whatever its sequence's length).
 
@@ -44,6 +46,7 @@ def target_mask(
     attention_mask: Bool[Array, " seq"] | None = None,
     mm_token_type_ids: Int[Array, " seq"] | None = None,
     loss_mask: Bool[Array, " seq"] | None = None,
+    segment_ids: Int[Array, " seq"] | None = None,
 ) -> Bool[Array, " seq-1"]:
     """Entry `t` says whether position `t` (predicting token `t + 1`) counts in the loss (see the module doc)."""
     real = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
@@ -54,7 +57,11 @@ def target_mask(
     target_ok = real & ~soft
     if loss_mask is not None:
         target_ok = target_ok & loss_mask.astype(bool)
-    return real[:-1] & target_ok[1:]
+    keep = real[:-1] & target_ok[1:]
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+        keep = keep & (segment_ids[:-1] == segment_ids[1:])
+    return keep
 
 
 def sequence_nll(
@@ -63,7 +70,8 @@ def sequence_nll(
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """(sum of the next-token cross-entropies over counted positions, their number) for one sequence.
 
-    `inputs` are the keywords of `model(...)` (attention_mask, positions, mm_token_type_ids, media).
+    `inputs` are the keywords of `model(...)` (attention_mask, positions, mm_token_type_ids, segment_ids, media);
+    with `segment_ids` (a packed row) no position predicts across a segment boundary.
     """
     h = model.hidden_states(input_ids, mask_mode=mask_mode, **inputs)
     h = h.astype(_compute_dtype(h.dtype))
@@ -77,7 +85,8 @@ def sequence_nll(
         nll = next_token_nll(h[:-1], model.embed_tokens, input_ids[1:],
                              softcap=model.config.text.final_logit_softcapping)
     mask = target_mask(input_ids, model.config, attention_mask=inputs.get("attention_mask"),
-                       mm_token_type_ids=inputs.get("mm_token_type_ids"), loss_mask=loss_mask)
+                       mm_token_type_ids=inputs.get("mm_token_type_ids"), loss_mask=loss_mask,
+                       segment_ids=inputs.get("segment_ids"))
     nll = jnp.where(mask, nll, 0.0)
     return nll.sum(), mask.sum().astype(nll.dtype)
 

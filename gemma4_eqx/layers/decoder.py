@@ -135,7 +135,7 @@ def kind_ids(layers: Sequence[Any]) -> list[int]:
 
 
 # ---- the stack --------------------------------------------------------------------------------------------------
-Step = Callable[[DecoderLayer, Array, Any], tuple[Array, Any]]
+Step = Callable[[DecoderLayer, Any, Any], tuple[Any, Any]]
 
 
 class DecoderStack(eqx.Module):
@@ -233,9 +233,10 @@ class DecoderStack(eqx.Module):
         return [i for i in range(self.num_layers) if self.locate(i)[0] == run]
 
 
-def scan_layers(stack: DecoderStack, h: Array, step: Step, per_layer: tuple | None = None) -> tuple[Array, tuple]:
+def scan_layers(stack: DecoderStack, h: Any, step: Step, per_layer: tuple | None = None) -> tuple[Any, tuple]:
     """Apply `step(layer, h, x) -> (h, y)` to every layer in order, with `lax.scan` over the repeats and each run.
 
+    `h`: the carry, the residual stream or a pytree holding it (taps carry their read buffers beside it).
     `per_layer`: per-run pytrees stacked `[repeats, run_length, ...]` like `stack.runs` (e.g. the KV cache's
     entries), sliced to the layer's `x`; None gives `x = None`. Returns the final `h` and the steps' `y`s, stacked
     the same way per run. Each layer body is rematerialised as the stack's `remat` policy says.
