@@ -18,8 +18,8 @@ of `--seq` tokens per data-parallel rank: the batch is `fsdp` sequences, split a
 ranks of a group share their sequence.
 
 - "lora": `g4.surgery.add_lora(rank, targets q/k/v/o)` on every layer, only the adapters train
-  (`g4.surgery.only_lora`); the frozen base weights are sharded like the stock model (the rule patterns are
-  widened to the wrapped `...q_proj.base.weight` paths, see `lora_rules`), the adapters replicated.
+  (`g4.surgery.only_lora`); the frozen base weights are sharded like the stock model (the rule patterns also
+  match the wrapped `...q_proj.base.weight` paths), the adapters replicated.
 - "full": every floating array trains.
 
 `--remat`: the decoder layer body's `jax.checkpoint` policy (`g4.Remat`): "off" (nothing recomputed: every
@@ -56,12 +56,6 @@ from gemma4_eqx.train import batch_loss, with_remat  # noqa: E402
 GIB = 2**30
 
 
-def lora_rules(rules: gs.Rules) -> gs.Rules:
-    """The rules with every `..._proj.weight` pattern also matching a LoRA-wrapped `..._proj.base.weight`;
-    the adapters (`lora_a`, `lora_b`: [in, rank], [rank, out]) fall through to the catch-all (replicated)."""
-    return tuple((pattern.replace(r"\.weight$", r"(\.base)?\.weight$"), spec) for pattern, spec in rules)
-
-
 def abstract_model(steps: str, rank: int, dtype):
     cfg = g4.Gemma4Config.gemma4_12b()
 
@@ -87,7 +81,7 @@ def lora_spec(model):
 def measure(kind: str, remat: str, *, mesh, seq: int, rank: int, lr: float = 1e-5) -> dict:
     dtype = jnp.bfloat16
     model = abstract_model(kind, rank, dtype)
-    rules = lora_rules(gs.FSDP_TP) if kind == "lora" else gs.FSDP_TP
+    rules = gs.FSDP_TP
     is_sds = lambda x: isinstance(x, jax.ShapeDtypeStruct)
     spec = lora_spec(model) if kind == "lora" else jax.tree.map(is_sds, model)
     param_shard = gs.param_shardings(model, mesh, rules)

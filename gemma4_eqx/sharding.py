@@ -37,12 +37,15 @@ FSDP_AXIS, TP_AXIS = "fsdp", "tp"  # mesh axis names
 AXES = (FSDP_AXIS, TP_AXIS)
 
 Rules = tuple[tuple[str, P], ...]
+# Every `..._proj.weight` pattern also matches the frozen base of a LoRA-wrapped projection (`..._proj.base.weight`,
+# `g4.surgery.add_lora`), so adapting a model keeps its big matrices sharded; the small adapters (`lora_a`, `lora_b`)
+# fall through to the last rule and are replicated.
 
 # Fully sharded data parallel: every matrix split along its first axis over "fsdp" (gathered per layer inside
 # the jitted step); norms and scalars replicated. The batch goes along "fsdp" too (`batch_sharding`).
 FSDP: Rules = (
     (r"^embed_tokens$", P(FSDP_AXIS, None)),
-    (r"(_proj|patch_dense)\.weight$", P(FSDP_AXIS, None)),
+    (r"(_proj(\.base)?|patch_dense)\.weight$", P(FSDP_AXIS, None)),
     (r"pos_embedding$", P(None, None, FSDP_AXIS)),
     (r".", P()),
 )
@@ -52,11 +55,11 @@ FSDP: Rules = (
 # the values) is replicated, so no device holds a fraction of a head that every query head reads.
 TP: Rules = (
     (r"^embed_tokens$", P(TP_AXIS, None)),
-    (r"full_attention\.self_attn\.k_proj\.weight$", P()),
-    (r"self_attn\.[qkv]_proj\.weight$", P(None, TP_AXIS)),
-    (r"self_attn\.o_proj\.weight$", P(TP_AXIS, None)),
-    (r"mlp\.(gate|up)_proj\.weight$", P(None, TP_AXIS)),
-    (r"mlp\.down_proj\.weight$", P(TP_AXIS, None)),
+    (r"full_attention\.self_attn\.k_proj(\.base)?\.weight$", P()),
+    (r"self_attn\.[qkv]_proj(\.base)?\.weight$", P(None, TP_AXIS)),
+    (r"self_attn\.o_proj(\.base)?\.weight$", P(TP_AXIS, None)),
+    (r"mlp\.(gate|up)_proj(\.base)?\.weight$", P(None, TP_AXIS)),
+    (r"mlp\.down_proj(\.base)?\.weight$", P(TP_AXIS, None)),
     (r".", P()),
 )
 
@@ -64,11 +67,11 @@ TP: Rules = (
 # (hidden, for the decoder) split over "fsdp"; multimodal projections split over "fsdp" only.
 FSDP_TP: Rules = (
     (r"^embed_tokens$", P(TP_AXIS, FSDP_AXIS)),
-    (r"full_attention\.self_attn\.k_proj\.weight$", P(FSDP_AXIS, None)),
-    (r"self_attn\.[qkv]_proj\.weight$", P(FSDP_AXIS, TP_AXIS)),
-    (r"self_attn\.o_proj\.weight$", P(TP_AXIS, FSDP_AXIS)),
-    (r"mlp\.(gate|up)_proj\.weight$", P(FSDP_AXIS, TP_AXIS)),
-    (r"mlp\.down_proj\.weight$", P(TP_AXIS, FSDP_AXIS)),
+    (r"full_attention\.self_attn\.k_proj(\.base)?\.weight$", P(FSDP_AXIS, None)),
+    (r"self_attn\.[qkv]_proj(\.base)?\.weight$", P(FSDP_AXIS, TP_AXIS)),
+    (r"self_attn\.o_proj(\.base)?\.weight$", P(TP_AXIS, FSDP_AXIS)),
+    (r"mlp\.(gate|up)_proj(\.base)?\.weight$", P(FSDP_AXIS, TP_AXIS)),
+    (r"mlp\.down_proj(\.base)?\.weight$", P(TP_AXIS, FSDP_AXIS)),
     (r"(patch_dense|embedding_projection)\.weight$", P(None, FSDP_AXIS)),
     (r"pos_embedding$", P(None, None, FSDP_AXIS)),
     (r".", P()),

@@ -191,3 +191,19 @@ def test_load_onto_a_one_device_mesh(tmp_path):
 def test_rules_without_a_mesh_are_refused():
     with pytest.raises(ValueError, match="rules: given without a mesh"):
         g4.load(HERE / "fixtures" / "hf" / "tiny_a" / "checkpoint", rules=gs.FSDP)
+
+
+def test_lora_wrapped_projections_keep_their_sharding():
+    """`surgery.add_lora` moves a projection's matrix to `..._proj.base.weight`: the rules still shard it; the
+    adapters are replicated."""
+    from gemma4_eqx import surgery
+    model = eqx.filter_eval_shape(lambda: g4.Gemma4(g4.Gemma4Config.gemma4_12b(), key=jax.random.key(0)))
+    adapted = eqx.filter_eval_shape(lambda m: surgery.add_lora(m, key=jax.random.key(1), rank=2,
+                                                               targets=("q_proj", "down_proj")), model)
+    plain = {name: spec for name, _, spec in gs.describe(model, MESH_2x4, gs.FSDP_TP)}
+    wrapped = {name: spec for name, _, spec in gs.describe(adapted, MESH_2x4, gs.FSDP_TP)}
+    bases = [n for n in wrapped if n.endswith(".base.weight")]
+    assert bases and any("q_proj" in n for n in bases) and any("down_proj" in n for n in bases)
+    for name in bases:
+        assert wrapped[name] == plain[name.replace(".base.weight", ".weight")] != P(), name
+    assert all(spec == P() for name, spec in wrapped.items() if ".lora_" in name)
