@@ -550,7 +550,7 @@ def _speculative_hook(model, assistant, device_batch, *, single, p, max_len, ret
     result = GenerationResult(tokens=tokens, lengths=lengths, prefilled=p, cache_slots=max_len,
                               accepted_per_call=accepted, target_calls=calls)
     if single:
-        result = dataclasses.replace(result, tokens=result.tokens[0], lengths=result.lengths[0])
+        result = dataclasses.replace(result, tokens=np.asarray(result.tokens[0]), lengths=np.asarray(result.lengths[0]))
     return result if return_result else jax.device_put(result.tokens)
 
 
