@@ -19,7 +19,7 @@ KERNEL = "gemma4-eqx-tests"
 
 def test_there_are_four_notebooks():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_transforms.ipynb", "03_nnx_vs_equinox.ipynb",
-                                           "04_surgery.ipynb"]
+                                           "04_surgery.ipynb", "06_speculative.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
