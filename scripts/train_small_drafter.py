@@ -55,10 +55,12 @@ def target_samples(target, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     offsets = rng.integers(0, len(stream) - PROMPT, size=n)
     prompts = np.stack([np.concatenate([[2], stream[o:o + PROMPT - 1]]) for o in offsets]).astype(np.int32)
+    cfg = target.config
+    never = (*cfg.placeholder_ids, cfg.boi_token_id, cfg.eoi_token_id, cfg.boa_token_id, cfg.eoa_token_id)
     rows = []
     for i in range(0, n, 32):
         new = g4.generate(target, prompts[i:i + 32], max_new_tokens=SEQ - PROMPT, temperature=1.0, top_k=0,
-                          top_p=1.0, stop_ids=(), suppress_ids=(), key=jax.random.key(seed + i))
+                          top_p=1.0, stop_ids=(), suppress_ids=never, key=jax.random.key(seed + i))
         rows.append(np.concatenate([prompts[i:i + 32], np.asarray(new)], 1))
     return np.concatenate(rows)
 
@@ -66,7 +68,7 @@ def target_samples(target, n: int, seed: int) -> np.ndarray:
 def teacher(target, ids):
     """One row: the target's final-norm states, logits and cache (its ring holding every slot)."""
     cache = KVCache.init(target.config, max_len=SEQ, dtype=target.dtype, spare=SEQ)
-    h, cache = forward_with_cache(target, ids, cache)
+    h, cache = forward_with_cache(target, ids, cache, validate=False)
     return h, target.logits_from_hidden(h), cache
 
 
