@@ -70,19 +70,19 @@ def _batch():
 
 def test_greedy_text_and_left_padded_batch_equal_the_target(small):
     """The trained small checkpoint (varied greedy text; window 32 wraps), a left-padded batch with one unpadded
-    row: a random MTP drafter (nearly every draft rolled back) and prompt lookup (partial acceptance)."""
+    row: the distilled MTP drafter and prompt lookup (partial acceptance; the recorded random drafter of the
+    tests below has nearly every draft rolled back)."""
     ids, mask = _batch()
     plain = np.asarray(g4.generate(small, ids, attention_mask=mask, max_new_tokens=40, **GREEDY))
     assert min(len(set(row.tolist())) for row in plain) > 5  # not a constant row
-    rand = g4.assistant.random_assistant(small, key=jax.random.key(1))
     stats = []
-    for d in (rand, PromptLookupDrafter(ngram=2)):
+    for d in (g4.load_assistant(g4.assets.SMALL_CHECKPOINT.parent / "small-drafter"), PromptLookupDrafter(ngram=2)):
         out = g4.generate(small, ids, attention_mask=mask, max_new_tokens=40, assistant=d, num_draft_tokens=3,
                           return_result=True, **GREEDY)
         np.testing.assert_array_equal(out.tokens, plain)
         assert out.accepted_per_call is not None and 0.0 <= out.accepted_per_call <= 3.0
         stats.append((out.accepted_per_call, out.target_calls))
-    assert stats[1][0] > 0.2 and stats[1][1] < 39, stats  # prompt lookup accepts some drafts on this text
+    assert all(a > 0.1 and calls < 39 for a, calls in stats), stats  # some drafts accepted by both
 
 
 def test_greedy_equals_transformers_assisted_generation(target, drafter, recorded):
@@ -187,16 +187,18 @@ def test_bad_arguments_are_named(target):
 
 def test_distilled_drafter_beats_prompt_lookup(small):
     """The drafter distilled on the small checkpoint's own samples (`scripts/train_small_drafter.py`) against
-    prompt lookup on three held-out prompts (24 tokens each, 32 greedy tokens, 3 drafts per call): both return
-    the target's tokens; measured on the dev VM: the distilled drafter accepts 0.61 drafts per target call (25
-    calls for 32 tokens per row), prompt lookup (n-gram 3) 0.03 (31 calls)."""
+    prompt lookup on three held-out prompts (16 tokens each, 32 greedy tokens, 3 drafts per call): both return
+    the target's tokens; measured on the dev VM: the distilled drafter accepts 0.43 drafts per target call (the
+    longest row 23 calls for 32 tokens), prompt lookup (n-gram 2) 0.06 (31 calls)."""
     proc = g4.Processor.from_pretrained(g4.assets.SMALL_CHECKPOINT)
     text = (g4.assets.SMALL_CHECKPOINT / "heldout.txt").read_text()
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if len(p.split()) > 30][:3]
-    ids = np.stack([np.asarray(proc.tokenizer(p)["input_ids"], np.int32)[0][:24] for p in paragraphs])
+    ids = np.stack([np.asarray(proc.tokenizer(p)["input_ids"], np.int32)[0][:16] for p in paragraphs])
     drafter = g4.load_assistant(g4.assets.SMALL_CHECKPOINT.parent / "small-drafter")
     kw = dict(max_new_tokens=32, num_draft_tokens=3, return_result=True, **GREEDY)
     mtp = g4.generate(small, ids, assistant=drafter, **kw)
-    lookup = g4.generate(small, ids, assistant=PromptLookupDrafter(ngram=3), **kw)
+    lookup = g4.generate(small, ids, assistant=PromptLookupDrafter(ngram=2), **kw)
+    print(f"distilled {mtp.accepted_per_call:.2f} ({mtp.target_calls} calls), prompt lookup "
+          f"{lookup.accepted_per_call:.2f} ({lookup.target_calls} calls)")
     np.testing.assert_array_equal(mtp.tokens, lookup.tokens)
-    assert mtp.accepted_per_call > lookup.accepted_per_call + 0.3, (mtp.accepted_per_call, lookup.accepted_per_call)
+    assert mtp.accepted_per_call > lookup.accepted_per_call + 0.2, (mtp.accepted_per_call, lookup.accepted_per_call)
