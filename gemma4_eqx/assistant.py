@@ -22,7 +22,13 @@ What one draft step computes (one sequence, one query token):
    smallest selected logit minus one.
 
 transformers computes the masked fill value over the whole batch tensor; here it is per sequence (transformers'
-assisted decoding runs batch 1, where the two agree).
+assisted decoding runs batch 1, where the two agree). One difference in how the drafter is *driven*, not in what
+it computes: after a round in which the target rejected a draft, transformers' candidate generator slices the
+target's returned KV to the new sequence length, which keeps the key of the first rejected draft at the slot of
+the pending token (and its sliding-layer states are not trimmed at all once the context exceeds the window);
+here the drafter reads the target's cache truncated to the accepted tokens, i.e. exactly the context a round
+after full acceptance (or the first round) sees in transformers. Both give the target's output; acceptance can
+differ slightly.
 """
 
 from __future__ import annotations
