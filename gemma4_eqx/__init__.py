@@ -13,6 +13,8 @@ from .hub import load, save
 from .cache import KVCache
 from .chat import ChatSession, Reply
 from .generation import GenerationResult, generate
+from .assistant import Assistant, AssistantConfig, load_assistant, save_assistant
+from .speculative import PromptLookupDrafter
 from .generation_config import GenerationConfig
 from .layers.policy import (XLA, AutoKernel, CuDNNKernel, Invariant, PolicyError, Remat, TorchCPU, XLAKernel,
                             with_policy)
@@ -23,7 +25,7 @@ from .scoring import ScoreResult, score
 from .taps import TapResult, Taps
 from . import assets, batching
 
-__all__ = ["XLA", "AudioConfig", "AutoKernel", "ChatSession", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
+__all__ = ["Assistant", "AssistantConfig", "PromptLookupDrafter", "load_assistant", "save_assistant", "XLA", "AudioConfig", "AutoKernel", "ChatSession", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
            "Gemma4Config", "GenerationConfig", "GenerationResult", "Invariant", "KVCache", "Media", "PolicyError",
            "Processor", "Remat", "Reply", "TapResult", "Taps", "TextConfig", "TorchCPU", "VisionConfig", "XLAKernel",
            "batching", "bridge",

@@ -117,6 +117,8 @@ def _check_stock_run(stack: Any, run: int) -> None:
 
 def tensor_specs(model: Any) -> list[TensorSpec]:
     """Every on-disk tensor of `model` (concrete or abstract), in transformers' order."""
+    if getattr(model, "checkpoint_layout", None) == "assistant":
+        return assistant_tensor_specs(model)
     specs: list[TensorSpec] = []
 
     def add(name: str, leaf: Callable[[Any], Any], index: tuple[int, ...], transpose: bool) -> None:
@@ -145,6 +147,44 @@ def tensor_specs(model: Any) -> list[TensorSpec]:
         add(VISION_PROJECTION, lambda m: m.embed_vision.projection.embedding_projection.weight, (), True)
     if model.embed_audio is not None:
         add(AUDIO_PROJECTION, lambda m: m.embed_audio.projection.embedding_projection.weight, (), True)
+    return specs
+
+
+# The assistant (`gemma4_eqx.assistant.Assistant`, transformers' `Gemma4UnifiedAssistantForCausalLM`): its layers
+# are KV-shared, so they hold no k/v projections or k_norm. The integer `masked_embedding.token_ordering` buffer is
+# read and written by `assistant.load_assistant` / `save_assistant` beside these float tensors.
+ASSISTANT_PREFIX = "model."
+_ASSISTANT_LAYER_TENSORS: tuple[tuple[str, Callable[[Any], Any], bool], ...] = (
+    ("input_layernorm.weight", lambda l: l.input_layernorm.weight, False),
+    ("post_attention_layernorm.weight", lambda l: l.post_attention_layernorm.weight, False),
+    ("pre_feedforward_layernorm.weight", lambda l: l.pre_feedforward_layernorm.weight, False),
+    ("post_feedforward_layernorm.weight", lambda l: l.post_feedforward_layernorm.weight, False),
+    ("layer_scalar", lambda l: l.layer_scalar, False),
+    ("self_attn.q_proj.weight", lambda l: l.q_proj.weight, True),
+    ("self_attn.o_proj.weight", lambda l: l.o_proj.weight, True),
+    ("self_attn.q_norm.weight", lambda l: l.q_norm.weight, False),
+    ("mlp.gate_proj.weight", lambda l: l.mlp.gate_proj.weight, True),
+    ("mlp.up_proj.weight", lambda l: l.mlp.up_proj.weight, True),
+    ("mlp.down_proj.weight", lambda l: l.mlp.down_proj.weight, True),
+)
+
+
+def assistant_tensor_specs(model: Any) -> list[TensorSpec]:
+    """Every float tensor of an `Assistant` (concrete or abstract), with transformers' names."""
+    specs: list[TensorSpec] = []
+
+    def add(name: str, leaf: Callable[[Any], Any], transpose: bool) -> None:
+        specs.append(TensorSpec(name, leaf, (), transpose, _disk_shape(leaf(model).shape, 0, transpose)))
+
+    add(ASSISTANT_PREFIX + "embed_tokens.weight", lambda m: m.embed_tokens, False)
+    for i in range(len(model.layers)):
+        for suffix, get, transpose in _ASSISTANT_LAYER_TENSORS:
+            add(f"{ASSISTANT_PREFIX}layers.{i}.{suffix}", lambda m, i=i, get=get: get(m.layers[i]), transpose)
+    add(ASSISTANT_PREFIX + "norm.weight", lambda m: m.norm.weight, False)
+    add("pre_projection.weight", lambda m: m.pre_projection.weight, True)
+    add("post_projection.weight", lambda m: m.post_projection.weight, True)
+    if model.centroids is not None:
+        add("masked_embedding.centroids.weight", lambda m: m.centroids.weight, True)
     return specs
 
 

@@ -110,6 +110,9 @@ class GenerationResult:
     interrupted: bool = False  # Ctrl-C stopped it early (only when streaming; otherwise KeyboardInterrupt)
     prefilled: int = 0  # tokens per row the prefill ran over (the prompt's bucket, padding included)
     cache_slots: int = 0  # the cache bucket's max_len
+    accepted_per_call: float | None = None  # speculative decoding: mean drafts accepted per target call (the call
+    # yields that plus one token); None without an assistant
+    target_calls: int = 0  # speculative decoding: target calls after the prefill (the longest row's)
 
     @property
     def sequences(self) -> list[np.ndarray]:
@@ -395,6 +398,8 @@ def generate(
     prefill_chunk_size: int | None = None,
     mask_mode: str = "intended",
     step: Callable = sample_step,
+    assistant=None,
+    num_draft_tokens: int = 4,
     **media,
 ):
     """Generate up to `max_new_tokens` (default 64) new tokens after `prompt_ids`; returns only the new tokens.
@@ -412,7 +417,10 @@ def generate(
     `streamer(tokens)` receives each step's tokens (shape `[batch]`) as they are produced; while streaming, Ctrl-C
     stops generation and returns what was produced (without a streamer it raises KeyboardInterrupt after at most
     one decode chunk). `cache_raw_keys=False`: see `g4.KVCache.init`. `step`: the per-step function of the decode
-    loop (see `sample_step`).
+    loop (see `sample_step`). `assistant=`: speculative decoding with a drafter (`g4.Assistant`, the Gemma 4 MTP
+    drafter, or `g4.PromptLookupDrafter`), `num_draft_tokens` per target call; the output distribution is the
+    target's (greedy: its exact tokens); `GenerationResult.accepted_per_call` reports acceptance
+    (`gemma4_eqx.speculative`).
     """
     if "input_ids" in media:
         if prompt_ids is not None:
@@ -496,7 +504,8 @@ def generate(
         p, chunk = prompt_bucket(seq, has_vision, prefill_chunk_size)
         bounds = None
     padded = _pad_rows(batch, p, pad_id, has_vision)
-    max_len = cache_bucket(p + max_new_tokens, cfg.text.max_position_embeddings + p - seq)
+    spec_room = 0 if assistant is None else int(num_draft_tokens) + 1  # speculative: room for a verify chunk
+    max_len = cache_bucket(p + max_new_tokens + spec_room, cfg.text.max_position_embeddings + p - seq + spec_room)
     # the chunked loop slices [start, start + chunk) of the token fields: give them the cache's length
     if bounds is None and chunk != p:
         padded = {k: (np.pad(v, [(0, 0), (0, max_len - p)]) if k in TOKEN_FIELDS else v) for k, v in padded.items()}
@@ -505,6 +514,13 @@ def generate(
     params = SamplingParams.make(cfg.text.vocab_size, temperature=float(temperature), top_k=top_k, top_p=top_p,
                                  suppress_ids=suppress_ids, stop_ids=stop_ids, pad_id=int(pad_id))
     device_batch = jax.device_put(padded)  # a transfer; jnp.asarray would compile a copy per shape
+    if assistant is not None:  # speculative decoding (speculative.py)
+        return _speculative_hook(model, assistant, device_batch, single=single, p=p, chunk=chunk, bounds=bounds,
+                                 max_len=max_len, max_new_tokens=max_new_tokens, key=key, params=params,
+                                 num_draft_tokens=num_draft_tokens, mask_mode=mask_mode,
+                                 cache_dtype=jnp.dtype(cache_dtype or model.dtype), raw_keys=cache_raw_keys,
+                                 return_result=return_result, refused=dict(streamer=streamer, step=step,
+                                                                           return_logprobs=return_logprobs))
     state, first = _prefill(model, None, device_batch, np.int32(p // chunk if chunk else 0),
                             np.int32(max_new_tokens), key, params, chunk=chunk, bounds=bounds, max_len=max_len,
                             mask_mode=mask_mode, cache_dtype=jnp.dtype(cache_dtype or model.dtype),
@@ -521,6 +537,21 @@ def generate(
                                          top_logprobs=None)
         return result
     return jax.device_put(result.tokens)
+
+
+def _speculative_hook(model, assistant, device_batch, *, single, p, max_len, return_result, refused, **kwargs):
+    from .speculative import speculative_decode
+
+    for name, value in refused.items():
+        if value not in (None, False, sample_step):
+            raise TypeError(f"generate: {name}= is not supported with assistant= (speculative decoding)")
+    tokens, lengths, accepted, calls = speculative_decode(model, assistant, device_batch, p=p, max_len=max_len,
+                                                          **kwargs)
+    result = GenerationResult(tokens=tokens, lengths=lengths, prefilled=p, cache_slots=max_len,
+                              accepted_per_call=accepted, target_calls=calls)
+    if single:
+        result = dataclasses.replace(result, tokens=np.asarray(result.tokens[0]), lengths=np.asarray(result.lengths[0]))
+    return result if return_result else jax.device_put(result.tokens)
 
 
 def run_decode(model, state: DecodeState, first: Choice, params: SamplingParams, *, max_new_tokens: int,

@@ -17,9 +17,9 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.
 KERNEL = "gemma4-eqx-tests"
 
 
-def test_there_are_five_notebooks():
+def test_the_notebooks_are_the_listed_ones():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_transforms.ipynb", "03_nnx_vs_equinox.ipynb",
-                                           "04_surgery.ipynb", "05_research.ipynb"]
+                                           "04_surgery.ipynb", "05_research.ipynb", "06_speculative.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
