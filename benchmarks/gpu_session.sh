@@ -5,7 +5,7 @@
 #   1. ours on the 12B shapes (benchmarks/gpu_12b.py: ceilings, attention kernels, prefill 8K, decode)
 #   2. transformers on the same card (benchmarks/gpu_12b_transformers.py; transformers 5.24 carried as a wheel in
 #      .whl/, the machine's torch)
-#   3. quantized decode (benchmarks/quant_gpu.py), 4. speculative decoding (benchmarks/speculative.py --gpu-12b)
+#   3. speculative decoding's cost per call (benchmarks/speculative.py --gpu-12b)
 # Usage there: bash benchmarks/gpu_session.sh   (with .whl carried; budget in seconds as $1, default 540)
 set -uo pipefail
 budget=${1:-540}
@@ -35,7 +35,7 @@ run() {  # run NAME SECONDS CMD...: at most SECONDS, never past the budget
     tail -n 40 "$OUT/$name.log"
 }
 
-run ours 270 python3 benchmarks/gpu_12b.py --out "$OUT"
-run transformers 130 python3 benchmarks/gpu_12b_transformers.py --config /tmp/cfg12b/config.json --out "$OUT"
-EXTRA_SECTIONS
+run ours 200 python3 benchmarks/gpu_12b.py --out "$OUT"
+run transformers 120 python3 benchmarks/gpu_12b_transformers.py --config /tmp/cfg12b/config.json --out "$OUT"
+run speculative 90 python3 benchmarks/speculative.py --gpu-12b --out "$OUT"
 echo "== done after $(( $(date +%s) - start )) s" | tee -a "$OUT/sections.txt"

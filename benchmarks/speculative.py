@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -85,7 +86,10 @@ def gpu_12b(out_dir: str, k: int, new: int) -> None:
 
     t = time.perf_counter()
     cfg = g4.Gemma4Config.gemma4_12b().replace(vision=None, audio=None)
-    model = g4.Gemma4(cfg, key=jax.random.key(0), dtype=jnp.bfloat16)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_12b import random_on_device  # every array drawn on the device: no eager init of 12 B parameters
+
+    model = random_on_device(cfg, jnp.bfloat16)
     drafter = random_assistant(model, key=jax.random.key(1), hidden_size=1024, intermediate_size=8192,
                                num_attention_heads=16, dtype=jnp.bfloat16)
     jax.block_until_ready((model, drafter))
