@@ -1,0 +1,338 @@
+"""Weight-only quantization: int8 per output channel, int4 with group-wise scales (docs: README "Quantized weights").
+
+Formats (symmetric, no zero point):
+- `int8`: one scale per output channel, `scale = max|w| / 127`, `q = round(w / scale)` in [-127, 127].
+- `int4`: one scale per `group_size` consecutive input features of an output channel (default 32, the GGUF Q4_0
+  block), `scale = max|w| / 7`, `q` in [-7, 7] from a quantization; a GGUF Q4_0 tensor (`gguf_io`) keeps its own
+  codes in [-8, 7] and its fp16 scales, so the same layout holds it exactly.
+`q` is computed from the scale as stored (after rounding to `scale_dtype`), so every dequantized element is within
+half a quantization step (`scale / 2`) of the original, whatever the scale dtype.
+
+In the model a `QuantLinear` replaces a `layers.linear.Linear` at the same place in the tree (the decoder's
+q/k/v/o and gate/up/down projections), and optionally a `QuantEmbedding` replaces the tied `embed_tokens` table (the
+embedding lookup and the lm head). Layout, like `Linear`'s `[in, out]`:
+    qweight  int8 / int4 [*stack, in, out]      (int4 is `jnp.int4`: XLA packs two codes per byte on CPU and GPU)
+    scales   [*stack, in // group, out]          (int8: one group, `[*stack, 1, out]`)
+The product dequantizes inside the jitted call (`q * scale`, rounded to the activation dtype) and multiplies in the
+activation dtype through the layer's numerics policy. What XLA does with it on CPU (measured on the compiled HLO of
+jax 0.12): the convert-multiply is one loop fusion that writes a weight-sized buffer which the dot then reads; the
+CPU dot takes no fused producer. On GPU, XLA's Triton GEMM emitter can fuse the convert into the matmul.
+
+On disk (safetensors, transformers' names with the module's `.weight` replaced):
+    <module>.qweight   I8 [out, in] (int8), or U8 [out, in // 2] (int4: two codes per byte, the even input
+                       column in the low nibble, two's complement nibbles)
+    <module>.scales    [out, in // group] in `scale_dtype` (int8: [out, 1])
+    embed_tokens: `...embed_tokens.qweight` [vocab, hidden] (int4 packed [vocab, hidden // 2]) and
+                  `...embed_tokens.scales` [vocab, hidden // group] when the embedding is quantized
+and `config.json` carries `quantization_config` (`QuantConfig.to_json`). `g4.load` reads such a folder back;
+`g4.load(..., quantize="int8" | "int4")` quantizes a float checkpoint one tensor at a time as it streams in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jaxtyping import Array, Float, Int, Shaped
+
+from .layers.linear import Linear
+from .layers.policy import XLA, Numerics
+
+MODES = {"int8": 8, "int4": 4}
+QUANT_METHOD = "gemma4_eqx"
+DEFAULT_GROUP = {8: None, 4: 32}  # int8 is per output channel (one group spanning all inputs)
+DEFAULT_SCALE_DTYPE = {8: "float32", 4: "float16"}
+_QMAX = {8: 127, 4: 7}
+_CODE_DTYPE = {8: jnp.int8, 4: jnp.int4}
+
+
+class QuantError(ValueError):
+    """A quantization request or a quantized tensor that does not fit the format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """What `quantize` does and what `config.json`'s `quantization_config` records."""
+
+    bits: int  # 8 or 4
+    group_size: int | None  # None: one group per output channel (int8)
+    scale_dtype: str  # "float32", "float16" or "bfloat16"
+    embedding: bool  # the tied embedding / lm head quantized too
+
+    @classmethod
+    def make(cls, mode: str, group_size: int | None = None, scale_dtype: Any = None,
+             embedding: bool = False) -> QuantConfig:
+        if mode not in MODES:
+            raise QuantError(f"quantize: expected one of {sorted(MODES)}, found {mode!r}")
+        bits = MODES[mode]
+        group_size = DEFAULT_GROUP[bits] if group_size is None else group_size
+        if bits == 8 and group_size is not None:
+            raise QuantError(f"group_size: int8 is per output channel (group_size None), found {group_size}")
+        if bits == 4 and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
+            raise QuantError(f"group_size: expected an even positive int for int4, found {group_size!r}")
+        name = DEFAULT_SCALE_DTYPE[bits] if scale_dtype is None else jnp.dtype(scale_dtype).name
+        if name not in ("float32", "float16", "bfloat16"):
+            raise QuantError(f"scale_dtype: expected float32, float16 or bfloat16, found {name}")
+        return cls(bits, group_size, name, bool(embedding))
+
+    @property
+    def mode(self) -> str:
+        return f"int{self.bits}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "mode": self.mode, "bits": self.bits, "group_size": self.group_size,
+                "scale_dtype": self.scale_dtype, "symmetric": True, "embedding": self.embedding,
+                "modules": "decoder projections" + (" and the tied embedding" if self.embedding else "")}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = "quantization_config") -> QuantConfig:
+        if not isinstance(d, dict) or d.get("quant_method") != QUANT_METHOD:
+            raise QuantError(f"{where}: expected an object with quant_method {QUANT_METHOD!r} (written by "
+                             f"gemma4_eqx), found {d!r}")
+        try:
+            return cls.make(d["mode"], d["group_size"], d["scale_dtype"], d["embedding"])
+        except KeyError as e:
+            raise QuantError(f"{where}: the field {e.args[0]!r} is missing") from e
+
+
+# ---- the arithmetic -------------------------------------------------------------------------------------------
+def _groups(n_in: int, group_size: int | None, what: str) -> int:
+    if group_size is None:
+        return 1
+    if n_in % group_size:
+        raise QuantError(f"{what}: {n_in} input features do not split into groups of {group_size}; pass a "
+                         f"group_size that divides it")
+    return n_in // group_size
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "scale_dtype"))
+def quantize_array(w: Float[Array, "*stack n_in n_out"], *, bits: int, group_size: int | None,
+                   scale_dtype: str) -> tuple[Shaped[Array, "*stack n_in n_out"], Float[Array, "*stack groups n_out"]]:
+    """`(q, scales)` of a weight laid out `[..., in, out]`, grouped along `in` (see the module docstring)."""
+    *stack, n_in, n_out = w.shape
+    g = _groups(n_in, group_size, "quantize")
+    wg = w.astype(jnp.float32).reshape(*stack, g, n_in // g, n_out)
+    qmax = _QMAX[bits]
+    amax = jnp.max(jnp.abs(wg), axis=-2)
+    scale = (amax / qmax).astype(scale_dtype)
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))  # an all-zero group (or one that underflows)
+    s32 = scale.astype(jnp.float32)
+    q = jnp.clip(jnp.round(wg / s32[..., None, :]), -qmax - (bits == 4), qmax)
+    return q.reshape(*stack, n_in, n_out).astype(_CODE_DTYPE[bits]), scale
+
+
+def dequantize(q: Shaped[Array, "*stack n_in n_out"], scales: Float[Array, "*stack groups n_out"],
+               dtype: Any = jnp.float32) -> Float[Array, "*stack n_in n_out"]:
+    """`q * scale` in fp32, rounded once to `dtype` (exact in fp32: codes and scales are short)."""
+    *stack, n_in, n_out = q.shape
+    g = scales.shape[-2]
+    w = q.astype(jnp.float32).reshape(*stack, g, n_in // g, n_out) * scales.astype(jnp.float32)[..., None, :]
+    return w.reshape(q.shape).astype(dtype)
+
+
+# ---- modules ----------------------------------------------------------------------------------------------------
+class QuantLinear(eqx.Module):
+    """A weight-only quantized `Linear` (no bias): `y = x @ dequantize(qweight, scales)` in x's dtype."""
+
+    qweight: Shaped[Array, "in_features out_features"]
+    scales: Float[Array, "groups out_features"]
+    numerics: Numerics
+
+    def __init__(self, qweight, scales, numerics: Numerics = XLA()):
+        self.qweight, self.scales, self.numerics = qweight, scales, numerics
+
+    @classmethod
+    def from_linear(cls, linear: Linear, qc: QuantConfig, what: str = "Linear") -> QuantLinear:
+        if linear.bias is not None:
+            raise QuantError(f"{what}: has a bias; only bias-free projections are quantized")
+        _groups(linear.weight.shape[-2], qc.group_size, what)
+        q, s = quantize_array(linear.weight, bits=qc.bits, group_size=qc.group_size, scale_dtype=qc.scale_dtype)
+        return cls(q, s, linear.numerics)
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[-2]
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[-1]
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.qweight.dtype == jnp.int4 else 8
+
+    def dequantized(self, dtype: Any = jnp.float32) -> Float[Array, "in_features out_features"]:
+        return dequantize(self.qweight, self.scales, dtype)
+
+    def __call__(self, x: Float[Array, "*batch in_features"]) -> Float[Array, "*batch out_features"]:
+        return self.numerics.matmul(x, dequantize(self.qweight, self.scales, x.dtype))
+
+
+class QuantEmbedding(eqx.Module):
+    """The tied embedding table quantized per vocabulary row (groups along `hidden`), standing where the model
+    keeps its `[vocab, hidden]` array: `table[ids]` gives dequantized rows and `table.astype(dtype)` the whole
+    table (the lm head's operand), both in `dtype`, the model's float dtype (`model.dtype`)."""
+
+    qweight: Shaped[Array, "vocab hidden"]
+    scales: Float[Array, "vocab groups"]
+    float_dtype: Any = eqx.field(static=True)
+
+    def __init__(self, qweight, scales, float_dtype):
+        self.qweight, self.scales, self.float_dtype = qweight, scales, jnp.dtype(float_dtype)
+
+    @classmethod
+    def from_table(cls, table: Array, qc: QuantConfig) -> QuantEmbedding:
+        _groups(table.shape[-1], qc.group_size, "embed_tokens")
+        q, s = quantize_array(table.T, bits=qc.bits, group_size=qc.group_size, scale_dtype=qc.scale_dtype)
+        return cls(q.T, s.T, table.dtype)
+
+    @property
+    def dtype(self):
+        return self.float_dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.qweight.shape)
+
+    def __getitem__(self, ids) -> Array:
+        rows, scales = self.qweight[ids], self.scales[ids]
+        return dequantize(jnp.swapaxes(rows, -1, -2), jnp.swapaxes(scales, -1, -2), self.float_dtype).swapaxes(-1, -2)
+
+    def astype(self, dtype) -> Float[Array, "vocab hidden"]:
+        return dequantize(self.qweight.T, self.scales.T, dtype).T
+
+
+# ---- whole models -------------------------------------------------------------------------------------------------
+def _is_linear(x) -> bool:
+    return isinstance(x, Linear)
+
+
+def decoder_linears(model) -> list[Linear]:
+    """The `Linear` projections of the decoder stack (stacked `[repeats, run_length, in, out]`)."""
+    return [x for x in jax.tree.leaves(model.layers, is_leaf=_is_linear) if isinstance(x, Linear)]
+
+
+def follow(tree, path) -> Any:
+    """The node at a `jax.tree_util` key path."""
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            tree = getattr(tree, k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            tree = tree[k.idx]
+        elif isinstance(k, jax.tree_util.DictKey):
+            tree = tree[k.key]
+        else:
+            raise TypeError(f"unsupported key {k!r}")
+    return tree
+
+
+def paths_of(tree, predicate) -> list[tuple]:
+    """Key paths of the nodes of `tree` that satisfy `predicate` (not descended into)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=predicate)
+    return [path for path, x in flat if predicate(x)]
+
+
+def replace_nodes(tree, predicate, fn):
+    """`tree` with every node satisfying `predicate` replaced by `fn(node)` (one `eqx.tree_at`)."""
+    paths = paths_of(tree, predicate)
+    if not paths:
+        return tree
+    new = [fn(follow(tree, p)) for p in paths]
+    return eqx.tree_at(lambda t: [follow(t, p) for p in paths], tree, replace=new, is_leaf=predicate)
+
+
+def quantize(model, mode: str = "int8", *, group_size: int | None = None, embedding: bool = False,
+             scale_dtype: Any = None):
+    """The same model with every decoder projection a `QuantLinear` (and, with `embedding=True`, the tied
+    embedding a `QuantEmbedding`); other arrays are shared, not copied. `mode`: "int8" (per output channel) or
+    "int4" (groups of `group_size`, default 32, along the input features). Vision and audio embedders stay in
+    their float dtype."""
+    qc = QuantConfig.make(mode, group_size, scale_dtype, embedding)
+    if is_quantized(model):
+        raise QuantError("quantize: the model is already quantized")
+    if not decoder_linears(model):
+        raise QuantError("quantize: the model's decoder holds no Linear projection to quantize")
+    layers = replace_nodes(model.layers, _is_linear,
+                           lambda x: QuantLinear.from_linear(x, qc, f"decoder projection {x.weight.shape}"))
+    model = eqx.tree_at(lambda m: m.layers, model, replace=layers)
+    if qc.embedding:
+        model = eqx.tree_at(lambda m: m.embed_tokens, model, replace=QuantEmbedding.from_table(model.embed_tokens, qc))
+    return model
+
+
+def is_quantized(model) -> bool:
+    return any(isinstance(x, (QuantLinear, QuantEmbedding))
+               for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, (QuantLinear, QuantEmbedding))))
+
+
+def quant_config_of(model) -> QuantConfig | None:
+    """The `QuantConfig` a quantized model was made with (read from its arrays), None for a float model."""
+    qls = [x for x in jax.tree.leaves(model.layers, is_leaf=lambda x: isinstance(x, QuantLinear))
+           if isinstance(x, QuantLinear)]
+    if not qls:
+        return None
+    first = qls[0]
+    bits = first.bits
+    group = None if bits == 8 else first.in_features // first.scales.shape[-2]
+    return QuantConfig(bits, group, jnp.dtype(first.scales.dtype).name, isinstance(model.embed_tokens, QuantEmbedding))
+
+
+def dequantize_model(model, dtype: Any = None):
+    """A float model back from a quantized one (every `QuantLinear` a `Linear` holding `dequantize(...)`)."""
+    dtype = model.dtype if dtype is None else dtype
+    is_q = lambda x: isinstance(x, (QuantLinear, QuantEmbedding))
+
+    def back(x):
+        if isinstance(x, QuantEmbedding):
+            return x.astype(dtype)
+        n_in, n_out = x.qweight.shape[-2:]
+        lin = eqx.filter_eval_shape(lambda: Linear(n_in, n_out, key=jax.random.key(0), numerics=x.numerics))
+        return eqx.tree_at(lambda l: (l.weight, l.bias), lin, replace=(x.dequantized(dtype), None),
+                           is_leaf=lambda v: v is None)
+
+    return replace_nodes(model, is_q, back)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's arrays as stored on the device (int4 codes at half a byte)."""
+    total = 0
+    for x in jax.tree.leaves(model):
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            n = int(np.prod(x.shape))
+            total += n // 2 if jnp.dtype(x.dtype) == jnp.int4 else n * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+# ---- host-side packing for safetensors ----------------------------------------------------------------------------
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """int codes in [-8, 7], `[..., n]` (n even) -> uint8 `[..., n // 2]`, element 2j in the low nibble."""
+    c = np.asarray(codes).astype(np.int8)
+    if c.shape[-1] % 2:
+        raise QuantError(f"int4 codes: the last axis ({c.shape[-1]}) must be even to pack two codes per byte")
+    u = (c & 0x0F).astype(np.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """uint8 `[..., n // 2]` -> int8 codes `[..., n]` in [-8, 7] (the inverse of `pack_int4`)."""
+    p = np.asarray(packed, np.uint8)
+    out = np.empty(p.shape[:-1] + (2 * p.shape[-1],), np.int8)
+    lo, hi = (p & 0x0F).astype(np.int8), (p >> 4).astype(np.int8)
+    out[..., 0::2] = np.where(lo > 7, lo - 16, lo)
+    out[..., 1::2] = np.where(hi > 7, hi - 16, hi)
+    return out
+
+
+def codes_to_host(q: Array) -> np.ndarray:
+    """Device codes (int8 or int4) as an int8 host array."""
+    return np.asarray(jax.device_get(q)).astype(np.int8)
+
+
+def int4_host(codes: np.ndarray) -> np.ndarray:
+    return np.asarray(codes, np.int8).astype(ml_dtypes.int4)
