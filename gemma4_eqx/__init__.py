@@ -18,13 +18,15 @@ from .layers.policy import (XLA, AutoKernel, CuDNNKernel, Invariant, PolicyError
                             with_policy)
 from .media import Media
 from .model import Gemma4, count_parameters
+from . import quant
+from .quant import quantize
 from .processing import Processor
 from . import assets, batching
 
 __all__ = ["XLA", "AudioConfig", "AutoKernel", "ChatSession", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
            "Gemma4Config", "GenerationConfig", "GenerationResult", "Invariant", "KVCache", "Media", "PolicyError",
            "Processor", "Remat", "Reply", "TextConfig", "TorchCPU", "VisionConfig", "XLAKernel", "batching", "bridge",
-           "count_parameters", "generate", "load", "losses", "nnx", "save", "sharding", "small_config", "surgery",
+           "count_parameters", "generate", "load", "losses", "nnx", "quant", "quantize", "save", "sharding", "small_config", "surgery",
            "train", "typecheck", "with_policy"]
 __version__ = "0.1.0"
 

@@ -266,6 +266,9 @@ def quantize(model, mode: str = "int8", *, group_size: int | None = None, embedd
     return model
 
 
+quantize_model = quantize  # (`load_folder` takes a `quantize=` keyword)
+
+
 def is_quantized(model) -> bool:
     return any(isinstance(x, (QuantLinear, QuantEmbedding))
                for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, (QuantLinear, QuantEmbedding))))
@@ -336,3 +339,294 @@ def codes_to_host(q: Array) -> np.ndarray:
 
 def int4_host(codes: np.ndarray) -> np.ndarray:
     return np.asarray(codes, np.int8).astype(ml_dtypes.int4)
+
+
+# ---- safetensors layout (save and load) ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One on-disk tensor of a quantized checkpoint and the leaf (key path in the quantized model) it fills."""
+
+    name: str  # on-disk name
+    source: Any  # the float model's TensorSpec it comes from
+    target: tuple  # key path of the quantized model's leaf
+    part: str  # "float", "qweight" or "scales"
+    module: str  # "linear" (stored [out, in] on disk) or "embedding" ([vocab, hidden], untransposed) or ""
+
+
+def _leaf_paths(tree) -> dict[int, tuple]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {id(x): path for path, x in flat}
+
+
+def _entries(qabstract, fabstract, specs) -> list[_Entry]:
+    """The quantized checkpoint's tensors, in the float checkpoint's order (each quantized one as two)."""
+    paths = _leaf_paths(fabstract)
+    out = []
+    for s in specs:
+        path = paths[id(s.leaf(fabstract))]
+        parent = follow(qabstract, path[:-1]) if path[-1] == jax.tree_util.GetAttrKey("weight") else None
+        node = None if isinstance(parent, QuantLinear) else follow(qabstract, path)
+        if isinstance(parent, QuantLinear) or isinstance(node, QuantEmbedding):
+            module = "linear" if isinstance(parent, QuantLinear) else "embedding"
+            base = path[:-1] if module == "linear" else path
+            stem = s.name[:-len(".weight")] if s.name.endswith(".weight") else s.name
+            for part in ("qweight", "scales"):
+                out.append(_Entry(f"{stem}.{part}", s, base + (jax.tree_util.GetAttrKey(part),), part, module))
+        else:
+            out.append(_Entry(s.name, s, path, "float", ""))
+    return out
+
+
+def _disk_layout(e: _Entry, leaf) -> tuple[str, tuple[int, ...]]:
+    """(safetensors dtype name, on-disk shape) of an entry whose model leaf is `leaf`."""
+    from .safetensors_io import DTYPE_NAMES
+
+    n_stack = len(e.source.index)
+    shape = tuple(leaf.shape[n_stack:])
+    if e.part == "float":
+        return DTYPE_NAMES[np.dtype(leaf.dtype)], e.source.shape
+    if e.module == "linear":
+        shape = shape[::-1]  # [in, out] -> [out, in]; scales [groups, out] -> [out, groups]
+    if e.part == "qweight":
+        if jnp.dtype(leaf.dtype) == jnp.int4:
+            return "U8", shape[:-1] + (shape[-1] // 2,)
+        return "I8", shape
+    return DTYPE_NAMES[np.dtype(leaf.dtype)], shape
+
+
+def _to_disk(e: _Entry, piece: Array) -> np.ndarray:
+    """One layer's piece of a leaf (model layout) as its on-disk array."""
+    if e.part == "float":
+        t = np.asarray(jax.device_get(piece))
+        return np.ascontiguousarray(t.T if e.source.transpose else t)
+    int4 = e.part == "qweight" and jnp.dtype(piece.dtype) == jnp.int4
+    t = codes_to_host(piece) if e.part == "qweight" else np.asarray(jax.device_get(piece))
+    if e.module == "linear":
+        t = t.T
+    return np.ascontiguousarray(pack_int4(t) if int4 else t)
+
+
+def _from_disk(e: _Entry, t: np.ndarray, leaf) -> np.ndarray:
+    """An on-disk array as one layer's piece of the model leaf `leaf` (the inverse of `_to_disk`)."""
+    if e.part == "qweight":
+        int4 = jnp.dtype(leaf.dtype) == jnp.int4
+        codes = unpack_int4(t) if int4 else t
+        if e.module == "linear":
+            codes = codes.T
+        return np.ascontiguousarray(codes).astype(ml_dtypes.int4 if int4 else np.int8)
+    return np.ascontiguousarray(t.T if e.module == "linear" else t).astype(leaf.dtype)
+
+
+def float_skeleton(model):
+    """The float model's abstract twin of a quantized one (what transformers' names are listed from)."""
+    return eqx.filter_eval_shape(dequantize_model, model)
+
+
+def plan_shards(model, max_shard_size) -> list[list[tuple[_Entry, str, tuple[int, ...]]]]:
+    """The tensors of each file of a quantized model's checkpoint: (entry, dtype name, on-disk shape)."""
+    from .checkpoint_names import tensor_specs
+    from .checkpoint_save import _parse_size
+    from .safetensors_io import DTYPES
+
+    limit = _parse_size(max_shard_size)
+    fabstract = float_skeleton(model)
+    shards: list[list] = [[]]
+    size = 0
+    for e in _entries(model, fabstract, tensor_specs(fabstract)):
+        dtype, shape = _disk_layout(e, follow(model, e.target))
+        nbytes = int(np.prod(shape)) * DTYPES[dtype].itemsize
+        if size and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((e, dtype, shape))
+        size += nbytes
+    return shards
+
+
+def write_safetensors(model, folder: str, max_shard_size="5GB") -> list[str]:
+    """`checkpoint_save.write_safetensors` for a quantized model: the layout of the module docstring, one tensor
+    (one layer's piece) fetched and written at a time."""
+    import os
+
+    from .checkpoint_names import SAFE_INDEX, SAFE_SINGLE
+    from .checkpoint_save import _done, _take_layer, write_json
+    from .safetensors_io import write_file
+
+    shards = plan_shards(model, max_shard_size)
+    files = ([SAFE_SINGLE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    def tensors(shard):
+        for e, _, _ in shard:
+            leaf = follow(model, e.target)
+            idx = e.source.index
+            piece = leaf if not idx else _take_layer(leaf, np.asarray(idx, np.int32))
+            yield e.name, _to_disk(e, piece)
+
+    weight_map, total = {}, 0
+    for file, shard in zip(files, shards):
+        layout = [(e.name, d, shape) for e, d, shape in shard]
+        total += write_file(os.path.join(folder, file), layout, tensors(shard), {"format": "pt"}, fsync=True)
+        _done(f"write {file}")
+        weight_map.update({e.name: file for e, _, _ in shard})
+    if len(shards) > 1:
+        write_json(os.path.join(folder, SAFE_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return files
+
+
+def saved_quant_config(folder: str) -> QuantConfig | None:
+    """The `quantization_config` of a folder's config.json (None when it has none)."""
+    import os
+
+    from .checkpoint_names import CheckpointError
+    from .config_fields import read_json_file
+
+    path = os.path.join(folder, "config.json")
+    d = read_json_file(path, CheckpointError)
+    if not isinstance(d, dict) or d.get("quantization_config") is None:
+        return None
+    try:
+        return QuantConfig.from_json(d["quantization_config"], f"{path}: quantization_config")
+    except QuantError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def as_quant_config(quantize: Any) -> QuantConfig | None:
+    """`load(quantize=...)`: None, "int8", "int4", a `QuantConfig` or a dict of `QuantConfig.make`'s keywords."""
+    if quantize is None or isinstance(quantize, QuantConfig):
+        return quantize
+    if isinstance(quantize, str):
+        return QuantConfig.make(quantize)
+    if isinstance(quantize, dict):
+        return QuantConfig.make(**quantize)
+    raise QuantError(f"quantize: expected 'int8', 'int4', a QuantConfig or a dict, found {type(quantize).__name__}")
+
+
+def _stack_writer():
+    from .checkpoint_load import _layer_writer
+
+    return _layer_writer(jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+
+
+def load_folder(folder: str, *, dtype: Any = None, quantize: Any = None, model_kwargs: dict | None = None,
+                progress: Any = None):
+    """A quantized model from `folder`: a saved quantized checkpoint (its `quantization_config`), or a float one
+    quantized tensor by tensor as it is read (`quantize`). Host memory stays near the quantized model plus one
+    float tensor (and its fp32 copy while it is quantized); every stacked leaf is allocated on the device once and
+    filled one layer at a time."""
+    import types
+
+    from .checkpoint_load import (SafetensorsReader, _assemble, _progress_callback, checkpoint_dtype, float_dtype,
+                                  validate)
+    from .checkpoint_names import CheckpointError, tensor_specs
+    from .config import Gemma4Config
+    from .model import Gemma4
+
+    dtype = float_dtype(dtype)
+    want = as_quant_config(quantize)
+    saved = saved_quant_config(folder)
+    if saved is not None and want is not None and want != saved:
+        raise QuantError(f"quantize: {folder} is already quantized as {saved.to_json()}; it cannot be "
+                         f"re-quantized as {want.to_json()} (omit quantize= to load it as it is)")
+    qc = saved or want
+    config = Gemma4Config.from_pretrained(folder)
+    reader = SafetensorsReader(folder)
+    kwargs = model_kwargs or {}
+    probe = eqx.filter_eval_shape(lambda: Gemma4(config, key=jax.random.key(0), **kwargs))
+    specs = tensor_specs(probe)
+    if saved is None:
+        validate(reader, specs, dtype)
+        if dtype is None:
+            dtype = checkpoint_dtype(reader, specs)
+    elif dtype is None:
+        from .config_fields import read_json_file
+        import os
+
+        name = read_json_file(os.path.join(folder, "config.json"), CheckpointError).get("dtype", "float32")
+        dtype = float_dtype(name)
+    fabstract = eqx.filter_eval_shape(lambda: Gemma4(config, key=jax.random.key(0), dtype=dtype, **kwargs))
+    specs = tensor_specs(fabstract)
+    qabstract = eqx.filter_eval_shape(lambda m: quantize_model(m, qc.mode, group_size=qc.group_size,
+                                                         embedding=qc.embedding, scale_dtype=qc.scale_dtype),
+                                      fabstract)
+    entries = _entries(qabstract, fabstract, specs)
+    if saved is not None:
+        expected = {e.name for e in entries}
+        found = reader.names()
+        for what, names in (("missing from the checkpoint", expected - found),
+                            ("unexpected tensor; the quantized model has no such parameter", found - expected)):
+            if names:
+                first = sorted(names)[0]
+                raise CheckpointError(f"{first}: {what}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else ""))
+        for e in entries:
+            want_dtype, want_shape = _disk_layout(e, follow(qabstract, e.target))
+            shape, d = reader.info(e.name)
+            if (tuple(shape), d) != (tuple(want_shape), want_dtype):
+                raise CheckpointError(f"{e.name}: expected {want_dtype} {tuple(want_shape)}, found {d} {tuple(shape)}")
+        names = [e.name for e in entries]
+    else:
+        names = [s.name for s in specs]
+    update, close = _progress_callback(progress, reader, [types.SimpleNamespace(name=n) for n in names])
+    write = _stack_writer()
+    values: dict[tuple, Any] = {}
+
+    def put(target: tuple, index: tuple, piece) -> None:
+        leaf = follow(qabstract, target)
+        if not index:
+            values[target] = jax.device_put(piece)
+            return
+        if target not in values:
+            values[target] = jnp.zeros(leaf.shape, leaf.dtype)
+        values[target] = write(values[target], jnp.asarray(piece), jnp.asarray(index, jnp.int32))
+
+    try:
+        done = set()
+        for e in entries:
+            s = e.source
+            n_stack = len(s.index)
+            if saved is not None or e.part == "float":
+                leaf = follow(qabstract, e.target)
+                if e.part == "float":
+                    piece = _assemble(reader, [dataclasses.replace(s, index=())], tuple(leaf.shape[n_stack:]),
+                                      np.dtype(leaf.dtype))
+                else:
+                    piece = _from_disk(e, reader.read(e.name), leaf)
+                put(e.target, s.index, piece)
+                if update is not None:
+                    update(reader.nbytes(e.name), 1)
+                continue
+            if s.name in done:  # the scales of a tensor quantized on the fly come with its codes
+                continue
+            done.add(s.name)
+            fleaf = s.leaf(fabstract)
+            w = jnp.asarray(_assemble(reader, [dataclasses.replace(s, index=())], tuple(fleaf.shape[n_stack:]),
+                                      np.dtype(fleaf.dtype)))
+            if e.module == "linear":
+                q, sc = quantize_array(w, bits=qc.bits, group_size=qc.group_size, scale_dtype=qc.scale_dtype)
+            else:
+                q, sc = quantize_array(w.T, bits=qc.bits, group_size=qc.group_size, scale_dtype=qc.scale_dtype)
+                q, sc = q.T, sc.T
+            del w
+            put(e.target, s.index, q)
+            put(e.target[:-1] + (jax.tree_util.GetAttrKey("scales"),), s.index, sc)
+            if update is not None:
+                update(reader.nbytes(s.name), 1)
+    finally:
+        close()
+    targets = list(values)
+    return eqx.tree_at(lambda m: [follow(m, t) for t in targets], qabstract,
+                       replace=[jax.block_until_ready(values[t]) for t in targets])
+
+
+def sharding_rules(rules):
+    """Partition rules (`g4.sharding`) extended to a quantized model's leaves: a rule for `<x>.weight` also gives
+    `<x>.qweight` and `<x>.scales` its spec (scales are `[groups, out]`: an axis that does not divide is replicated),
+    and `^embed_tokens$` covers the quantized table's `embed_tokens.qweight` / `.scales`."""
+    out = []
+    for pattern, spec in rules:
+        if pattern.endswith(r"\.weight$"):
+            out.append((pattern[:-len(r"\.weight$")] + r"\.(qweight|scales)$", spec))
+        elif pattern == r"^embed_tokens$":
+            out.append((r"^embed_tokens\.(qweight|scales)$", spec))
+        out.append((pattern, spec))
+    return tuple(out)
