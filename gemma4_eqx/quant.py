@@ -167,7 +167,7 @@ class QuantLinear(eqx.Module):
     def bits(self) -> int:
         return 4 if self.qweight.dtype == jnp.int4 else 8
 
-    def dequantized(self, dtype: Any = jnp.float32) -> Float[Array, "in_features out_features"]:
+    def dequantized(self, dtype: Any = jnp.float32) -> Float[Array, "*stack in_features out_features"]:
         return dequantize(self.qweight, self.scales, dtype)
 
     def __call__(self, x: Float[Array, "*batch in_features"]) -> Float[Array, "*batch out_features"]:
@@ -514,11 +514,9 @@ def load_folder(folder: str, *, dtype: Any = None, quantize: Any = None, model_k
     quantized tensor by tensor as it is read (`quantize`). Host memory stays near the quantized model plus one
     float tensor (and its fp32 copy while it is quantized); every stacked leaf is allocated on the device once and
     filled one layer at a time."""
-    import types
-
     from .checkpoint_load import (SafetensorsReader, _assemble, _progress_callback, checkpoint_dtype, float_dtype,
                                   validate)
-    from .checkpoint_names import CheckpointError, tensor_specs
+    from .checkpoint_names import CheckpointError, TensorSpec, tensor_specs
     from .config import Gemma4Config
     from .model import Gemma4
 
@@ -566,7 +564,7 @@ def load_folder(folder: str, *, dtype: Any = None, quantize: Any = None, model_k
         names = [e.name for e in entries]
     else:
         names = [s.name for s in specs]
-    update, close = _progress_callback(progress, reader, [types.SimpleNamespace(name=n) for n in names])
+    update, close = _progress_callback(progress, reader, [TensorSpec(n, lambda m: None, (), False, ()) for n in names])
     write = _stack_writer()
     values: dict[tuple, Any] = {}
 
