@@ -628,3 +628,15 @@ def sharding_rules(rules):
             out.append((r"^embed_tokens\.(qweight|scales)$", spec))
         out.append((pattern, spec))
     return tuple(out)
+
+
+def weight_memory(abstract, dtype: Any = None) -> dict[str, int]:
+    """Bytes of a float model's weights as stored (from shapes alone: `abstract` may come from
+    `eqx.filter_eval_shape`) in its dtype and quantized: `{"float": ..., "int8": ..., "int8+embedding": ...,
+    "int4": ..., "int4+embedding": ...}` (default group sizes and scale dtypes; vision and audio stay float)."""
+    out = {"float": weight_bytes(abstract)}
+    for mode in MODES:
+        for emb in (False, True):
+            q = eqx.filter_eval_shape(lambda m: quantize(m, mode, embedding=emb), abstract)
+            out[mode + ("+embedding" if emb else "")] = weight_bytes(q)
+    return out

@@ -217,3 +217,18 @@ def test_bad_requests_are_named(model):
         g4.quantize(model, "int8", group_size=32)
     with pytest.raises(quant.QuantError, match="already quantized"):
         g4.quantize(g4.quantize(model, "int8"), "int4")
+
+
+def test_info_reports_12b_quantized_weight_memory(fixtures_dir, capsys):
+    from gemma4_eqx import cli
+
+    assert cli.main(["info", "--model", str(fixtures_dir / "configs" / "gemma-4-12B.per_layer_config.json"),
+                     "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    int8 = info["weights in int8 (per channel; embedding int8 / bfloat16)"]
+    int4 = info["weights in int4 (groups of 32, fp16 scales; embedding int4 / bfloat16)"]
+    (i8e, i8), (i4e, i4) = ([float(x.split()[0]) for x in v.split(" / ")] for v in (int8, int4))
+    assert i8e < 12 and i4e < 7  # the targets, embedding quantized too
+    assert i8e < i8 < 22.28 / 2 + 1.5 and i4e < i4 < i8e
+    # from the shapes: text 11.91 G parameters; int4 codes take half a byte plus 2 bytes of scale per 32 weights
+    assert i4e == pytest.approx(11_907_350_320 * (0.5 + 2 / 32) / 2**30 + 52_379_904 * 2 / 2**30, abs=0.02)
