@@ -84,6 +84,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         raw, separate = (cache_bytes(cfg, ctx, dtype, raw_keys=r) / 2**30 for r in (True, False))
         label = f"KV cache at {ctx:,} tokens (batch 1, {jnp.dtype(dtype).name})"
         info[label] = f"{raw:.3f} GiB" if raw == separate else f"{raw:.3f} GiB (raw keys; {separate:.3f} GiB with K and V)"
+        info[f"KV cache at {ctx:,} tokens (batch 1, int8, KVCache.init(int8=True))"] = (
+            f"{cache_bytes(cfg, ctx, dtype, int8=True) / 2**30:.3f} GiB")
     if args.json:
         print(json.dumps({k: str(v) for k, v in info.items()}, indent=2))
     else:
