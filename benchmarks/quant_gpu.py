@@ -8,8 +8,8 @@ Random bf16 weights from the model's own initialiser (never zeros), quantized on
 Per mode: weight bytes, prefill of `--context` tokens into a cache, then `--steps` decode steps timed one by one
 (`block_until_ready`; median), tokens/s and the bandwidth roofline (weight bytes per token / the measured
 device-to-device copy rate), peak device memory. For int4 and int8 it also records, from the compiled decode
-program, whether the matmuls read the int4/int8 weights inside a GEMM fusion (Triton) or a separate fusion first
-writes a dequantized bf16 weight (the CPU's behaviour). Writes `<out>/quant_gpu.json`.
+program how the matmuls read the int4/int8 weights (the full HLO is written too). `--dequantize-first` runs the
+pre-change path (every call dequantizes, then multiplies) for comparison. Writes `<out>/quant_gpu.json`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,12 @@ def main() -> None:
     p.add_argument("--small", action="store_true")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--dequantize-first", action="store_true",
+                   help="decode through dequantize-then-matmul (quant.GROUPED_MAX_ROWS = 0), the pre-change path")
+    p.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4"])
     a = p.parse_args()
+    if a.dequantize_first:
+        quant.GROUPED_MAX_ROWS = 0
     if a.small:
         cfg = g4.small_config(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=6,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=64,
@@ -77,7 +82,8 @@ def main() -> None:
     base = jax.block_until_ready(g4.Gemma4(cfg, key=jax.random.key(0), dtype=jnp.bfloat16))
     results["build_s"] = time.perf_counter() - t
     prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.text.vocab_size - 300, a.context), jnp.int32)
-    for mode in ("bf16", "int8", "int4"):
+    results["dequantize_first"] = a.dequantize_first
+    for mode in a.modes:
         r: dict = {}
         try:
             m = base if mode == "bf16" else jax.block_until_ready(g4.quantize(base, mode))
@@ -113,7 +119,8 @@ def main() -> None:
                 r["hlo"] = hlo_summary(text)
                 import gzip
 
-                with gzip.open(os.path.join(a.out, f"decode_{mode}.hlo.txt.gz"), "wt") as f:
+                tag = "_dequantize_first" if a.dequantize_first else ""
+                with gzip.open(os.path.join(a.out, f"decode_{mode}{tag}.hlo.txt.gz"), "wt") as f:
                     f.write(text)
                 del compiled
             if mode != "bf16":
@@ -125,7 +132,7 @@ def main() -> None:
         if "hlo" in r:
             print("  hlo", json.dumps(r["hlo"])[:1500], flush=True)
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "quant_gpu.json"), "w") as f:
+        with open(os.path.join(a.out, "quant_gpu" + ("_dequantize_first" if a.dequantize_first else "") + ".json"), "w") as f:
             json.dump(results, f, indent=2)
 
 

@@ -186,6 +186,16 @@ def test_generate_jit_vmap_and_policies_on_a_quantized_model(quantized, rows):
         inv.layers, is_leaf=lambda x: isinstance(x, quant.QuantLinear)) if isinstance(x, quant.QuantLinear))
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_grouped_product_equals_dequantize_then_matmul(quantized, mode):
+    """The decode-sized path the GPU takes (scales after the product) on the CPU, in fp32."""
+    lin = quant.QuantLinear(*(a[0, 0] for a in (quantized[mode].layers.runs[0].mlp.down_proj.qweight,
+                                               quantized[mode].layers.runs[0].mlp.down_proj.scales)))
+    x = jax.random.normal(jax.random.key(1), (3, lin.in_features), jnp.float32)
+    ref = x @ lin.dequantized(jnp.float32)
+    np.testing.assert_allclose(np.asarray(lin.grouped_product(x)), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
 def test_sharding_rules_cover_the_quantized_leaves(quantized):
     q = quantized["int4"]
     mesh = g4.sharding.make_mesh(fsdp=1, tp=1)
