@@ -20,17 +20,20 @@ from .layers.policy import (XLA, AutoKernel, CuDNNKernel, Invariant, PolicyError
                             with_policy)
 from .media import Media
 from .model import Gemma4, count_parameters
+from . import quant
+from .quant import quantize
 from .processing import Processor
 from .scoring import ScoreResult, score
 from .taps import TapResult, Taps
 from . import assets, batching
 
-__all__ = ["Assistant", "AssistantConfig", "PromptLookupDrafter", "load_assistant", "save_assistant", "XLA", "AudioConfig", "AutoKernel", "ChatSession", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
-           "Gemma4Config", "GenerationConfig", "GenerationResult", "Invariant", "KVCache", "Media", "PolicyError",
-           "Processor", "Remat", "Reply", "TapResult", "Taps", "TextConfig", "TorchCPU", "VisionConfig", "XLAKernel",
-           "batching", "bridge",
-           "count_parameters", "generate", "load", "losses", "nnx", "save", "sharding", "small_config", "surgery",
-           "taps", "train", "typecheck", "with_policy", "ScoreResult", "score"]
+__all__ = ["Assistant", "AssistantConfig", "AudioConfig", "AutoKernel", "ChatSession", "CheckpointError",
+           "ConfigError", "CuDNNKernel", "Gemma4", "Gemma4Config", "GenerationConfig", "GenerationResult", "Invariant",
+           "KVCache", "Media", "PolicyError", "Processor", "PromptLookupDrafter", "Remat", "Reply", "ScoreResult",
+           "TapResult", "Taps", "TextConfig", "TorchCPU", "VisionConfig", "XLA", "XLAKernel", "batching", "bridge",
+           "count_parameters", "generate", "load", "load_assistant", "losses", "nnx", "quant", "quantize", "save",
+           "save_assistant", "score", "sharding", "small_config", "surgery", "taps", "train", "typecheck",
+           "with_policy"]
 __version__ = "0.1.0"
 
 

@@ -26,7 +26,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, Int8
 
 from ._checks import check_value, is_concrete
 from .config import Gemma4Config
@@ -105,6 +105,75 @@ class RawKeyKV(LayerCache):
         return k, v, ctx.full_mask, None, RawKeyKV(raw=raw)
 
 
+# ---- int8 kinds (`KVCache.init(..., int8=True)`) ---------------------------------------------------------------
+def quantize_kv(x: Float[Array, "*lead heads head_dim"]) -> tuple[Int8[Array, "*lead heads head_dim"],
+                                                                Float[Array, "*lead heads 1"]]:
+    """Symmetric int8 codes with one fp32 scale per token and head (`max|x| / 127` over head_dim)."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127, 1.0)
+    return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
+
+
+def dequantize_kv(q: Int8[Array, "*lead heads head_dim"], scale: Float[Array, "*lead heads 1"],
+                  dtype) -> Float[Array, "*lead heads head_dim"]:
+    return (q.astype(jnp.float32) * scale).astype(dtype)
+
+
+class RingKV8(LayerCache):
+    """`RingKV` holding int8 keys and values (per token and head scales); the chunk attends over the dequantized
+    ring and its own exact keys, as `RingKV` does over its stored ones."""
+
+    k: Int8[Array, "*stack ring kv_heads head_dim"]
+    k_scale: Float[Array, "*stack ring kv_heads 1"]
+    v: Int8[Array, "*stack ring kv_heads head_dim"]
+    v_scale: Float[Array, "*stack ring kv_heads 1"]
+
+    def update(self, finish, raw_k, raw_v, positions, ctx):
+        k_new, v_new = finish(raw_k, raw_v, positions)
+        order = (lambda a: a) if ctx.ring_order is None else (lambda a: a[ctx.ring_order])
+        ring_k = dequantize_kv(order(self.k), order(self.k_scale), k_new.dtype)
+        ring_v = dequantize_kv(order(self.v), order(self.v_scale), v_new.dtype)
+        m = ctx.ring_write.shape[0]
+        (kq, ks), (vq, vs) = quantize_kv(k_new[-m:]), quantize_kv(v_new[-m:])
+        w = ctx.ring_write
+        new = RingKV8(k=self.k.at[w].set(kq), k_scale=self.k_scale.at[w].set(ks), v=self.v.at[w].set(vq),
+                      v_scale=self.v_scale.at[w].set(vs))
+        return (jnp.concatenate([ring_k, k_new]), jnp.concatenate([ring_v, v_new]), ctx.sliding_mask, ctx.band, new)
+
+
+class FullKV8(LayerCache):
+    """`FullKV` holding int8 keys and values (per token and head scales), dequantized on read."""
+
+    k: Int8[Array, "*stack slots kv_heads head_dim"]
+    k_scale: Float[Array, "*stack slots kv_heads 1"]
+    v: Int8[Array, "*stack slots kv_heads head_dim"]
+    v_scale: Float[Array, "*stack slots kv_heads 1"]
+
+    def update(self, finish, raw_k, raw_v, positions, ctx):
+        k_new, v_new = finish(raw_k, raw_v, positions)
+        dus = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, ctx.start, axis=0)
+        (kq, ks), (vq, vs) = quantize_kv(k_new), quantize_kv(v_new)
+        new = FullKV8(k=dus(self.k, kq), k_scale=dus(self.k_scale, ks), v=dus(self.v, vq),
+                      v_scale=dus(self.v_scale, vs))
+        return (dequantize_kv(new.k, new.k_scale, k_new.dtype), dequantize_kv(new.v, new.v_scale, v_new.dtype),
+                ctx.full_mask, None, new)
+
+
+class RawKeyKV8(LayerCache):
+    """`RawKeyKV` holding the raw keys in int8 (per token and head scales), dequantized and finished on read."""
+
+    raw: Int8[Array, "*stack slots kv_heads head_dim"]
+    raw_scale: Float[Array, "*stack slots kv_heads 1"]
+
+    def update(self, finish, raw_k, raw_v, positions, ctx):
+        q, sc = quantize_kv(raw_k)
+        raw = jax.lax.dynamic_update_slice_in_dim(self.raw, q, ctx.start, axis=0)
+        raw_scale = jax.lax.dynamic_update_slice_in_dim(self.raw_scale, sc, ctx.start, axis=0)
+        k, v = finish(dequantize_kv(raw, raw_scale, raw_k.dtype), None, ctx.full_positions)
+        return k, v, ctx.full_mask, None, RawKeyKV8(raw=raw, raw_scale=raw_scale)
+
+
 class KVCache(eqx.Module):
     layers: tuple[LayerCache, ...]  # aligned with the stock DecoderStack's runs
     length: Int[Array, ""]  # slots written so far (= the slot index of the next token)
@@ -127,13 +196,15 @@ class KVCache(eqx.Module):
 
     @classmethod
     def init(cls, config: Gemma4Config, *, max_len: int, dtype=jnp.bfloat16, batch: int | None = None,
-             raw_keys: bool = True, spare: int = 0) -> KVCache:
+             raw_keys: bool = True, spare: int = 0, int8: bool = False) -> KVCache:
         """An empty cache for sequences of up to `max_len` slots (prompt, padding and new tokens together).
 
         `batch=None` gives one sequence's cache (the Equinox convention); `batch=B` stacks B of them for `vmap`.
         `raw_keys`: for keys-as-values layers, store the raw key projection once (default) rather than K and V.
         `spare`: ring slots beyond the sliding window, so that `truncate` can roll back up to `spare + 1` tokens
         (speculative decoding, a chat session re-rendering its last reply).
+        `int8`: store keys and values as int8 codes with an fp32 scale per token and KV head (`RingKV8`,
+        `FullKV8`, `RawKeyKV8`), dequantized to the activations' dtype on read: about half a bf16 cache.
         """
         if not isinstance(max_len, (int, np.integer)) or max_len <= 0:
             raise ValueError(f"max_len: expected a positive number of slots, found {max_len!r}")
@@ -147,6 +218,16 @@ class KVCache(eqx.Module):
             g = t.layer_geometry_for_type(kind)
             slots = ring if kind == LayerKind.SLIDING else max_len
             zeros = lambda: jnp.zeros((repeats, length, slots, g.num_key_value_heads, g.head_dim), dtype)
+            if int8:
+                codes = lambda: jnp.zeros((repeats, length, slots, g.num_key_value_heads, g.head_dim), jnp.int8)
+                scales = lambda: jnp.ones((repeats, length, slots, g.num_key_value_heads, 1), jnp.float32)
+                if kind == LayerKind.SLIDING:
+                    layers.append(RingKV8(k=codes(), k_scale=scales(), v=codes(), v_scale=scales()))
+                elif not g.has_v_proj and raw_keys:
+                    layers.append(RawKeyKV8(raw=codes(), raw_scale=scales()))
+                else:
+                    layers.append(FullKV8(k=codes(), k_scale=scales(), v=codes(), v_scale=scales()))
+                continue
             if kind == LayerKind.SLIDING:
                 layers.append(RingKV(k=zeros(), v=zeros()))
             elif not g.has_v_proj and raw_keys:
@@ -266,7 +347,9 @@ class KVCache(eqx.Module):
              self.ring_valid & keep_ring))
 
 
-def cache_bytes(config: Gemma4Config, context: int, dtype=jnp.bfloat16, batch: int = 1, raw_keys: bool = True) -> int:
+def cache_bytes(config: Gemma4Config, context: int, dtype=jnp.bfloat16, batch: int = 1, raw_keys: bool = True,
+                int8: bool = False) -> int:
     """Bytes of a cache for `context` slots, computed from shapes only (nothing allocated)."""
-    abstract = jax.eval_shape(lambda: KVCache.init(config, max_len=context, dtype=dtype, raw_keys=raw_keys))
+    abstract = jax.eval_shape(lambda: KVCache.init(config, max_len=context, dtype=dtype, raw_keys=raw_keys,
+                                                   int8=int8))
     return batch * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))

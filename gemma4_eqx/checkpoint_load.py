@@ -365,12 +365,20 @@ def _progress_callback(progress: Any, reader: SafetensorsReader,
 
 def load_from_folder(folder: str, *, dtype: Any = None, place: Callable[[np.ndarray, Any], Any] | None = None,
                      progress: Any = None, model_kwargs: dict[str, Any] | None = None, mesh: Any = None,
-                     rules: Any = None, layer_by_layer: bool | None = None) -> Any:
-    """A checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`."""
+                     rules: Any = None, layer_by_layer: bool | None = None, quantize: Any = None) -> Any:
+    """A checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`.
+    A quantized folder (`quantization_config` in config.json), or `quantize=`, goes through `quant.load_folder`."""
     from .model import Gemma4
+    from . import quant
 
     dtype = float_dtype(dtype)
     warn_leftovers(folder)
+    if quantize is not None or quant.saved_quant_config(folder) is not None:
+        if mesh is not None or place is not None:
+            raise ValueError("mesh: a quantized model loads onto the default device; place it afterwards with "
+                             "g4.sharding.shard_model(model, mesh, g4.quant.sharding_rules(rules))")
+        return quant.load_folder(folder, dtype=dtype, quantize=quantize, model_kwargs=model_kwargs,
+                                 progress=progress)
     config = Gemma4Config.from_pretrained(folder)
     reader = SafetensorsReader(folder)
     model_kwargs = model_kwargs or {}

@@ -146,6 +146,11 @@ def write_safetensors(model: Any, folder: str, max_shard_size: int | str = "5GB"
     The layout is planned from the shapes alone; tensors are then fetched and written one at a time, so host
     memory stays near the largest tensor whatever the model's size or sharding. Each file is fsynced.
     """
+    from . import quant
+
+    if quant.is_quantized(model):
+        os.makedirs(folder, exist_ok=True)
+        return quant.write_safetensors(model, folder, max_shard_size)
     shards = plan_shards(model, max_shard_size)
     os.makedirs(folder, exist_ok=True)
     files = ([SAFE_SINGLE] if len(shards) == 1 else
@@ -284,8 +289,10 @@ def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "
 
     Works on a model sharded over a mesh too: each tensor is gathered to the host on its own as it is written.
     """
+    from . import quant
+
     folder = os.fspath(folder)
-    plan_shards(model, max_shard_size)  # fail on an unsavable model or a bad size before anything is written
+    (quant.plan_shards if quant.is_quantized(model) else plan_shards)(model, max_shard_size)  # fail on an unsavable model or a bad size before anything is written
     if processor is not None and not hasattr(processor, "save_pretrained"):
         raise TypeError(f"processor: expected an object with save_pretrained(folder) (a g4.Processor), found "
                         f"{type(processor).__name__}")
@@ -313,6 +320,9 @@ def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "
         write_safetensors(model, staging, max_shard_size)
         config = model.config.to_hf_dict()
         config["dtype"] = dtype_name(model.dtype)
+        qc = quant.quant_config_of(model)
+        if qc is not None:
+            config["quantization_config"] = qc.to_json()
         write_json(os.path.join(staging, CONFIG), config)
         if generation_config is not None:
             write_json(os.path.join(staging, GENERATION_CONFIG), generation_config)

@@ -74,10 +74,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         "parameters (vision + audio)": f"{mm:,}",
         f"weights in {jnp.dtype(dtype).name}": f"{total * itemsize / 2**30:.2f} GiB",
     }
+    from .quant import weight_memory
+
+    mem = weight_memory(abstract)
+    for mode, what in (("int8", "per channel"), ("int4", "groups of 32, fp16 scales")):
+        info[f"weights in {mode} ({what}; embedding {mode} / {jnp.dtype(dtype).name})"] = (
+            f"{mem[mode + '+embedding'] / 2**30:.2f} GiB / {mem[mode] / 2**30:.2f} GiB")
     for ctx in args.context:
         raw, separate = (cache_bytes(cfg, ctx, dtype, raw_keys=r) / 2**30 for r in (True, False))
         label = f"KV cache at {ctx:,} tokens (batch 1, {jnp.dtype(dtype).name})"
         info[label] = f"{raw:.3f} GiB" if raw == separate else f"{raw:.3f} GiB (raw keys; {separate:.3f} GiB with K and V)"
+        info[f"KV cache at {ctx:,} tokens (batch 1, int8, KVCache.init(int8=True))"] = (
+            f"{cache_bytes(cfg, ctx, dtype, int8=True) / 2**30:.3f} GiB")
     if args.json:
         print(json.dumps({k: str(v) for k, v in info.items()}, indent=2))
     else:

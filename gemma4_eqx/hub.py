@@ -108,7 +108,7 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
 def load(path_or_repo_id: str | os.PathLike, *, dtype: Any = None, revision: str | None = None,
          token: str | bool | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
          remat: bool | str = False, attention_implementation: str = "xla", numerics: str = "xla", mesh: Any = None,
-         rules: Any = None, progress: Any = None) -> Any:
+         rules: Any = None, progress: Any = None, quantize: Any = None) -> Any:
     """Load a transformers-format Gemma 4 Unified checkpoint into a `Gemma4`.
 
     `dtype=None` keeps the checkpoint's precision (bit-exact); `dtype=jnp.bfloat16` etc. casts on load.
@@ -118,13 +118,15 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: Any = None, revision: str
     the host. `progress`: a tqdm bar over bytes and tensors; `None` shows it for checkpoints of 1 GiB or more.
     `remat`, `attention_implementation` and `numerics` are passed to `Gemma4` (see
     `Gemma4.with_attention_implementation`, `Gemma4.with_numerics`). `dtype` must be a floating dtype.
+    `quantize="int8" | "int4"` (or a `g4.quant.QuantConfig`) quantizes the decoder projections tensor by tensor
+    as they are read (`g4.quant`); a folder saved quantized loads quantized without it.
     """
     checkpoint.float_dtype(dtype)  # before any download: an integer dtype would truncate the weights
     folder = resolve(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only,
                      cache_dir=cache_dir)
     model_kwargs = {"remat": remat, "attention_implementation": attention_implementation, "numerics": numerics}
     return checkpoint.load_from_folder(folder, dtype=dtype, model_kwargs=model_kwargs, mesh=mesh, rules=rules,
-                                       progress=progress)
+                                       progress=progress, quantize=quantize)
 
 
 def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB", processor: Any = None,
