@@ -14,6 +14,7 @@ from .cache import KVCache
 from .chat import ChatSession, Reply
 from .generation import GenerationResult, generate
 from .generation_config import GenerationConfig
+from .fuse import serving_layout
 from .layers.policy import (XLA, AutoKernel, CuDNNKernel, Invariant, PolicyError, Remat, TorchCPU, XLAKernel,
                             with_policy)
 from .media import Media
@@ -24,7 +25,7 @@ from . import assets, batching
 __all__ = ["XLA", "AudioConfig", "AutoKernel", "ChatSession", "CheckpointError", "ConfigError", "CuDNNKernel", "Gemma4",
            "Gemma4Config", "GenerationConfig", "GenerationResult", "Invariant", "KVCache", "Media", "PolicyError",
            "Processor", "Remat", "Reply", "TextConfig", "TorchCPU", "VisionConfig", "XLAKernel", "batching", "bridge",
-           "count_parameters", "generate", "load", "losses", "nnx", "save", "sharding", "small_config", "surgery",
+           "count_parameters", "generate", "load", "losses", "nnx", "save", "serving_layout", "sharding", "small_config", "surgery",
            "train", "typecheck", "with_policy"]
 __version__ = "0.1.0"
 

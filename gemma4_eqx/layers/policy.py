@@ -178,7 +178,9 @@ class XLA(Numerics):
         return jnp.matmul(x, w)
 
     def tied_head(self, h, table):
-        return jnp.matmul(h, table.T)
+        # Contract the table's own minor axis: `h @ table.T` made XLA:CPU copy the whole [vocab, hidden] table
+        # into a transposed buffer on every call (a decode step's largest cost; benchmarks/RESULTS.md).
+        return jnp.einsum("vh,...h->...v", table, h)
 
     def inverse_rms(self, x, eps):
         return _plain_inverse_rms(x, eps)
