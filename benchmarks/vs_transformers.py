@@ -11,7 +11,9 @@ checkpoint folder: for `small`, the bundled trained checkpoint (`g4.assets.SMALL
 checkpoint with the real structure (vocab 32768, hidden 512, 12 layers = 2 x [5 sliding + 1 full], window 256),
 written once by `g4.save` into `--workdir` and reused.
 
-Both sides run in fp32; torch gets `--threads` threads (default 2) and `attn_implementation="sdpa"`. Every
+Ours runs as served: `g4.serving_layout(model)` (every decoder layer in its own arrays; `--layout stock` for the
+stored layout) and `g4.generate(..., cache_raw_keys=False)` (finished K and V for the global layers, as
+transformers caches them; `--raw-keys` for the default raw-key cache). Both sides run in fp32; torch gets `--threads` threads (default 2) and `attn_implementation="sdpa"`. Every
 measurement is taken `--runs` times (default 5), ours and theirs alternating row by row, so the machine's noise
 hits both; the table shows medians. Each side's first call of a row is a warm-up: its extra time over the
 median is reported as compile time (XLA compilation for ours; torch has none to speak of).
@@ -143,6 +145,11 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/g4-vs-transformers")
     ap.add_argument("--hf-python", default=None)
     ap.add_argument("--no-xla-flags", action="store_true")
+    ap.add_argument("--layout", choices=["serving", "stock"], default="serving",
+                    help="ours with `g4.serving_layout` (default) or the stored layout")
+    ap.add_argument("--raw-keys", action="store_true",
+                    help="generate with the keys-as-values layers' raw-key cache (`cache_raw_keys=True`, half their "
+                         "cache bytes, re-normalised and re-rotated every step); default K and V, as transformers")
     ap.add_argument("--json", default=None, help="also write the raw timings here")
     args = ap.parse_args()
     if args.worker:
@@ -181,10 +188,13 @@ def main() -> None:
         for preset in presets:
             folder = folder_for(preset)
             model = g4.load(folder, dtype=jnp.float32)
+            if args.layout == "serving":
+                model = g4.serving_layout(model)  # every layer in its own arrays (gemma4_eqx/fuse.py)
             cfg = model.config
             info = hf(op="load", folder=str(folder))
             n_params = g4.count_parameters(model)
-            print(f"\n{preset}: {folder} ({n_params / 1e6:.1f} M parameters), transformers {info['transformers']}",
+            print(f"\n{preset}: {folder} ({n_params / 1e6:.1f} M parameters), transformers {info['transformers']}; "
+                  f"ours: layout {args.layout}, raw keys {args.raw_keys}",
                   flush=True)
             rng = np.random.default_rng(0)
             vocab = cfg.text.vocab_size
@@ -205,7 +215,8 @@ def main() -> None:
             def ours_generate(ids, new):
                 arr = np.asarray(ids, np.int32)
                 t0 = time.perf_counter()
-                out = g4.generate(model, arr, max_new_tokens=new, temperature=0.0, stop_ids=())
+                out = g4.generate(model, arr, max_new_tokens=new, temperature=0.0, stop_ids=(),
+                                  cache_raw_keys=args.raw_keys)
                 np.asarray(out)
                 return time.perf_counter() - t0
 
