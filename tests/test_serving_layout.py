@@ -38,9 +38,9 @@ def test_forward_prefill_and_decode_match_the_stored_layout(models):
     own = served.layers.own_cache_layout(stock_cache.layers)
     assert served.layers.holds_own_layout(own) and not served.layers.holds_own_layout(stock_cache.layers)
     assert served.layers.own_cache_layout(own) is own
-    ref_step, _ = model.decode_step(ids[-1], ref_cache)
-    step_stock, _ = served.decode_step(ids[-1], stock_cache)
-    step_own, own_after = served.decode_step(ids[-1], eqx.tree_at(lambda c: c.layers, stock_cache, own))
+    ref_step, _ = model.decode_step(jnp.asarray(ids[-1]), ref_cache)
+    step_stock, _ = served.decode_step(jnp.asarray(ids[-1]), stock_cache)
+    step_own, own_after = served.decode_step(jnp.asarray(ids[-1]), eqx.tree_at(lambda c: c.layers, stock_cache, own))
     np.testing.assert_allclose(step_stock, ref_step, atol=2e-5, rtol=0)
     np.testing.assert_allclose(step_own, ref_step, atol=2e-5, rtol=0)
     assert served.layers.holds_own_layout(own_after.layers)  # the cache stays in the serving layout
