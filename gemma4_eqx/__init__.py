@@ -16,6 +16,7 @@ from .generation import GenerationResult, generate
 from .assistant import Assistant, AssistantConfig, load_assistant, save_assistant
 from .speculative import PromptLookupDrafter
 from .generation_config import GenerationConfig
+from .fuse import serving_layout
 from .layers.policy import (XLA, AutoKernel, CuDNNKernel, Invariant, PolicyError, Remat, TorchCPU, XLAKernel,
                             with_policy)
 from .media import Media
@@ -32,8 +33,8 @@ __all__ = ["Assistant", "AssistantConfig", "AudioConfig", "AutoKernel", "ChatSes
            "KVCache", "Media", "PolicyError", "Processor", "PromptLookupDrafter", "Remat", "Reply", "ScoreResult",
            "TapResult", "Taps", "TextConfig", "TorchCPU", "VisionConfig", "XLA", "XLAKernel", "batching", "bridge",
            "count_parameters", "generate", "load", "load_assistant", "losses", "nnx", "quant", "quantize", "save",
-           "save_assistant", "score", "sharding", "small_config", "surgery", "taps", "train", "typecheck",
-           "with_policy"]
+           "save_assistant", "score", "serving_layout", "sharding", "small_config", "surgery", "taps", "train",
+           "typecheck", "with_policy"]
 __version__ = "0.1.0"
 
 

@@ -165,6 +165,8 @@ def _prefill(model, cache, batch, n_chunks, max_new, key, params, *, chunk, boun
     def one(cache, tokens, media):
         if cache is None:
             cache = KVCache.init(cfg, max_len=max_len, dtype=cache_dtype, raw_keys=raw_keys)
+        # a regrouped stack (e.g. `g4.serving_layout`) reads its cache in its own layout: gathered once here
+        cache = eqx.tree_at(lambda c: c.layers, cache, model.layers.own_cache_layout(cache.layers))
         ids = tokens["input_ids"]
         embeds = model.embed(ids, **media) if media else None
         rest = {k: v for k, v in tokens.items() if k != "input_ids"}

@@ -79,7 +79,10 @@ def processed_logits(logits: Float[Array, " vocab"], params: SamplingParams) -> 
     logits = jnp.where(params.suppress, -jnp.inf, logits.astype(jnp.float32))
     greedy = params.temperature == 0.0
     logits = logits / jnp.where(greedy, 1.0, params.temperature)
-    return _filter(logits, params.top_k, params.top_p)
+    # The sort behind top-k / top-p runs only when one of them filters (settings are traced: a cond, not a retrace).
+    vocab = logits.shape[-1]
+    filters = ((params.top_k > 0) & (params.top_k < vocab)) | (params.top_p < 1.0)
+    return jax.lax.cond(filters, lambda x: _filter(x, params.top_k, params.top_p), lambda x: x, logits)
 
 
 def ordered_log_softmax(logits: Float[Array, "*batch vocab"]) -> Float[Array, "*batch vocab"]:
@@ -116,13 +119,19 @@ def choose(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, params: Sampl
     `ordered_log_softmax` (for `numerics="invariant"`)."""
     keys = jax.random.split(key, logits.shape[0])
 
-    def one(row, k):
+    def greedy(row, k):
+        token = jnp.argmax(jnp.where(params.suppress, -jnp.inf, row.astype(jnp.float32))).astype(jnp.int32)
+        return token, jnp.zeros((), jnp.float32)
+
+    def sampled(row, k):
         processed = processed_logits(row, params)
-        greedy_token = jnp.argmax(jnp.where(params.suppress, -jnp.inf, row.astype(jnp.float32)))
-        token = jnp.where(params.temperature == 0.0, greedy_token, jax.random.categorical(k, processed))
-        token = token.astype(jnp.int32)
+        token = jax.random.categorical(k, processed).astype(jnp.int32)
+        return token, jax.nn.log_softmax(processed)[token].astype(jnp.float32)
+
+    def one(row, k):
+        # Greedy steps skip the processed distribution (sort, draw) altogether: a cond on the traced temperature.
+        token, sampling = jax.lax.cond(params.temperature == 0.0, greedy, sampled, row, k)
         logprobs = ordered_log_softmax(row) if ordered else jax.nn.log_softmax(row)
-        sampling = jnp.where(params.temperature == 0.0, 0.0, jax.nn.log_softmax(processed)[token])
         top, ids = jax.lax.top_k(logprobs, min(NUM_TOP, row.shape[-1]))
         return token, logprobs[token], sampling, ids.astype(jnp.int32), top
 

@@ -213,7 +213,7 @@ class DecoderStack(eqx.Module):
     ) -> tuple[Float[Array, "chunk hidden"], tuple[LayerCache, ...]]:
         """Every layer over a chunk of new tokens with its KV cache (stock layout); returns the updated caches."""
         step = lambda layer, h, kv: layer.with_cache(h, positions, kv, ctx)
-        if self.cache_slots is None:
+        if self.cache_slots is None or self.holds_own_layout(kv_runs):
             return scan_layers(self, h, step, kv_runs)
         # A regrouped stack: gather the stock cache into this stack's layout, run, and scatter it back.
         per_layer = [slice_layer(kv_runs[j], r, s) for j, r, s in self.cache_slots]
@@ -227,6 +227,25 @@ class DecoderStack(eqx.Module):
             lead = jax.tree.leaves(stock)[0].shape[:2]
             out.append(stack_modules([updated[i] for _, _, i in members], lead, "cache"))
         return h, tuple(out)
+
+    def holds_own_layout(self, kv_runs: tuple[LayerCache, ...]) -> bool:
+        """Whether a regrouped stack's cache entries are already in its own layout (`own_cache_layout`) rather
+        than the stock one. The leading `[repeats, run_length]` shapes tell them apart: a stack whose runs had the
+        stock lengths and repeats would have the stock layout and no `cache_slots`."""
+        if self.cache_slots is None or len(kv_runs) != len(self.runs):
+            return False
+        return all(jax.tree.leaves(kv)[0].shape[:2] == (self.num_repeats, length)
+                   for kv, (_, length) in zip(kv_runs, self.pattern))
+
+    def own_cache_layout(self, kv_runs: tuple[LayerCache, ...]) -> tuple[LayerCache, ...]:
+        """A regrouped stack's cache entries gathered once into its own layout, which `with_cache` then reads and
+        writes in place (no gather and scatter per call: what a decode loop wants); stock or already converted
+        entries come back as they are. `KVCache.truncate` and the masks do not depend on the layout."""
+        if self.cache_slots is None or self.holds_own_layout(kv_runs):
+            return kv_runs
+        per_layer = [slice_layer(kv_runs[j], r, s) for j, r, s in self.cache_slots]
+        return tuple(stack_modules([per_layer[i] for i in self.members(j)], (self.num_repeats, length), "cache")
+                     for j, (_, length) in enumerate(self.pattern))
 
     def members(self, run: int) -> list[int]:
         """Flat indices of the layers stacked in `run`, in (repeat, slot) order."""

@@ -178,6 +178,11 @@ class XLA(Numerics):
         return jnp.matmul(x, w)
 
     def tied_head(self, h, table):
+        # One vector (a decode step, a prefill's last token; vmapped over a batch): contract the table's own minor
+        # axis. `h @ table.T` made XLA:CPU copy the whole [vocab, hidden] table into a transposed buffer on every
+        # call (benchmarks/RESULTS.md). Many rows keep the matmul (the copy is shared by the rows).
+        if h.ndim == 1:
+            return jnp.einsum("vh,h->v", table, h)
         return jnp.matmul(h, table.T)
 
     def inverse_rms(self, x, eps):
