@@ -500,17 +500,17 @@ def saved_quant_config(folder: str) -> QuantConfig | None:
     """The `quantization_config` of a folder's config.json (None when it has none)."""
     import os
 
-    from .checkpoint_names import CheckpointError
+    from .config import ConfigError
     from .config_fields import read_json_file
 
     path = os.path.join(folder, "config.json")
-    d = read_json_file(path, CheckpointError)
+    d = read_json_file(path, ConfigError)  # a broken config.json is a config error, as the config reader says
     if not isinstance(d, dict) or d.get("quantization_config") is None:
-        return None
+        return None  # anything else wrong with it is for the config reader to name
     try:
         return QuantConfig.from_json(d["quantization_config"], f"{path}: quantization_config")
     except QuantError as e:
-        raise CheckpointError(str(e)) from e
+        raise ConfigError(str(e)) from e
 
 
 def as_quant_config(quantize: Any) -> QuantConfig | None:

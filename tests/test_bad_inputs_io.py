@@ -120,3 +120,14 @@ def test_float64_without_x64_is_refused_rather_than_silently_float32():
         pytest.skip("x64 is on here")
     with pytest.raises(ValueError, match="dtype: float64 needs jax_enable_x64"):
         g4.load(TINY_CHECKPOINT, dtype=jnp.float64)
+
+
+def test_a_foreign_quantization_config_is_named(tmp_path):
+    """A config.json carrying another library's `quantization_config` (e.g. bitsandbytes) is refused by name."""
+    folder = tmp_path / "c"
+    shutil.copytree(TINY_CHECKPOINT, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(g4.ConfigError, match=r"config\.json: quantization_config: expected an object with quant_method"):
+        g4.load(folder)
