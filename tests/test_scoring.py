@@ -1,7 +1,6 @@
 """`g4.score`: log-likelihoods of continuations equal the log-softmax of `model(...)` gathered at the targets,
 and transformers' on recorded cases (`scripts/record_hf_scores.py` -> `tests/fixtures/hf_scores/`)."""
 
-import contextlib
 import json
 
 import equinox as eqx
@@ -14,8 +13,8 @@ import gemma4_eqx as g4
 from gemma4_eqx import scoring
 
 import hf_reference as ref
+from test_generation_compiles import counting_compilations  # the one compile counter of the tests
 
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 SCORES = ref.HF_DIR.parent / "hf_scores"
 
 
@@ -147,21 +146,6 @@ def test_greedy_continuation_is_greedy_and_summaries(small):
 
 
 # ---- compilation -------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def counting_compilations():
-    seen = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE:
-            seen.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_five_prompts_in_one_bucket_compile_once(tiny):
     """Rows of 68..128 tokens (text: chunk 64, padded to 128), continuations 1..8 (width 8): one program."""
     prompts, conts = _rows(7, (70, 120, 88, 101, 64), (3, 8, 5, 1, 4))

@@ -8,7 +8,6 @@ back) and prompt lookup (mostly accepted), plus transformers' own assisted greed
 
 from __future__ import annotations
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +18,9 @@ import gemma4_eqx as g4
 from gemma4_eqx.sampling import SamplingParams
 from gemma4_eqx.speculative import PromptLookupDrafter, _target_probs, _verify_one
 
+from test_generation_compiles import counting_compilations  # the one compile counter of the tests
+
 GREEDY = dict(temperature=0.0, stop_ids=(), suppress_ids=())
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +41,6 @@ def small():
 @pytest.fixture(scope="module")
 def recorded(fixtures_dir):
     return np.load(fixtures_dir / "hf_assistant" / "plain" / "cases.npz")
-
-
-@contextlib.contextmanager
-def counting_compilations():
-    seen = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE:
-            seen.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _batch():
