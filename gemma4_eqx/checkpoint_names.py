@@ -19,7 +19,7 @@ import numpy as np
 
 from .layers.attention import Attention
 from .layers.linear import Linear
-from .layers.mlp import MLP
+from .layers.mlp import MLP, FusedMLP
 
 TEXT_PREFIX = "model.language_model."
 # On-disk names of the multimodal tensors and the names transformers uses after its load-time rename;
@@ -86,9 +86,9 @@ def _disk_shape(leaf_shape: tuple[int, ...], n_stack: int, transpose: bool) -> t
 
 
 # The modules of a decoder layer that carry transformers' names, and what each must be.
-_STOCK_MODULES: tuple[tuple[str, type, str], ...] = (
+_STOCK_MODULES: tuple[tuple[str, type | tuple[type, ...], str], ...] = (
     ("self_attn", Attention, "a standard Gemma 4 attention layer (gemma4_eqx.layers.attention.Attention)"),
-    ("mlp", MLP, "the standard Gemma 4 MLP (gemma4_eqx.layers.mlp.MLP)"),
+    ("mlp", (MLP, FusedMLP), "the standard Gemma 4 MLP (gemma4_eqx.layers.mlp.MLP, or FusedMLP's views of it)"),
     *((f"self_attn.{p}", Linear, "a plain Linear") for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
     *((f"mlp.{p}", Linear, "a plain Linear") for p in ("gate_proj", "up_proj", "down_proj")),
 )

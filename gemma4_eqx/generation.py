@@ -124,7 +124,7 @@ class GenerationResult:
 
 # ---- the compiled pieces -------------------------------------------------------------------------------
 class DecodeState(eqx.Module):
-    cache: KVCache  # stacked over the batch
+    cache: KVCache  # stacked over the batch; every row has written the same number of slots
     token: Int[Array, " batch"]  # the last token produced (the next one to feed)
     done: Bool[Array, " batch"]
     count: Int[Array, " batch"]  # tokens produced so far
@@ -145,9 +145,31 @@ def _finish(choice: Choice, state_done, count, max_new, params: SamplingParams):
     return eqx.tree_at(lambda c: c.token, choice, token), done, count
 
 
+def batched_decode_step(model, cache: KVCache, tokens: Int[Array, " batch"]
+                        ) -> tuple[Float[Array, "batch vocab"], KVCache]:
+    """`decode_step` for every row of a batched cache whose rows have all written the same number of slots (as in
+    `generate` and the chat session: every row's prompt is padded to one length and every step writes one slot).
+
+    A batch of one runs without `vmap`, so each layer's cache write stays a `dynamic_update_slice` in place (vmapped,
+    it becomes a scatter, which XLA:CPU turned into a rewrite and a copy of every full layer's cache on every step:
+    benchmarks/RESULTS.md). Larger batches are vmapped with the rows' common `length` passed once, unbatched.
+    """
+    if tokens.shape[0] == 1:
+        one_row = jax.tree.map(lambda x: x[0], cache)
+        logits, one_row = decode_step(model, tokens[0], one_row)
+        return logits[None], jax.tree.map(lambda x: x[None], one_row)
+    length = cache.length[0]
+    rows = eqx.tree_at(lambda c: c.length, cache, None)
+
+    def one(rest, token):
+        return decode_step(model, token, eqx.tree_at(lambda c: c.length, rest, length, is_leaf=lambda x: x is None))
+
+    return jax.vmap(one)(rows, tokens)
+
+
 def sample_step(model, state: DecodeState, params: SamplingParams) -> tuple[DecodeState, Choice]:
     """The default per-step function: feed every row's last token, choose the next from its logits."""
-    logits, cache = jax.vmap(lambda c, t: decode_step(model, t, c))(state.cache, state.token)
+    logits, cache = batched_decode_step(model, state.cache, state.token)
     key, sub = jax.random.split(state.key)
     choice, done, count = _finish(choose(logits, sub, params, ordered=_ordered(model)), state.done, state.count, state.max_new, params)
     return DecodeState(cache, choice.token, done, count, state.max_new, key), choice
@@ -205,19 +227,25 @@ def decode_chunk(model, state: DecodeState, params: SamplingParams, steps: Int[A
     b = state.token.shape[0]
     probe = jax.eval_shape(lambda: step(model, state, params)[1])
     blank = jax.tree.map(lambda x: jnp.zeros((b, size) + x.shape[1:], x.dtype), probe)
+    # The loop carries every array without its size-one axes (batch 1, the cache's [repeats, run_length] = [1, 1] of
+    # a serving layout, one KV head) and the body restores them: with them, XLA:CPU copied each cache entry into and
+    # out of a differently laid out buffer on every step (benchmarks/RESULTS.md, issue 19).
+    shapes = jax.tree.map(jnp.shape, state)
+    squeeze = lambda tree: jax.tree.map(lambda x: x.reshape(tuple(d for d in x.shape if d != 1)), tree)
+    restore = lambda tree: jax.tree.map(lambda x, shape: x.reshape(shape), tree, shapes)
 
     def cond(carry):
-        i, state, _ = carry
-        return (i < jnp.minimum(steps, size)) & ~jnp.all(state.done)
+        i, packed, _ = carry
+        return (i < jnp.minimum(steps, size)) & ~jnp.all(restore(packed).done)
 
     def body(carry):
-        i, state, out = carry
-        state, choice = step(model, state, params)
+        i, packed, out = carry
+        state, choice = step(model, restore(packed), params)
         out = jax.tree.map(lambda buf, x: buf.at[:, i].set(x), out, choice)
-        return i + 1, state, out
+        return i + 1, squeeze(state), out
 
-    n, state, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, blank))
-    return state, out, n
+    n, packed, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), squeeze(state), blank))
+    return restore(packed), out, n
 
 
 # ---- inputs: checks, processor batches, buckets -------------------------------------------------------

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
+from gemma4_eqx.layers.mlp import MLP, FusedMLP
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +21,32 @@ def test_layout_is_per_layer_and_keeps_the_weights(models):
     stack = served.layers
     assert stack.num_repeats == 1 and stack.unroll and len(stack.runs) == model.layers.num_layers
     assert all(length == 1 for _, length in stack.pattern)
+    unfused = g4.serving_layout(model, fuse_mlp=False).layers
     for i in range(model.layers.num_layers):
-        a, b = model.layers.layer(i), stack.layer(i)
-        assert b.kind == a.kind
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        a, b, c = model.layers.layer(i), stack.layer(i), unfused.layer(i)
+        assert b.kind == a.kind == c.kind
+        assert type(c.mlp) is MLP and type(b.mlp) is FusedMLP
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        for name in ("gate_proj", "up_proj", "down_proj"):  # the fused MLP's views are the stored projections
+            np.testing.assert_array_equal(np.asarray(getattr(b.mlp, name).weight), np.asarray(getattr(a.mlp, name).weight))
+        np.testing.assert_array_equal(np.asarray(b.self_attn.q_proj.weight), np.asarray(a.self_attn.q_proj.weight))
+
+
+def test_a_fused_serving_layout_saves_the_stored_tensors(models, tmp_path):
+    model, served = models
+    g4.save(served, tmp_path / "served")
+    back = g4.load(tmp_path / "served")
+    for x, y in zip(jax.tree.leaves(model), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_fusing_an_adapted_or_quantized_mlp_leaves_it_as_it_is(models):
+    model, _ = models
+    lora = g4.serving_layout(g4.surgery.add_lora(model, rank=2, targets=("up_proj",), key=jax.random.key(0)))
+    assert all(type(lora.layers.layer(i).mlp) is MLP for i in range(model.layers.num_layers))
+    with pytest.raises(TypeError, match="plain Linear"):
+        FusedMLP.of(g4.surgery.add_lora(model, rank=2, targets=("gate_proj",), key=jax.random.key(0)).layers.layer(0).mlp)
 
 
 def test_forward_prefill_and_decode_match_the_stored_layout(models):

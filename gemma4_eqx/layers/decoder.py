@@ -24,7 +24,7 @@ from ..cache import CacheContext, LayerCache
 from ..config import TextConfig
 from .attention import AbstractAttention, Attention
 from .kinds import LayerKind, layer_pattern, layer_repeats
-from .mlp import MLP
+from .mlp import MLP, FusedMLP
 from .norm import RMSNorm
 from .policy import REMAT_POLICIES, XLA, AttentionKernel, Numerics, Remat, XLAKernel, as_remat  # noqa: F401
 
@@ -34,7 +34,7 @@ Location = tuple[int, int, int]
 
 class DecoderLayer(eqx.Module):
     self_attn: AbstractAttention
-    mlp: MLP
+    mlp: MLP | FusedMLP  # FusedMLP only in a serving layout (g4.serving_layout)
     input_layernorm: RMSNorm
     post_attention_layernorm: RMSNorm
     pre_feedforward_layernorm: RMSNorm
@@ -269,6 +269,9 @@ def scan_layers(stack: DecoderStack, h: Any, step: Step, per_layer: tuple | None
             return step(eqx.combine(layer_params, static_layer), h, x)
         return stack.remat.wrap(body)
 
+    if stack.unroll:
+        return _unrolled(stack, h, params, static, xs, run_body)
+
     def period(h, inputs):
         period_params, period_xs = inputs
         ys = []
@@ -278,3 +281,21 @@ def scan_layers(stack: DecoderStack, h: Any, step: Step, per_layer: tuple | None
         return h, tuple(ys)
 
     return jax.lax.scan(period, h, (params, xs), unroll=stack.unroll)
+
+
+def _unrolled(stack: DecoderStack, h: Any, params: tuple, static: tuple, xs: tuple, run_body: Callable
+              ) -> tuple[Any, tuple]:
+    """`scan_layers` for an unrolled stack (`g4.serving_layout`, `unroll=True`): a Python loop with static indices,
+    so that each layer reads its weights and its cache entry where they lie. (A `lax.scan` of length one, even
+    unrolled, made XLA:CPU copy each cache entry out and back on every decode step: benchmarks/RESULTS.md.)"""
+    take = lambda tree, r, s: jax.tree.map(lambda a: a[r, s], tree)
+    ys: list[list[Any]] = [[] for _ in stack.runs]
+    for r in range(stack.num_repeats):
+        for j, (run_params, static_layer, x) in enumerate(zip(params, static, xs)):
+            for s in range(stack.pattern[j][1]):
+                h, y = run_body(static_layer)(h, (take(run_params, r, s), None if x is None else take(x, r, s)))
+                ys[j].append(y)
+    lead = lambda j: (stack.num_repeats, stack.pattern[j][1])
+    stacked = tuple(jax.tree.map(lambda *leaves, j=j: jnp.stack(leaves).reshape(lead(j) + leaves[0].shape), *run_ys)
+                    for j, run_ys in enumerate(ys))
+    return h, stacked

@@ -37,16 +37,67 @@ def dot_product_attention(
     Rounding points follow transformers' eager path: scores in the activation dtype, softmax in fp32, the
     probabilities cast back before the product with V. Fully masked rows (padding queries) come out uniform,
     never NaN.
+
+    How the products are laid out depends on the backend and the number of queries (the same function; sums in
+    another order): on XLA:CPU in fp32 or fp64 a chunk of queries runs as one batched matmul per KV head
+    (`_grouped_rows`), one query as a multiply-and-sum over the cache (`_one_query`); bf16 and other backends keep
+    the einsum form (`_grouped_einsum`; the GPU figures were measured with it, and XLA:CPU's bf16 products are
+    slower in the other forms). On XLA:CPU the einsum form transposed the score matrix and the keys into new
+    buffers on every call (benchmarks/RESULTS.md, issue 19).
     """
+    if backend() == "cpu" and q.dtype in (jnp.float32, jnp.float64):
+        return _one_query(q, k, v, mask) if q.shape[0] == 1 else _grouped_rows(q, k, v, mask)
+    return _grouped_einsum(q, k, v, mask)
+
+
+def _masked_softmax(scores: Array, mask: Array, dtype) -> Array:
+    """Softmax in fp32 (the activation dtype's compute dtype) over the last axis, masked entries at the minimum,
+    probabilities cast back to `dtype`."""
+    softmax_dtype = compute_dtype(dtype)
+    scores = jnp.where(mask, scores.astype(softmax_dtype), jnp.finfo(softmax_dtype).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _grouped_einsum(q, k, v, mask):
     t, h, d = q.shape
     kv_heads = k.shape[1]
     qg = q.reshape(t, kv_heads, h // kv_heads, d)
     scores = jnp.einsum("tkgd,skd->kgts", qg, k)
-    softmax_dtype = compute_dtype(q.dtype)
-    scores = jnp.where(mask[None, None], scores.astype(softmax_dtype), jnp.finfo(softmax_dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    probs = _masked_softmax(scores, mask[None, None], q.dtype)
     out = jnp.einsum("kgts,skd->tkgd", probs, v)
     return out.reshape(t, h, d)
+
+
+def _grouped_rows(q, k, v, mask):
+    # The queries of one KV head's group, all positions, as the rows of one matrix [kv, g * t, d] against the
+    # head's keys [kv, s, d]: a plain batched matmul whose scores come out in the softmax's layout.
+    t, h, d = q.shape
+    s, kv_heads = k.shape[:2]
+    g = h // kv_heads
+    rows = q.reshape(t, kv_heads, g, d).transpose(1, 2, 0, 3).reshape(kv_heads, g * t, d)
+    scores = jnp.einsum("kqd,ksd->kqs", rows, k.transpose(1, 0, 2)).reshape(kv_heads, g, t, s)
+    probs = _masked_softmax(scores, mask[None, None], q.dtype).reshape(kv_heads, g * t, s)
+    out = jnp.einsum("kqs,ksd->kqd", probs, v.transpose(1, 0, 2))
+    return out.reshape(kv_heads, g, t, d).transpose(2, 0, 1, 3).reshape(t, h, d)
+
+
+def _one_query(q, k, v, mask):
+    # One query (a decode step): every product is a multiply and a sum over the cache as it lies, [s, kv, d], with
+    # no transposed copy of the cache. Products in the compute dtype, rounded once, as a matmul's would be.
+    _, h, d = q.shape
+    s, kv_heads = k.shape[:2]
+    g = h // kv_heads
+    acc = compute_dtype(q.dtype)
+    if kv_heads == 1:  # one KV head (MQA): plain products with the cache as an [s, d] matrix
+        scores = jnp.einsum("sd,hd->hs", k[:, 0].astype(acc), q[0].astype(acc)).astype(q.dtype)
+        probs = _masked_softmax(scores, mask, q.dtype)
+        out = jnp.einsum("hs,sd->hd", probs.astype(acc), v[:, 0].astype(acc))
+        return out.astype(q.dtype)[None]
+    qg = q.reshape(kv_heads, g, d).astype(acc)
+    scores = jnp.sum(k[:, :, None, :].astype(acc) * qg[None], axis=-1).astype(q.dtype)  # [s, kv, g]
+    probs = _masked_softmax(scores.transpose(1, 2, 0), mask[0][None, None], q.dtype)  # [kv, g, s]
+    out = jnp.sum(probs.transpose(2, 0, 1)[..., None].astype(acc) * v[:, :, None, :].astype(acc), axis=0)
+    return out.astype(q.dtype).reshape(1, h, d)
 
 
 def ordered_attention(

@@ -31,3 +31,55 @@ class MLP(eqx.Module):
     def __call__(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
         act = self.numerics.gelu_tanh(self.gate_proj(x))
         return self.down_proj(act * self.up_proj(x))
+
+
+class FusedMLP(eqx.Module):
+    """`MLP` with the gate and up projections side by side in one `[hidden, 2 * intermediate]` weight: one product
+    instead of two (`g4.serving_layout`). The same function; XLA may round the fused product differently.
+
+    A serving layout only: `gate_proj` and `up_proj` are read-only views of the two halves, so the checkpoint
+    names, `g4.save` and the bridge still see transformers' tensors; training, LoRA and loading work on `MLP`.
+    """
+
+    gate_up: Linear
+    down_proj: Linear
+    numerics: Numerics
+
+    @classmethod
+    def of(cls, mlp: MLP) -> FusedMLP:
+        """`mlp`'s weights fused (both projections must be plain `Linear`s of one dtype)."""
+        gate, up = mlp.gate_proj, mlp.up_proj
+        if type(gate) is not Linear or type(up) is not Linear:
+            raise TypeError(f"FusedMLP.of: gate_proj and up_proj must be plain Linear layers, found "
+                            f"{type(gate).__name__} and {type(up).__name__} (merge adapters first)")
+        if gate.weight.dtype != up.weight.dtype or (gate.bias is None) != (up.bias is None):
+            raise TypeError("FusedMLP.of: gate_proj and up_proj differ in dtype or bias")
+        joined = lambda a, b: None if a is None else jnp.concatenate([a, b], axis=-1)
+        gate_up = eqx.tree_at(lambda l: (l.weight, l.bias), gate, (joined(gate.weight, up.weight),
+                                                                    joined(gate.bias, up.bias)),
+                              is_leaf=lambda x: x is None)
+        return cls(gate_up=gate_up, down_proj=mlp.down_proj, numerics=mlp.numerics)
+
+    def __call__(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
+        gate_up = self.gate_up(x)
+        n = self.intermediate_size
+        return self.down_proj(self.numerics.gelu_tanh(gate_up[..., :n]) * gate_up[..., n:])
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.gate_up.weight.shape[-1] // 2
+
+    def _half(self, which: int) -> Linear:
+        n = self.intermediate_size
+        cut = lambda a: None if a is None else a[..., which * n:(which + 1) * n]
+        return eqx.tree_at(lambda l: (l.weight, l.bias), self.gate_up, (cut(self.gate_up.weight),
+                                                                        cut(self.gate_up.bias)),
+                           is_leaf=lambda x: x is None)
+
+    @property
+    def gate_proj(self) -> Linear:
+        return self._half(0)
+
+    @property
+    def up_proj(self) -> Linear:
+        return self._half(1)
