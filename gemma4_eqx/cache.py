@@ -279,9 +279,10 @@ class KVCache(eqx.Module):
         full_mask = layer_masks(q_slots, full_slots, full_valid, self.sliding_window, blocks, full_blocks,
                                 mask_mode)[LayerKind.FULL]
         ring = self.ring_size
-        # A text-only chunk of more than two windows attends in bands (layers.kernels.banded_attention), which needs
-        # the ring's entries in slot order (-1 = empty sorts first) and the ring to hold a whole window.
-        banded = blocks is None and ring >= self.sliding_window and t > 2 * self.sliding_window
+        # A text-only chunk of more than one window (so more than two windows of keys with the ring's) attends in
+        # bands (layers.kernels.banded_attention), which needs the ring's entries in slot order (-1 = empty sorts
+        # first) and the ring to hold a whole window.
+        banded = blocks is None and ring >= self.sliding_window and t > self.sliding_window
         band = self.sliding_window if banded else None
         ring_order = jnp.argsort(self.ring_slots) if banded or ordered_ring else None
         ring_slots = self.ring_slots if ring_order is None else self.ring_slots[ring_order]

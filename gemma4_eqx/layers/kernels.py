@@ -7,7 +7,7 @@ Which one runs is decided by the attention layer's policies (`layers/policy.py`)
 - `dot_product_attention`: plain einsums that round where transformers' eager path rounds (scores in the
   activation dtype, softmax in fp32), so bf16 outputs match transformers bit for bit almost everywhere.
 - `banded_attention`: the same function for a sliding-window mask, in blocks of the window (linear in the
-  prompt); `xla_attention` uses it for text-only sliding calls longer than two windows (`in_bands`).
+  prompt); `xla_attention` uses it for text-only sliding calls over more than two windows of keys (`in_bands`).
 - `streamed_attention`: the same function with the keys visited in blocks and a running softmax, for calls whose
   score matrix would pass `MAX_SCORES` elements (long prompts on the global layers).
 - `ordered_attention`: rounding independent of the call's shape (`numerics="invariant"`).
@@ -262,9 +262,10 @@ def backend() -> str:
     return jax.default_backend()
 
 
-def in_bands(q: Array, band: int | None) -> bool:
-    """Whether a sliding-window call attends in bands: long enough (more than two windows of queries) to pay."""
-    return band is not None and q.shape[0] > 2 * band
+def in_bands(q: Array, k: Array, band: int | None) -> bool:
+    """Whether a sliding-window call attends in bands: worth it when there are more than two windows of keys (the
+    bands score about `q_seq x 2 band` pairs against `q_seq x kv_seq` dense) and more than one window of queries."""
+    return band is not None and q.shape[0] > band and k.shape[0] > 2 * band
 
 
 def xla_attention(
@@ -275,7 +276,7 @@ def xla_attention(
     band: int | None = None,
 ) -> Float[Array, "q_seq heads head_dim"]:
     """Ours: in bands for long sliding-window calls, streamed past `MAX_SCORES` score elements, else dense."""
-    if in_bands(q, band):
+    if in_bands(q, k, band):
         return banded_attention(q, k, v, mask, band)
     if q.shape[0] > 1 and q.shape[0] * q.shape[1] * k.shape[0] > MAX_SCORES:
         return streamed_attention(q, k, v, mask)

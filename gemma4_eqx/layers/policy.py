@@ -243,7 +243,7 @@ class Invariant(Numerics):
         return _fp32_gelu(x)
 
     def attend(self, q, k, v, mask, band, kernel):
-        if in_bands(q, band):
+        if in_bands(q, k, band):
             return banded_attention(q, k, v, mask, band, kernel=ordered_attention)
         return ordered_attention(q, k, v, mask)
 
