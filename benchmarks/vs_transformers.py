@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--preset", choices=["small", "65m", "all"], default="all")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per decode row")
+    ap.add_argument("--decode-tokens", type=int, default=128, help="decode steps timed per decode row")
     ap.add_argument("--prefill", type=int, nargs="*", default=[512, 2048])
     ap.add_argument("--decode", type=int, nargs="*", default=[1024, 4096])
     ap.add_argument("--generate", type=int, default=32, help="new tokens of the end-to-end row (0: skip)")
