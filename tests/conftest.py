@@ -58,6 +58,14 @@ def fixtures_dir() -> pathlib.Path:
     return FIXTURES
 
 
+@pytest.fixture(scope="session")
+def notebook_kernels(tmp_path_factory):
+    """A kernelspec of this interpreter for the notebook tests (`notebook_runner.py`)."""
+    from notebook_runner import kernel_specs
+
+    return kernel_specs(tmp_path_factory.mktemp("kernels"))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop JAX's compiled programs after each test module.

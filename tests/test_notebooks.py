@@ -8,7 +8,7 @@ import pathlib
 import nbformat
 import pytest
 
-from notebook_runner import FOLDER, kernel_specs, run_notebook
+from notebook_runner import FOLDER, run_notebook
 
 NOTEBOOKS = sorted(FOLDER.glob("*.ipynb"))
 HERE = ["01_quickstart", "02_transforms", "03_nnx_vs_equinox"]
@@ -27,11 +27,6 @@ def test_notebook_is_stored_without_outputs(path):
             assert not cell.outputs and cell.execution_count is None, f"{path.name} cell {i}: clear its outputs"
 
 
-@pytest.fixture(scope="module")
-def specs(tmp_path_factory):
-    return kernel_specs(tmp_path_factory.mktemp("kernels"))
-
-
 @pytest.mark.parametrize("name", HERE)
-def test_notebook_runs_top_to_bottom(name, specs):
-    run_notebook(FOLDER / f"{name}.ipynb", specs)
+def test_notebook_runs_top_to_bottom(name, notebook_kernels):
+    run_notebook(FOLDER / f"{name}.ipynb", notebook_kernels)

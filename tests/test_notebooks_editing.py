@@ -3,7 +3,7 @@ the other half of test_notebooks.py, in a file of its own so that a second worke
 
 import pytest
 
-from notebook_runner import FOLDER, kernel_specs, run_notebook
+from notebook_runner import FOLDER, run_notebook
 
 EDITING = ["04_surgery", "05_research", "06_speculative"]
 
@@ -13,11 +13,6 @@ def test_the_two_halves_cover_every_notebook():
     assert sorted(HERE + EDITING) == sorted(p.stem for p in FOLDER.glob("*.ipynb"))
 
 
-@pytest.fixture(scope="module")
-def specs(tmp_path_factory):
-    return kernel_specs(tmp_path_factory.mktemp("kernels"))
-
-
 @pytest.mark.parametrize("name", EDITING)
-def test_notebook_runs_top_to_bottom(name, specs):
-    run_notebook(FOLDER / f"{name}.ipynb", specs)
+def test_notebook_runs_top_to_bottom(name, notebook_kernels):
+    run_notebook(FOLDER / f"{name}.ipynb", notebook_kernels)
