@@ -124,7 +124,7 @@ class GenerationResult:
 
 # ---- the compiled pieces -------------------------------------------------------------------------------
 class DecodeState(eqx.Module):
-    cache: KVCache  # stacked over the batch; every row has written the same number of slots
+    cache: KVCache  # stacked over the batch
     token: Int[Array, " batch"]  # the last token produced (the next one to feed)
     done: Bool[Array, " batch"]
     count: Int[Array, " batch"]  # tokens produced so far
@@ -147,24 +147,17 @@ def _finish(choice: Choice, state_done, count, max_new, params: SamplingParams):
 
 def batched_decode_step(model, cache: KVCache, tokens: Int[Array, " batch"]
                         ) -> tuple[Float[Array, "batch vocab"], KVCache]:
-    """`decode_step` for every row of a batched cache whose rows have all written the same number of slots (as in
-    `generate` and the chat session: every row's prompt is padded to one length and every step writes one slot).
+    """`decode_step` for every row of a batched cache.
 
     A batch of one runs without `vmap`, so each layer's cache write stays a `dynamic_update_slice` in place (vmapped,
     it becomes a scatter, which XLA:CPU turned into a rewrite and a copy of every full layer's cache on every step:
-    benchmarks/RESULTS.md). Larger batches are vmapped with the rows' common `length` passed once, unbatched.
+    benchmarks/RESULTS.md). Larger batches are vmapped.
     """
     if tokens.shape[0] == 1:
         one_row = jax.tree.map(lambda x: x[0], cache)
         logits, one_row = decode_step(model, tokens[0], one_row)
         return logits[None], jax.tree.map(lambda x: x[None], one_row)
-    length = cache.length[0]
-    rows = eqx.tree_at(lambda c: c.length, cache, None)
-
-    def one(rest, token):
-        return decode_step(model, token, eqx.tree_at(lambda c: c.length, rest, length, is_leaf=lambda x: x is None))
-
-    return jax.vmap(one)(rows, tokens)
+    return jax.vmap(lambda c, t: decode_step(model, t, c))(cache, tokens)
 
 
 def sample_step(model, state: DecodeState, params: SamplingParams) -> tuple[DecodeState, Choice]:
@@ -173,6 +166,33 @@ def sample_step(model, state: DecodeState, params: SamplingParams) -> tuple[Deco
     key, sub = jax.random.split(state.key)
     choice, done, count = _finish(choose(logits, sub, params, ordered=_ordered(model)), state.done, state.count, state.max_new, params)
     return DecodeState(cache, choice.token, done, count, state.max_new, key), choice
+
+
+def prefill_row(model, cache: KVCache, tokens: dict, media: dict, *, n_chunks, chunk: int | None,
+                bounds: tuple | None, mask_mode) -> tuple[KVCache, Float[Array, " hidden"]]:
+    """Write one row's prompt into `cache` in chunks (`n_chunks` of `chunk` tokens, or the static `bounds`); returns
+    the cache and the last token's final hidden state. A multimodal prompt is embedded once and sliced, so every
+    chunk keeps its soft tokens in order. `generate`'s prefill and speculative decoding's both run this."""
+    ids = tokens["input_ids"]
+    embeds = model.embed(ids, **media) if media else None
+    rest = {k: v for k, v in tokens.items() if k != "input_ids"}
+
+    def run(cache, start, size):
+        part = {k: jax.lax.dynamic_slice_in_dim(v, start, size) for k, v in rest.items()}
+        if embeds is None:
+            chunk_ids = jax.lax.dynamic_slice_in_dim(ids, start, size)
+        else:
+            chunk_ids, part["inputs_embeds"] = None, jax.lax.dynamic_slice_in_dim(embeds, start, size)
+        h, cache = forward_with_cache(model, chunk_ids, cache, mask_mode=mask_mode, **part)
+        return cache, h[-1]
+
+    h = jnp.zeros((model.config.text.hidden_size,), model.dtype)
+    if bounds is not None:
+        for start, end in bounds:
+            cache, h = run(cache, start, end - start)
+    else:
+        cache, h = jax.lax.fori_loop(0, n_chunks, lambda i, c: run(c[0], i * chunk, chunk), (cache, h))
+    return cache, h
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "bounds", "max_len", "mask_mode", "cache_dtype", "raw_keys"))
@@ -189,26 +209,8 @@ def _prefill(model, cache, batch, n_chunks, max_new, key, params, *, chunk, boun
             cache = KVCache.init(cfg, max_len=max_len, dtype=cache_dtype, raw_keys=raw_keys)
         # a regrouped stack (e.g. `g4.serving_layout`) reads its cache in its own layout: gathered once here
         cache = eqx.tree_at(lambda c: c.layers, cache, model.layers.own_cache_layout(cache.layers))
-        ids = tokens["input_ids"]
-        embeds = model.embed(ids, **media) if media else None
-        rest = {k: v for k, v in tokens.items() if k != "input_ids"}
-
-        def run(cache, start, size):
-            part = {k: jax.lax.dynamic_slice_in_dim(v, start, size) for k, v in rest.items()}
-            if embeds is None:
-                part["input_ids"] = jax.lax.dynamic_slice_in_dim(ids, start, size)
-            else:
-                part["input_ids"] = None
-                part["inputs_embeds"] = jax.lax.dynamic_slice_in_dim(embeds, start, size)
-            h, cache = forward_with_cache(model, part.pop("input_ids"), cache, mask_mode=mask_mode, **part)
-            return cache, h[-1]
-
-        h = jnp.zeros((cfg.text.hidden_size,), model.dtype)
-        if bounds is not None:
-            for start, end in bounds:
-                cache, h = run(cache, start, end - start)
-        else:
-            cache, h = jax.lax.fori_loop(0, n_chunks, lambda i, c: run(c[0], i * chunk, chunk), (cache, h))
+        cache, h = prefill_row(model, cache, tokens, media, n_chunks=n_chunks, chunk=chunk, bounds=bounds,
+                               mask_mode=mask_mode)
         return model.logits_from_hidden(h), cache
 
     logits, cache = jax.vmap(one)(cache, tokens, media)

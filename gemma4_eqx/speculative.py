@@ -166,7 +166,7 @@ def _round(model, drafter, params: SamplingParams, max_new, steps: int, s: SpecS
 def _speculative(model, drafter, batch, n_chunks, max_new, key, params, *, chunk, bounds, max_len, steps,
                  mask_mode, cache_dtype, raw_keys):
     """Prefill every row, then draft-verify rounds until every row is done; one program."""
-    from .generation import TOKEN_FIELDS
+    from .generation import TOKEN_FIELDS, prefill_row
 
     tokens = {k: v for k, v in batch.items() if k in TOKEN_FIELDS}
     media = {k: v for k, v in batch.items() if k not in TOKEN_FIELDS}
@@ -176,25 +176,8 @@ def _speculative(model, drafter, batch, n_chunks, max_new, key, params, *, chunk
     def one(tokens, media):
         cache = KVCache.init(cfg, max_len=max_len, dtype=cache_dtype, raw_keys=raw_keys, spare=steps + 1)
         ids = tokens["input_ids"]
-        embeds = model.embed(ids, **media) if media else None
-        rest = {k: v for k, v in tokens.items() if k != "input_ids"}
-
-        def run(cache, start, size):
-            part = {k: jax.lax.dynamic_slice_in_dim(v, start, size) for k, v in rest.items()}
-            if embeds is None:
-                h, cache = forward_with_cache(model, jax.lax.dynamic_slice_in_dim(ids, start, size), cache,
-                                              mask_mode=mask_mode, **part)
-            else:
-                h, cache = forward_with_cache(model, None, cache, mask_mode=mask_mode,
-                                              inputs_embeds=jax.lax.dynamic_slice_in_dim(embeds, start, size), **part)
-            return cache, h[-1]
-
-        h = jnp.zeros((cfg.text.hidden_size,), model.dtype)
-        if bounds is not None:
-            for start, end in bounds:
-                cache, h = run(cache, start, end - start)
-        else:
-            cache, h = jax.lax.fori_loop(0, n_chunks, lambda i, c: run(c[0], i * chunk, chunk), (cache, h))
+        cache, h = prefill_row(model, cache, tokens, media, n_chunks=n_chunks, chunk=chunk, bounds=bounds,
+                               mask_mode=mask_mode)
         history = jnp.zeros((buf,), jnp.int32).at[:ids.shape[0]].set(ids.astype(jnp.int32))
         return model.logits_from_hidden(h), h, cache, history
 
