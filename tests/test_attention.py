@@ -5,6 +5,8 @@ which checks our argument layout, mask and scale, and the dispatch is exercised 
 GPU with the fused call routed to that reference.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,9 @@ from gemma4_eqx.layers import kernels, policy
 from gemma4_eqx.masks import inside_window, causal
 
 
+# One compiled program per shape for the random inputs (eagerly, each jax.random.normal and mask op of a new shape
+# compiled a program of its own); the values are the same either way.
+@functools.partial(jax.jit, static_argnums=range(7))
 def _inputs(heads, kv_heads, head_dim, t=24, s=24, dtype=jnp.float32, seed=0):
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(k1, (t, heads, head_dim), dtype)
@@ -135,6 +140,7 @@ def test_auto_falls_back_to_ours_when_cudnn_declines(monkeypatch):
         policy.CuDNNKernel().attend(q, k, v, mask, None)
 
 
+@functools.partial(jax.jit, static_argnums=range(6))
 def _band_inputs(t, prefix, window, dtype, seed=0, pad=3):
     """Queries = the last t of prefix + t keys; a text sliding-window mask with left padding."""
     s = prefix + t

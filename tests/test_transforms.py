@@ -60,6 +60,7 @@ def as_jax(sample, dtype=jnp.float32):
             for k, v in sample.items()}
 
 
+@eqx.filter_jit  # one program for the whole tree (eagerly, every leaf shape compiled a jax.random.normal of its own)
 def random_tangent(model, key, scale: float = 1.0):
     leaves, treedef = jax.tree.flatten(eqx.filter(model, eqx.is_inexact_array))
     keys = jax.random.split(key, len(leaves))
@@ -150,12 +151,19 @@ def fp64(mm_batch):
         yield m, s, f, g
 
 
+@eqx.filter_jit
+def _shifted(m, v, eps):
+    """m + eps v and m - eps v (one program for the tree, not one eager add and multiply per leaf shape)."""
+    return (eqx.apply_updates(m, jax.tree.map(lambda t: eps * t, v)),
+            eqx.apply_updates(m, jax.tree.map(lambda t: -eps * t, v)))
+
+
 def _central_difference(f, m, v, eps):
-    plus = eqx.apply_updates(m, jax.tree.map(lambda t: eps * t, v))
-    minus = eqx.apply_updates(m, jax.tree.map(lambda t: -eps * t, v))
+    plus, minus = _shifted(m, v, eps)
     return (f(plus) - f(minus)) / (2 * eps)
 
 
+@eqx.filter_jit
 def _dot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
