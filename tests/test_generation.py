@@ -241,7 +241,11 @@ def test_logprobs_equal_a_training_forward_bit_for_bit_under_invariant_numerics(
     out = g4.generate(m, ids, max_new_tokens=12, temperature=0.0, stop_ids=(), suppress_ids=(),
                       return_logprobs=True)
     full = jnp.concatenate([jnp.asarray(ids), jnp.asarray(out.tokens)])
-    both = jax.jit(lambda f: (ordered_log_softmax(m(f)), jax.nn.log_softmax(m(f))))  # one forward, compiled once
+    @jax.jit
+    def both(f):  # one forward and one compilation for the two log-softmaxes
+        logits = m(f)
+        return ordered_log_softmax(logits), jax.nn.log_softmax(logits)
+
     lp, xla = (np.asarray(x)[len(ids) - 1: -1] for x in both(full))
     np.testing.assert_array_equal(out.logprobs, lp[np.arange(12), out.tokens])
     np.testing.assert_allclose(xla, lp, atol=1e-5, rtol=0)

@@ -3,7 +3,6 @@ outputs. Each runs in a fresh kernel of *this* interpreter (`notebook_runner.py`
 editing ones (surgery, research, speculative decoding) in test_notebooks_editing.py, so that the suite's two workers
 run the two halves side by side (`--dist loadfile` keeps a file on one worker)."""
 
-
 import nbformat
 import pytest
 
