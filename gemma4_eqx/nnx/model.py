@@ -95,7 +95,10 @@ class Gemma4NNX(nnx.Module):
             raise ValueError(f"image_position_ids: expected shape {[*pixel_values.shape[:2], 2]}, "
                              f"found {list(image_position_ids.shape)}")
         if not isinstance(image_position_ids, jax.core.Tracer):
-            lo, hi = int(np.min(image_position_ids)), int(np.max(image_position_ids))
+            # np.asarray: a concrete array closed over by a jitted caller stays concrete (np.min would call its
+            # .min method, which jit stages out)
+            where = np.asarray(image_position_ids)
+            lo, hi = int(where.min()), int(where.max())
             if lo < -1 or hi >= v.mm_posemb_size:
                 raise ValueError(f"image_position_ids: coordinates must lie in [0, {v.mm_posemb_size}) (mm_posemb_size) "
                                  f"or be -1 for padding; found values in [{lo}, {hi}]")
