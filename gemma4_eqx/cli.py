@@ -299,9 +299,11 @@ def _verify_against_transformers(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.against_transformers:
         return _verify_against_transformers(args)
+    import equinox as eqx
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import nnx
 
     from . import hub
     from . import nnx as g4nnx
@@ -310,13 +312,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     folder = hub.resolve(_resolve_model(args.model))
     model = hub.load(folder, dtype=jnp.float32)
     ref = g4nnx.load(folder, dtype=jnp.float32)
+    # Both models compiled, each as one program with the model as an argument (eagerly, every operation of the NNX
+    # reference was compiled on its own: hundreds of small programs).
+    eqx_forward = eqx.filter_jit(lambda m, batch, mode: jax.vmap(lambda b: m(**b, mask_mode=mode))(batch))
+    nnx_forward = nnx.jit(lambda r, batch, mode: r.logits(**batch, mask_mode=mode), static_argnames="mode")
     ok = True
     print(f"{'case':<8} {'mask mode':<11} {'|eqx - nnx|':>12} {'|eqx - hf|':>12} {'|nnx - hf|':>12}")
     for name, inputs, hf, mode in _verify_cases(folder, model.config):
         samples = split_batch({("position_ids" if k == "positions" else k): v for k, v in inputs.items()},
                               model.config)
-        eqx_logits = np.asarray(jax.jit(jax.vmap(lambda b: model(**b, mask_mode=mode)))(stack_samples(samples)))
-        nnx_logits = np.asarray(ref.logits(**{k: jnp.asarray(v) for k, v in inputs.items()}, mask_mode=mode))
+        eqx_logits = np.asarray(eqx_forward(model, stack_samples(samples), mode))
+        nnx_logits = np.asarray(nnx_forward(ref, {k: jnp.asarray(v) for k, v in inputs.items()}, mode))
         valid = np.asarray(inputs.get("attention_mask", np.ones(inputs["input_ids"].shape, bool)), bool)
         d = lambda a, b: float(np.abs(a - b)[valid].max())
         row = [d(eqx_logits, nnx_logits)] + ([d(eqx_logits, hf), d(nnx_logits, hf)] if hf is not None else [])
