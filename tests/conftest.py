@@ -66,14 +66,32 @@ def notebook_kernels(tmp_path_factory):
     return kernel_specs(tmp_path_factory.mktemp("kernels"))
 
 
+def _memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no count to watch, so release after every module
+        return 1 << 30
+
+
+# Release compiled programs once a process holds this many memory mappings (under half the kernel's usual
+# `vm.max_map_count` of 65,530, so a module that compiles a lot still has room).
+MAX_MAPPINGS = 25_000
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop JAX's compiled programs after each test module.
+    """Drop JAX's compiled programs after a test module once the process holds many memory mappings.
 
     Every compiled CPU executable keeps memory mappings; over the whole suite they passed the kernel's
-    `vm.max_map_count` (65,530 here) and LLVM crashed with a segfault in a later compilation.
+    `vm.max_map_count` (65,530 here) and LLVM crashed with a segfault in a later compilation. Releasing after every
+    module also threw away the library's own compiled programs (generate's prefill and decode loop, the cached
+    decode step) that the next module calls again with the same model and shapes, so they are kept until the count
+    says otherwise.
     """
     yield
+    if _memory_mappings() < MAX_MAPPINGS:
+        return
     import gc
 
     import jax
