@@ -56,12 +56,14 @@ def test_three_turns_prefill_only_what_the_render_adds_and_equal_a_from_scratch_
 
 
 def test_reset_forgets_the_conversation(model, proc):
-    chat = g4.ChatSession(model, proc, generation_config=GREEDY, max_new_tokens=4, max_context=256)
-    first = chat.send("Hello")
+    # The session sizes of the test above (its cache layout: its compiled decode loop and roll-back are reused) and
+    # of the CLI test below, whose first turns ("Hello there", "Second try") prefill as many tokens as this one's.
+    chat = g4.ChatSession(model, proc, generation_config=GREEDY, max_new_tokens=10, max_context=512)
+    first = chat.send("Hello there")
     chat.send("Again")
     chat.reset()
-    again = chat.send("Hello")
-    assert again.reused == 0 and chat.messages[0]["content"] == "Hello"
+    again = chat.send("Hello there")
+    assert again.reused == 0 and chat.messages[0]["content"] == "Hello there"
     np.testing.assert_array_equal(first.tokens, again.tokens)
 
 
@@ -74,8 +76,10 @@ def test_a_conversation_longer_than_the_cache_is_refused(model, proc):
 def test_cli_chat_with_piped_input():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     stdin = "Hello there\n/reset\nSecond try\n/quit\nnever read\n"
-    out = subprocess.run([sys.executable, "-m", "gemma4_eqx.cli", "chat", "--max-new-tokens", "4",
-                          "--temperature", "0"], input=stdin, capture_output=True, text=True, env=env, timeout=600)
+    # the session sizes of the tests above: the child process finds their programs in the shared compilation cache
+    out = subprocess.run([sys.executable, "-m", "gemma4_eqx.cli", "chat", "--max-new-tokens", "10", "--max-context",
+                          "512", "--temperature", "0"], input=stdin, capture_output=True, text=True, env=env,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr.count("tokens/s") == 2  # two replies, then /quit
     assert "[conversation reset]" in out.stderr

@@ -2,6 +2,7 @@
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,31 +24,47 @@ def model(name):
     return g4.load(ref.checkpoint_dir(name))
 
 
+# One cache capacity for every hand-driven prefill + decode_step check here and in test_generation_cache.py (the
+# longest needs 34 + 60 slots): the jitted decode step is then compiled once per model, not once per prompt length.
+# The capacity only adds masked full-attention slots; the ring of the sliding layers (window 8 or 16) is the same.
+CACHE_SLOTS = 128
+
+
+@eqx.filter_jit
+def _forward(m, inputs, mask_mode):
+    """A no-cache forward; the model is an argument, so every call with the same shapes reuses one program."""
+    return m(**inputs, mask_mode=mask_mode)
+
+
 def _greedy_with_cache(m, sample, steps, mask_mode="intended"):
     """Per-step logits from prefill + decode_step, feeding back the argmax."""
     ids = sample.pop("input_ids")
-    cache = g4.KVCache.init(m.config, max_len=ids.shape[0] + steps, dtype=m.dtype)
+    cache = g4.KVCache.init(m.config, max_len=CACHE_SLOTS, dtype=m.dtype)
+    assert ids.shape[0] + steps <= CACHE_SLOTS
     logits, cache = m.prefill(ids, cache, mask_mode=mask_mode, **sample)
-    out = [logits]
+    out = [np.asarray(logits)]
     for _ in range(steps - 1):
-        logits, cache = m.decode_step(jnp.argmax(logits).astype(jnp.int32), cache)
-        out.append(logits)
-    return np.stack([np.asarray(x) for x in out])
+        logits, cache = m.decode_step(jnp.int32(np.argmax(out[-1])), cache)
+        out.append(np.asarray(logits))
+    return np.stack(out)
 
 
 def _recompute(m, sample, tokens, mask_mode="intended"):
     """Logits of a no-cache forward over prompt + generated tokens, at the positions that predicted them."""
-    ids = np.asarray(sample["input_ids"])
+    sample = {k: np.asarray(v) for k, v in sample.items()}  # the inputs are joined on the host
+    ids = sample["input_ids"]
     n = len(tokens)
     full = dict(sample)
-    full["input_ids"] = jnp.concatenate([ids, jnp.asarray(tokens, ids.dtype)])
+    full["input_ids"] = np.concatenate([ids, np.asarray(tokens, ids.dtype)])
     if "attention_mask" in sample:
-        full["attention_mask"] = jnp.concatenate([sample["attention_mask"], jnp.ones(n, bool)])
+        full["attention_mask"] = np.concatenate([sample["attention_mask"], np.ones(n, sample["attention_mask"].dtype)])
     if "positions" in sample:
-        full["positions"] = jnp.concatenate([sample["positions"], sample["positions"][-1] + 1 + jnp.arange(n)])
+        pos = sample["positions"]
+        full["positions"] = np.concatenate([pos, pos[-1] + 1 + np.arange(n, dtype=pos.dtype)])
     if "mm_token_type_ids" in sample:
-        full["mm_token_type_ids"] = jnp.concatenate([sample["mm_token_type_ids"], jnp.zeros(n, jnp.int32)])
-    logits = jax.jit(lambda f: m(**f, mask_mode=mask_mode))(full)
+        types = sample["mm_token_type_ids"]
+        full["mm_token_type_ids"] = np.concatenate([types, np.zeros(n, types.dtype)])
+    logits = _forward(m, full, mask_mode)
     return np.asarray(logits[ids.shape[0] - 1: ids.shape[0] - 1 + n])
 
 
@@ -88,7 +105,7 @@ def test_step_logits_match_transformers(name, case_name):
     for b, sample in enumerate(_samples(name, case_name)):
         ids = sample.pop("input_ids")
         steps = case["generated"].shape[1]
-        cache = g4.KVCache.init(m.config, max_len=ids.shape[0] + steps, dtype=m.dtype)
+        cache = g4.KVCache.init(m.config, max_len=CACHE_SLOTS, dtype=m.dtype)
         logits, cache = m.prefill(ids, cache, mask_mode=mode, **sample)
         for t in range(steps):
             np.testing.assert_allclose(np.asarray(logits), case["gen_logits"][b, t], atol=1e-4, rtol=0)
@@ -149,8 +166,9 @@ def test_streamer_sees_every_token_in_order():
 def test_top_k_mask_against_direct_computation():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=300).astype(np.float32)
+    mask = jax.jit(top_k_mask)  # k is traced: one program for the four values
     for k in (1, 5, 64, 299):
-        kept = np.isfinite(np.asarray(top_k_mask(jnp.asarray(logits), k)))
+        kept = np.isfinite(np.asarray(mask(jnp.asarray(logits), k)))
         np.testing.assert_array_equal(np.flatnonzero(kept), np.sort(np.argsort(-logits)[:k]))
 
 
@@ -160,11 +178,12 @@ def test_top_p_mask_against_direct_computation():
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     order = np.argsort(-probs)
+    mask = jax.jit(top_p_mask)  # p is traced: one program for the five values
     for p in (0.1, 0.5, 0.9, 0.95, 0.999):
         # the smallest set of most likely tokens whose probability reaches p
         n = int(np.searchsorted(np.cumsum(probs[order]), p) + 1)
         expected = np.sort(order[:n])
-        kept = np.flatnonzero(np.isfinite(np.asarray(top_p_mask(jnp.asarray(logits), p))))
+        kept = np.flatnonzero(np.isfinite(np.asarray(mask(jnp.asarray(logits), p))))
         np.testing.assert_array_equal(kept, expected)
 
 
@@ -224,7 +243,7 @@ def test_logprobs_are_the_log_softmax_of_the_models_logits():
     out = g4.generate(m, ids, max_new_tokens=10, key=jax.random.key(3), temperature=1.0, top_k=40, top_p=0.9,
                       stop_ids=(), suppress_ids=(), return_logprobs=True)
     full = jnp.concatenate([ids, jnp.asarray(out.tokens)])
-    lp = np.asarray(jax.nn.log_softmax(m(full)))[len(ids) - 1: -1]
+    lp = np.asarray(jax.nn.log_softmax(_forward(m, {"input_ids": full}, "intended")))[len(ids) - 1: -1]
     np.testing.assert_allclose(out.logprobs, lp[np.arange(10), out.tokens], atol=2e-5, rtol=0)
     np.testing.assert_allclose(out.top_logprobs[:, 0], lp.max(-1), atol=2e-5, rtol=0)
     assert (out.sampling_logprobs >= out.logprobs - 1e-5).all()  # at T=1 filtering only concentrates the mass
@@ -319,17 +338,18 @@ def test_transformers_habits_are_refused_by_name(kwargs, match):
 
 def test_harmless_transformers_settings_are_accepted():
     m = model("tiny_c")
-    ids = np.arange(3, 8, dtype=np.int32)
+    ids = ref.cases("tiny_c")["gen_text"]["input_ids"][0]  # 10 tokens: the programs of the tests above
     a = g4.generate(m, ids, max_new_tokens=3, temperature=0.0, stop_ids=())
-    b = g4.generate(m, ids, max_length=8, num_beams=1, repetition_penalty=1.0, do_sample=False, stop_ids=())
+    b = g4.generate(m, ids, max_length=13, num_beams=1, repetition_penalty=1.0, do_sample=False, stop_ids=())
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_padding_without_a_mask_warns_and_right_padding_is_refused():
     m = model("tiny_c")
-    ids = np.stack([np.r_[0, 0, np.arange(3, 8)], np.arange(3, 10)]).astype(np.int32)
+    padded = np.r_[0, 0, np.arange(3, 11)].astype(np.int32)  # 10 tokens: the programs of the tests above
     with pytest.warns(UserWarning, match="attention_mask"):
-        g4.generate(m, ids, max_new_tokens=2, temperature=0.0)
+        g4.generate(m, padded, max_new_tokens=2, temperature=0.0)
+    ids = np.stack([np.r_[0, 0, np.arange(3, 8)], np.arange(3, 10)]).astype(np.int32)
     mask = np.ones(ids.shape, bool)
     mask[0, -2:] = False
     with pytest.raises(ValueError, match="right padding"):

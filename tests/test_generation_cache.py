@@ -10,7 +10,7 @@ import gemma4_eqx as g4
 from gemma4_eqx.cache import FullKV, RawKeyKV, cache_bytes
 
 import hf_reference as ref
-from test_generation import _greedy_with_cache, _recompute, _samples, model
+from test_generation import CACHE_SLOTS, _greedy_with_cache, _recompute, _samples, model
 
 
 @pytest.mark.parametrize("case_name", ["gen_text", "gen_image", "gen_left_pad"])
@@ -65,7 +65,8 @@ def test_k_and_v_in_the_cache_equal_raw_keys():
     assert np.array_equal(np.asarray(raw), np.asarray(separate))
     with jax.enable_x64(True):
         m64 = g4.load(ref.checkpoint_dir("tiny_a"), dtype=jnp.float64)
-        caches = [g4.KVCache.init(m64.config, max_len=ids.shape[0] + 8, dtype=jnp.float64, raw_keys=r)
+        # the capacity of the fp64 test below: the raw-key cache reuses its compiled prefill and decode step
+        caches = [g4.KVCache.init(m64.config, max_len=CACHE_SLOTS, dtype=jnp.float64, raw_keys=r)
                   for r in (True, False)]
         assert isinstance(caches[0].layers[-1], RawKeyKV) and isinstance(caches[1].layers[-1], FullKV)
         out = []

@@ -9,6 +9,7 @@ back) and prompt lookup (mostly accepted), plus transformers' own assisted greed
 from __future__ import annotations
 
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,7 +125,8 @@ def test_rejection_rule_keeps_the_target_distribution():
     vocab, n = 6, 200_000
     params = SamplingParams.make(vocab, temperature=0.7, top_k=4, top_p=None)
     logits = jnp.array([[2.0, 1.0, 0.5, -1.0, 0.0, 1.5], [0.3, -0.2, 1.1, 0.0, 2.0, -1.0]])
-    p = _target_probs(logits, params)
+    target_probs = jax.jit(_target_probs)  # one program for both settings (they are traced)
+    p = target_probs(logits, params)
     q = jnp.array([[0.05, 0.05, 0.6, 0.1, 0.1, 0.1]])
     keys = jax.random.split(jax.random.key(0), n)
 
@@ -142,19 +144,21 @@ def test_rejection_rule_keeps_the_target_distribution():
     bonus = np.asarray(extra)[np.asarray(accepted) == 1]
     tv_bonus = 0.5 * np.abs(np.bincount(bonus, minlength=vocab) / bonus.size - np.asarray(p[1])).sum()
     assert tv_bonus < 0.02, tv_bonus
-    # greedy: one-hot p accepts exactly the argmax
+    # greedy: one-hot p accepts exactly the argmax (every draft d in one compiled program)
     g = SamplingParams.make(vocab, temperature=0.0, top_k=None, top_p=None)
-    pg = _target_probs(logits, g)
+    pg = target_probs(logits, g)
+    drafts = jnp.arange(vocab, dtype=jnp.int32)[:, None]
+    acc, ex = jax.jit(jax.vmap(lambda d: _verify_one(pg, jax.nn.one_hot(d, vocab), d, keys[0])))(drafts)
     for d in range(vocab):
-        acc, ex = _verify_one(pg, jax.nn.one_hot(jnp.array([d]), vocab), jnp.array([d], jnp.int32), keys[0])
-        assert int(acc) == int(d == 0) and int(ex) == (4 if d == 0 else 0)
+        assert int(acc[d]) == int(d == 0) and int(ex[d]) == (4 if d == 0 else 0)
 
 
 def test_prompt_lookup_proposes_the_continuation():
+    propose = eqx.filter_jit(lambda drafter, hist, end, steps: drafter.propose(hist, end, steps))  # not op by op
     hist = jnp.array([5, 6, 7, 8, 9, 5, 6, 0, 0, 0], jnp.int32)  # context [5 6 7 8 9 5 6], pending 6 at 6
-    np.testing.assert_array_equal(np.asarray(PromptLookupDrafter(ngram=2).propose(hist, jnp.int32(6), 3)), [7, 8, 9])
+    np.testing.assert_array_equal(np.asarray(propose(PromptLookupDrafter(ngram=2), hist, jnp.int32(6), 3)), [7, 8, 9])
     none = jnp.array([1, 2, 3, 4, 0, 0], jnp.int32)
-    np.testing.assert_array_equal(np.asarray(PromptLookupDrafter(ngram=2).propose(none, jnp.int32(3), 2)), [4, 4])
+    np.testing.assert_array_equal(np.asarray(propose(PromptLookupDrafter(ngram=2), none, jnp.int32(3), 2)), [4, 4])
     with pytest.raises(ValueError, match="ngram"):
         PromptLookupDrafter(ngram=0)
 
