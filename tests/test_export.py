@@ -9,6 +9,7 @@ mismatched tensor) and recorded transformers' logits in `logits.npz`. Here the s
 import json
 import pathlib
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,11 +41,15 @@ def model():
 
 def _ours(model, case: dict) -> np.ndarray:
     tokens = {ours: jnp.asarray(case[hf]) for hf, ours in TOKEN_FIELDS.items() if hf in case}
-    tokens["attention_mask"] = tokens["attention_mask"].astype(bool)
-    media = {k: jnp.asarray(case[k])[None] for k in MEDIA_FIELDS if k in case}  # the media of the one row
+    tokens["attention_mask"] = jnp.asarray(case["attention_mask"].astype(bool))
+    media = {k: jnp.asarray(case[k][None]) for k in MEDIA_FIELDS if k in case}  # the media of the one row
     assert not media or tokens["input_ids"].shape[0] == 1
-    # transformers' plain forward builds its masks the "hf_forward" way (spec §5.4)
-    return np.asarray(jax.jit(jax.vmap(lambda b: model(**b, mask_mode="hf_forward")))({**tokens, **media}))
+    return np.asarray(_forward(model, {**tokens, **media}))
+
+
+# transformers' plain forward builds its masks the "hf_forward" way (spec §5.4). The model is an argument of the
+# compiled function, not constants baked into it.
+_forward = eqx.filter_jit(lambda model, batch: jax.vmap(lambda b: model(**b, mask_mode="hf_forward"))(batch))
 
 
 def test_transformers_loaded_every_tensor(recorded):
