@@ -5,8 +5,6 @@ which checks our argument layout, mask and scale, and the dispatch is exercised 
 GPU with the fused call routed to that reference.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,39 +14,48 @@ import gemma4_eqx as g4
 from gemma4_eqx.assets import TINY_CHECKPOINT
 from gemma4_eqx.layers import attention as attn
 from gemma4_eqx.layers import kernels, policy
-from gemma4_eqx.masks import inside_window, causal
 
 
-# One compiled program per shape for the random inputs (eagerly, each jax.random.normal and mask op of a new shape
-# compiled a program of its own); the values are the same either way.
-@functools.partial(jax.jit, static_argnums=range(7))
+def _mask(t, s, window, pad):
+    """Query i is key slot s - t + i: causal, inside the window, and keys before slot `pad` are padding."""
+    slots = np.arange(s)
+    q_slots = slots[s - t:]
+    return (slots[None] <= q_slots[:, None]) & (slots[None] > q_slots[:, None] - window) & (slots >= pad)[None]
+
+
+# Random inputs drawn with numpy: nothing to compile (jax.random compiled a program per shape and dtype, seconds
+# each). The kernels are compared on the inputs they are given; the draws themselves are not the point.
 def _inputs(heads, kv_heads, head_dim, t=24, s=24, dtype=jnp.float32, seed=0):
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(k1, (t, heads, head_dim), dtype)
-    k = jax.random.normal(k2, (s, kv_heads, head_dim), dtype)
-    v = jax.random.normal(k3, (s, kv_heads, head_dim), dtype)
-    slots = jnp.arange(s)
-    mask = causal(slots[-t:], slots) & inside_window(slots[-t:], slots, 8)
-    mask = mask.at[:, :3].set(False)  # left padding
-    mask = mask.at[10:15, 10:15].set(True)  # a bidirectional vision block: non-causal entries
-    return q, k, v, mask
+    r = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(r.standard_normal(shape), dtype)
+               for shape in ((t, heads, head_dim), (s, kv_heads, head_dim), (s, kv_heads, head_dim)))
+    mask = _mask(t, s, 8, pad=3)  # left padding
+    mask[10:15, 10:15] = True  # a bidirectional vision block: non-causal entries
+    return q, k, v, jnp.asarray(mask)
+
+
+# The kernels compared below, compiled once per shape (eagerly, each of their primitives compiles on its own).
+_dense = jax.jit(attn.dot_product_attention)
+_banded = jax.jit(attn.banded_attention, static_argnums=4)
+_streamed = jax.jit(attn.streamed_attention, static_argnums=4)
+_fused = jax.jit(attn.fused_attention, static_argnames="implementation")
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (4, 1, 32), (8, 8, 8)])
 def test_fused_call_equals_ours_in_float32(heads, kv_heads, head_dim):
     q, k, v, mask = _inputs(heads, kv_heads, head_dim)
-    ours = attn.dot_product_attention(q, k, v, mask)
-    fused = attn.fused_attention(q, k, v, mask, implementation="xla")
-    valid = np.asarray(mask.any(-1))  # fully masked (padding) queries are garbage in both
-    assert np.abs(np.asarray(ours - fused))[valid].max() <= 2e-6
+    ours = _dense(q, k, v, mask)
+    fused = _fused(q, k, v, mask, implementation="xla")
+    valid = np.asarray(mask).any(-1)  # fully masked (padding) queries are garbage in both
+    assert np.abs(np.asarray(ours) - np.asarray(fused))[valid].max() <= 2e-6
 
 
 def test_fused_call_in_bf16_differs_only_by_rounding():
     q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
-    ours = np.asarray(attn.dot_product_attention(q, k, v, mask).astype(jnp.float32))
-    fused = np.asarray(attn.fused_attention(q, k, v, mask, implementation="xla").astype(jnp.float32))
-    exact = np.asarray(attn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask))
-    valid = np.asarray(mask.any(-1))
+    ours = np.asarray(attn.dot_product_attention(q, k, v, mask)).astype(np.float32)
+    fused = np.asarray(_fused(q, k, v, mask, implementation="xla")).astype(np.float32)
+    exact = np.asarray(_dense(*(np.asarray(x).astype(np.float32) for x in (q, k, v)), mask))
+    valid = np.asarray(mask).any(-1)
     # jax keeps the scores in fp32, we round them to bf16 as transformers does: both are bf16-accurate.
     for out in (ours, fused):
         assert np.abs(out - exact)[valid].max() <= 0.05
@@ -140,17 +147,12 @@ def test_auto_falls_back_to_ours_when_cudnn_declines(monkeypatch):
         policy.CuDNNKernel().attend(q, k, v, mask, None)
 
 
-@functools.partial(jax.jit, static_argnums=range(6))
 def _band_inputs(t, prefix, window, dtype, seed=0, pad=3):
-    """Queries = the last t of prefix + t keys; a text sliding-window mask with left padding."""
+    """Queries = the last t of prefix + t keys; a text sliding-window mask with left padding (numpy draws)."""
     s = prefix + t
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(k1, (t, 4, 16), dtype)
-    k = jax.random.normal(k2, (s, 2, 16), dtype)
-    v = jax.random.normal(k3, (s, 2, 16), dtype)
-    slots = jnp.arange(s)
-    mask = causal(slots[prefix:], slots) & inside_window(slots[prefix:], slots, window) & (slots >= pad)[None]
-    return q, k, v, mask
+    r = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(r.standard_normal(shape), dtype) for shape in ((t, 4, 16), (s, 2, 16), (s, 2, 16)))
+    return q, k, v, jnp.asarray(_mask(t, s, window, pad))
 
 
 @pytest.mark.parametrize("t, prefix", [(40, 0), (37, 0), (40, 8), (19, 8), (64, 5)])
@@ -158,17 +160,16 @@ def test_banded_attention_is_the_same_function(t, prefix):
     window = 8
     with jax.enable_x64(True):
         q, k, v, mask = _band_inputs(t, prefix, window, jnp.float64)
-        dense = np.asarray(attn.dot_product_attention(q, k, v, mask))
-        banded = np.asarray(attn.banded_attention(q, k, v, mask, window))
-        valid = np.asarray(mask.any(-1))
+        dense = np.asarray(_dense(q, k, v, mask))
+        banded = np.asarray(_banded(q, k, v, mask, window))
+        valid = np.asarray(mask).any(-1)
         assert np.abs(dense - banded)[valid].max() <= 1e-13
     q, k, v, mask = _band_inputs(t, prefix, window, jnp.float32)
-    valid = np.asarray(mask.any(-1))
-    dense = np.asarray(attn.dot_product_attention(q, k, v, mask))
-    banded = np.asarray(attn.banded_attention(q, k, v, mask, window))
+    valid = np.asarray(mask).any(-1)
+    dense = np.asarray(_dense(q, k, v, mask))
+    banded = np.asarray(_banded(q, k, v, mask, window))
     with jax.enable_x64(True):  # the same fp32 inputs, computed in fp64
-        exact = np.asarray(attn.dot_product_attention(*(jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v)),
-                                                      mask))
+        exact = np.asarray(_dense(*(jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v)), mask))
     # fp32 rounding only: each within ~20 ulp of the exact answer (outputs up to ~3), so within 2e-6 of each other
     for out in (dense, banded):
         assert np.abs(out - exact)[valid].max() <= 1.5e-6
@@ -205,13 +206,13 @@ def test_long_text_forward_and_chunked_prefill_attend_in_bands_exactly():
 def test_streamed_attention_is_the_same_function(t, s, block):
     with jax.enable_x64(True):
         q, k, v, mask = _inputs(4, 2, 16, t=t, s=s, dtype=jnp.float64)
-        valid = np.asarray(mask.any(-1))
-        dense = np.asarray(attn.dot_product_attention(q, k, v, mask))
-        streamed = np.asarray(attn.streamed_attention(q, k, v, mask, block=block))
+        valid = np.asarray(mask).any(-1)
+        dense = np.asarray(_dense(q, k, v, mask))
+        streamed = np.asarray(_streamed(q, k, v, mask, block))
         assert np.abs(dense - streamed)[valid].max() <= 1e-13
     q, k, v, mask = _inputs(4, 1, 32, t=t, s=s, dtype=jnp.float32)
-    valid = np.asarray(mask.any(-1))
-    diff = np.abs(np.asarray(attn.dot_product_attention(q, k, v, mask) - attn.streamed_attention(q, k, v, mask, block)))
+    valid = np.asarray(mask).any(-1)
+    diff = np.abs(np.asarray(_dense(q, k, v, mask)) - np.asarray(_streamed(q, k, v, mask, block)))
     assert diff[valid].max() <= 2e-6
 
 

@@ -122,16 +122,6 @@ def ordered(x: np.ndarray) -> np.ndarray:
     return np.where(bits & 0x8000, -magnitude, magnitude)
 
 
-@eqx.filter_jit
-def apply(module, *args):
-    return module(*args)
-
-
-@eqx.filter_jit
-def rope(attention, x, positions):
-    return apply_rope(x, *attention.rope_tables(positions, x.dtype))
-
-
 @jax.jit
 def gelu_tanh(gate):
     # the MLP's activation (gemma4_eqx/layers/mlp.py): fp32 inside, one rounding
@@ -139,6 +129,25 @@ def gelu_tanh(gate):
 
 
 GELU = {"xla": gelu_tanh, "torch_cpu": jax.jit(gelu_tanh_torch_cpu)}
+
+
+@eqx.filter_jit
+def module_outputs(layer, x: dict, positions, mask, gelu) -> dict:
+    """Every traced module of one decoder layer, each applied to transformers' recorded input for it (`x`: module
+    kind -> input), jitted as in real use. The modules do not feed each other; they share one program only so that
+    it compiles once per layer kind and input shape instead of once per module."""
+    attn, mlp = layer.self_attn, layer.mlp
+    out = {name: getattr(layer, name)(x[name]) for name in NORMS}
+    out |= {name: getattr(attn, name)(x[name]) for name in ATTENTION_PROJECTIONS + HEAD_NORMS if name in x}
+    for name in ("rope_q", "rope_k"):
+        out[name] = apply_rope(x[name], *attn.rope_tables(positions, x[name].dtype))
+    out["attention_core"] = dot_product_attention(x["core_q"], x["core_k"], x["core_v"], mask)
+    out["self_attn"] = attn(x["self_attn"], positions, mask)
+    out |= {name: getattr(mlp, name)(x[name]) for name in MLP_PROJECTIONS}
+    out["gelu"] = gelu(x["gelu"])
+    out["mlp"] = mlp(x["mlp"])
+    out["decoder_layer"] = layer(x["decoder_layer"], positions, mask)
+    return out
 
 
 class Comparison:
@@ -158,35 +167,28 @@ class Comparison:
 
 def compare_layer(trace: Trace, layer, case: str, i: int, row: int, numerics: str) -> dict[str, Comparison]:
     p = f"{case}/layers.{i}"
-    attn, mlp = layer.self_attn, layer.mlp
-    x = lambda key: jnp.asarray(trace.bf16(key)[row])
-    positions = jnp.asarray(trace.raw(f"{case}/position_ids")[row])
-    mask = jnp.asarray(trace.raw(f"{p}.self_attn.core|mask")[row])
-    out: dict[str, Comparison] = {}
-
-    def put(kind, ours, hf_out_key, hf_in_key=None):
-        hf_in = None if hf_in_key is None else trace.bf16(hf_in_key)[row]
-        out[kind] = Comparison(case, i, row, ours, trace.bf16(hf_out_key)[row], hf_in)
-
-    for name in NORMS:
-        put(name, apply(getattr(layer, name), x(f"{p}.{name}|in")), f"{p}.{name}|out")
+    attn = layer.self_attn
+    core = f"{p}.self_attn.core"
+    # (module kind, transformers' input, transformers' output) for every traced module of the layer
+    keys = [(name, f"{p}.{name}|in", f"{p}.{name}|out") for name in NORMS]
     for name in ATTENTION_PROJECTIONS + HEAD_NORMS:
         key = f"{p}.self_attn.{name}"
         assert (key + "|in" in trace) == (getattr(attn, name) is not None), f"{key}: presence differs from ours"
         if key + "|in" in trace:
-            put(name, apply(getattr(attn, name), x(key + "|in")), key + "|out")
-    core = f"{p}.self_attn.core"
-    put("rope_q", rope(attn, x(f"{p}.self_attn.q_norm|out"), positions), core + "|q")
-    put("rope_k", rope(attn, x(f"{p}.self_attn.k_norm|out"), positions), core + "|k")
-    put("attention_core", apply(dot_product_attention, x(core + "|q"), x(core + "|k"), x(core + "|v"), mask),
-        core + "|out")
-    put("self_attn", apply(attn, x(f"{p}.self_attn|in"), positions, mask), f"{p}.self_attn|out")
-    for name in MLP_PROJECTIONS:
-        put(name, apply(getattr(mlp, name), x(f"{p}.mlp.{name}|in")), f"{p}.mlp.{name}|out")
-    put("gelu", GELU[numerics](x(f"{p}.mlp.act_fn|in")), f"{p}.mlp.act_fn|out", f"{p}.mlp.act_fn|in")
-    put("mlp", apply(mlp, x(f"{p}.mlp|in")), f"{p}.mlp|out")
-    put("decoder_layer", apply(layer, x(f"{p}|in"), positions, mask), f"{p}|out")
-    return out
+            keys.append((name, key + "|in", key + "|out"))
+    keys += [("rope_q", f"{p}.self_attn.q_norm|out", core + "|q"), ("rope_k", f"{p}.self_attn.k_norm|out", core + "|k"),
+             ("attention_core", None, core + "|out"), ("self_attn", f"{p}.self_attn|in", f"{p}.self_attn|out")]
+    keys += [(name, f"{p}.mlp.{name}|in", f"{p}.mlp.{name}|out") for name in MLP_PROJECTIONS]
+    keys += [("gelu", f"{p}.mlp.act_fn|in", f"{p}.mlp.act_fn|out"), ("mlp", f"{p}.mlp|in", f"{p}.mlp|out"),
+             ("decoder_layer", f"{p}|in", f"{p}|out")]
+    x = {kind: jnp.asarray(trace.bf16(hf_in)[row]) for kind, hf_in, _ in keys if hf_in is not None}
+    x |= {f"core_{n}": jnp.asarray(trace.bf16(f"{core}|{n}")[row]) for n in "qkv"}
+    positions = jnp.asarray(trace.raw(f"{case}/position_ids")[row])
+    mask = jnp.asarray(trace.raw(f"{core}|mask")[row])
+    ours = module_outputs(layer, x, positions, mask, GELU[numerics])
+    return {kind: Comparison(case, i, row, ours[kind], trace.bf16(hf_out)[row],
+                             trace.bf16(hf_in)[row] if kind == "gelu" else None)
+            for kind, hf_in, hf_out in keys}
 
 
 @functools.lru_cache(maxsize=None)

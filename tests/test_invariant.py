@@ -20,29 +20,36 @@ from gemma4_eqx.layers.attention import banded_attention, dot_product_attention,
 from gemma4_eqx.layers.linear import rowwise_matmul
 
 import hf_reference as ref
-from test_generation import _greedy_with_cache, _recompute, _samples, model
+from test_generation import _greedy_with_cache, _samples, model
 
 
-def _qkv(seed, t, heads, kv_heads, d, dtype=jnp.float32):
+def _qkv(seed, t, heads, kv_heads, d, dtype=np.float32):
+    """numpy arrays: slicing them compiles nothing (an eager slice of a jax array compiles a program per shape)."""
     r = np.random.default_rng(seed)
-    make = lambda *shape: jnp.asarray(r.standard_normal(shape), dtype)
+    make = lambda *shape: r.standard_normal(shape).astype(dtype)
     return make(t, heads, d), make(t, kv_heads, d), make(t, kv_heads, d)
 
 
 def _window_mask(t, window):
-    i = jnp.arange(t)
+    i = np.arange(t)
     return (i[:, None] >= i[None]) & (i[:, None] - i[None] < window)
+
+
+# The kernels under test, each compiled once per shape (run eagerly, every primitive would compile on its own).
+_ordered = jax.jit(ordered_attention)
+_dot_product = jax.jit(dot_product_attention)
 
 
 def test_ordered_attention_is_dot_product_attention():
     with jax.enable_x64(True):
-        q, k, v = _qkv(0, 23, 4, 2, 16, jnp.float64)
-        mask = _window_mask(23, 8).at[3].set(False)  # a fully masked row comes out uniform in both
-        a, b = ordered_attention(q, k, v, mask), dot_product_attention(q, k, v, mask)
-        assert np.abs(np.asarray(a - b)).max() <= 1e-13
+        q, k, v = _qkv(0, 23, 4, 2, 16, np.float64)
+        mask = _window_mask(23, 8)
+        mask[3] = False  # a fully masked row comes out uniform in both
+        a, b = np.asarray(_ordered(q, k, v, mask)), np.asarray(_dot_product(q, k, v, mask))
+        assert np.abs(a - b).max() <= 1e-13
     q, k, v = _qkv(1, 23, 4, 1, 32)
     mask = _window_mask(23, 23)
-    assert np.abs(np.asarray(ordered_attention(q, k, v, mask) - dot_product_attention(q, k, v, mask))).max() <= 1e-5
+    assert np.abs(np.asarray(_ordered(q, k, v, mask)) - np.asarray(_dot_product(q, k, v, mask))).max() <= 1e-5
 
 
 def test_ordered_attention_rounds_the_same_in_a_decode_layout():
@@ -50,33 +57,55 @@ def test_ordered_attention_rounds_the_same_in_a_decode_layout():
     of a 13-token forward, where XLA's einsum scores do not (the reason the scores are summed by component)."""
     q, k, v = _qkv(2, 13, 4, 2, 16)
     full_mask = _window_mask(13, 8)
-    full = jax.jit(ordered_attention)(q, k, v, full_mask)
-    ring_mask = jnp.concatenate([jnp.array([False]), jnp.ones(8, bool)])[None]
-    step = jax.jit(ordered_attention)(q[12:], k[4:], v[4:], ring_mask)
-    assert np.array_equal(np.asarray(step[0]), np.asarray(full[12]))
+    full = np.asarray(_ordered(q, k, v, full_mask))
+    ring_mask = np.concatenate([[False], np.ones(8, bool)])[None]
+    step = np.asarray(_ordered(q[12:], k[4:], v[4:], ring_mask))
+    assert np.array_equal(step[0], full[12])
     banded = jax.jit(lambda *a: banded_attention(*a, 8, kernel=ordered_attention))
     q, k, v = _qkv(3, 40, 4, 2, 16)
     mask = _window_mask(40, 8)
-    assert np.array_equal(np.asarray(banded(q, k, v, mask)), np.asarray(jax.jit(ordered_attention)(q, k, v, mask)))
+    assert np.array_equal(np.asarray(banded(q, k, v, mask)), np.asarray(_ordered(q, k, v, mask)))
 
     scores = jax.jit(lambda a, b: jnp.einsum("tkgd,skd->kgts", a.reshape(a.shape[0], 2, 2, 16), b))
-    differs = [s for s in range(1, 14)
-               if not np.array_equal(np.asarray(scores(q[12:13], k[13 - s:13]))[..., 0, :],
-                                     np.asarray(scores(q[:13], k[:13]))[..., 12, 13 - s:])]
+    whole = np.asarray(scores(q[:13], k[:13]))
+    # some window length s in 1..13 must round differently (any() stops at the first one found: each s is a new
+    # shape, so a new program)
+    differs = any(not np.array_equal(np.asarray(scores(q[12:13], k[13 - s:13]))[..., 0, :], whole[..., 12, 13 - s:])
+                  for s in range(1, 14))
     assert differs, "XLA's einsum scores no longer depend on the shape; the per-component sum could go"
 
 
 def test_rowwise_matmul_rows_do_not_depend_on_the_row_count():
     r = np.random.default_rng(4)
-    w = jnp.asarray(r.standard_normal((64, 32)), jnp.float32)
-    x = jnp.asarray(r.standard_normal((80, 64)), jnp.float32)
-    many = jax.jit(rowwise_matmul)(x, w)
+    w = r.standard_normal((64, 32)).astype(np.float32)
+    x = r.standard_normal((80, 64)).astype(np.float32)  # numpy: the row slices below compile nothing
+    many = np.asarray(jax.jit(rowwise_matmul)(x, w))
     for rows in (1, 7, 64):
-        assert np.array_equal(np.asarray(jax.jit(rowwise_matmul)(x[:rows], w)), np.asarray(many[:rows]))
-    assert np.abs(np.asarray(many - x @ w)).max() <= 1e-4
-    # XLA's own matmul switches kernels with the row count: row 0 of a 64-row product differs from a 1-row one.
+        assert np.array_equal(np.asarray(jax.jit(rowwise_matmul)(x[:rows], w)), many[:rows])
     plain = jax.jit(jnp.matmul)
-    assert not np.array_equal(np.asarray(plain(x[:64], w)[0]), np.asarray(plain(x[:1], w)[0]))
+    assert np.abs(many - np.asarray(plain(x, w))).max() <= 1e-4
+    # XLA's own matmul switches kernels with the row count: row 0 of a 64-row product differs from a 1-row one.
+    assert not np.array_equal(np.asarray(plain(x[:64], w))[0], np.asarray(plain(x[:1], w))[0])
+
+
+def _forward_closing_over(m):
+    """A jitted no-cache forward with the model's weights baked into the program as constants."""
+    return jax.jit(lambda inputs: m(**inputs))
+
+
+def _recompute(forward, sample, tokens):
+    """Logits of `forward` over prompt + generated tokens, at the positions that predicted them."""
+    sample = {k: np.asarray(v) for k, v in sample.items()}  # the inputs are joined on the host: nothing compiles
+    ids, n = sample["input_ids"], len(tokens)
+    full = dict(sample, input_ids=np.concatenate([ids, np.asarray(tokens, ids.dtype)]))
+    if "attention_mask" in sample:
+        full["attention_mask"] = np.concatenate([sample["attention_mask"], np.ones(n, bool)])
+    if "positions" in sample:
+        pos = sample["positions"]
+        full["positions"] = np.concatenate([pos, pos[-1] + 1 + np.arange(n, dtype=pos.dtype)])
+    if "mm_token_type_ids" in sample:
+        full["mm_token_type_ids"] = np.concatenate([sample["mm_token_type_ids"], np.zeros(n, np.int32)])
+    return np.asarray(forward(full))[ids.shape[0] - 1: ids.shape[0] - 1 + n]
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,13 +119,14 @@ def test_cached_decoding_equals_recomputation_bit_for_bit(case_name, dtype):
     """60 greedy steps, sliding window 8 (the ring wraps 7 times): every step's logits identical.
 
     The decode steps get the model as an argument (`decode_step_jitted`), the recomputation closes over it
-    (`_recompute`), so XLA sees the weights as parameters in one and as constants in the other: that must not
-    matter either.
+    (`_forward_closing_over`), so XLA sees the weights as parameters in one and as constants in the other: that
+    must not matter either.
     """
     m = invariant_model(dtype)
+    forward = _forward_closing_over(m)  # one jitted function for every sample (same shapes: traced once)
     for sample in _samples("tiny_a", case_name):
         stepped = _greedy_with_cache(m, dict(sample), 60)
-        again = _recompute(m, sample, stepped.argmax(-1))
+        again = _recompute(forward, sample, stepped.argmax(-1))
         assert np.array_equal(stepped, again)
 
 
@@ -104,7 +134,7 @@ def test_video_prompt_and_chunked_prefill_are_bit_exact():
     m = model("tiny_a").with_numerics("invariant")
     (sample,) = _samples("tiny_a", "mm_video")[:1]
     stepped = _greedy_with_cache(m, dict(sample), 12)
-    assert np.array_equal(stepped, _recompute(m, sample, stepped.argmax(-1)))
+    assert np.array_equal(stepped, _recompute(_forward_closing_over(m), sample, stepped.argmax(-1)))
     (sample,) = _samples("tiny_a", "gen_text")
     ids = sample["input_ids"]
     fresh = lambda: g4.KVCache.init(m.config, max_len=ids.shape[0] + 4, dtype=m.dtype)

@@ -81,6 +81,15 @@ def _cached_logits(m, ids, prompt, *, spare=0):
 
 forward = eqx.filter_jit(lambda m, ids: m(ids))
 
+CPU_MODES = [(numerics, kernel) for numerics in ("xla", "torch_cpu") for kernel in ("xla", "auto")]
+
+
+@eqx.filter_jit
+def _logits_in_every_cpu_mode(m, ids):
+    """(logits of `m`, {(numerics, kernel): logits of `m` switched to that mode}) from one program: a mode is a
+    static field over the same arrays, so XLA compiles what the modes compute alike once, not once per mode."""
+    return m(ids), {mode: m.with_numerics(mode[0]).with_attention_implementation(mode[1])(ids) for mode in CPU_MODES}
+
 
 # ---- policies compose with surgery --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(EDITS))
@@ -88,13 +97,12 @@ def test_an_edited_model_switches_to_every_cpu_mode(name):
     """Every numerics mode and every kernel that runs on CPU: same function as the default (within fp32 rounding)."""
     m = edited(name)
     ids = _ids(24)
-    reference = np.asarray(forward(m, ids))
-    for numerics in ("xla", "torch_cpu"):
-        for kernel in ("xla", "auto"):
-            switched = m.with_numerics(numerics).with_attention_implementation(kernel)
-            assert policy.policies(switched, policy.Numerics) == {policy.as_numerics(numerics)}
-            assert policy.policies(switched, policy.AttentionKernel) == {policy.as_kernel(kernel)}
-            np.testing.assert_allclose(np.asarray(forward(switched, ids)), reference, atol=2e-4, rtol=1e-4)
+    reference, logits = _logits_in_every_cpu_mode(m, ids)
+    for numerics, kernel in CPU_MODES:
+        switched = m.with_numerics(numerics).with_attention_implementation(kernel)
+        assert policy.policies(switched, policy.Numerics) == {policy.as_numerics(numerics)}
+        assert policy.policies(switched, policy.AttentionKernel) == {policy.as_kernel(kernel)}
+        np.testing.assert_allclose(np.asarray(logits[numerics, kernel]), np.asarray(reference), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["lora", "regrouped"])
@@ -203,8 +211,10 @@ def test_truncate_refuses_to_lose_window_keys():
 def test_truncate_over_a_batch_is_vmapped():
     m = base()
     cache = g4.KVCache.init(m.config, max_len=20, dtype=m.dtype, batch=2, spare=2)
-    _, cache = jax.vmap(lambda c, ids: g4.decode.prefill(m, ids, c))(cache, jnp.stack([_ids(12), _ids(12, 1)]))
-    rolled = jax.vmap(lambda c: c.truncate(10))(cache)
+    # jitted (the model an argument): one program each, where the eager vmap compiled one per primitive
+    prefill = eqx.filter_jit(jax.vmap(lambda m, ids, c: g4.decode.prefill(m, ids, c), in_axes=(None, 0, 0)))
+    _, cache = prefill(m, jnp.stack([_ids(12), _ids(12, 1)]), cache)
+    rolled = eqx.filter_jit(jax.vmap(lambda c: c.truncate(10)))(cache)
     assert np.asarray(rolled.length).tolist() == [10, 10]
     assert not np.asarray(rolled.full_valid)[:, 10:].any()
 
@@ -236,12 +246,17 @@ def test_mm_token_type_ids_follow_from_the_ids_when_omitted():
                                if k != "num_frames_per_video"}, m.config):
         sample = {k: jnp.asarray(v) for k, v in sample.items()}
         assert "mm_token_type_ids" in sample and "pixel_values" in sample
-        with_types = np.asarray(forward_kw(m, sample))
+        with_types, without_types = _with_and_without_types(m, sample)
+        np.testing.assert_array_equal(np.asarray(without_types), np.asarray(with_types))
         sample.pop("mm_token_type_ids")
-        np.testing.assert_array_equal(np.asarray(forward_kw(m, sample)), with_types)
         wrong = dict(sample, mm_token_type_ids=jnp.zeros_like(sample["input_ids"]))
         with pytest.raises(ValueError, match="mm_token_type_ids: disagree with input_ids"):
             m(**wrong)
 
 
-forward_kw = eqx.filter_jit(lambda m, kw: m(**kw))
+@eqx.filter_jit
+def _with_and_without_types(m, sample):
+    """Logits with the given mm_token_type_ids and with them omitted; one program, so the media encoders (the same
+    computation in both) compile once."""
+    without = {k: v for k, v in sample.items() if k != "mm_token_type_ids"}
+    return m(**sample), m(**without)

@@ -9,16 +9,24 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.batching import split_batch, stack_samples
+from gemma4_eqx.batching import split_batch
 
 import hf_reference as ref
+import test_hf_parity
+from test_hf_parity import MASK_MODES, multimodal_logits
 
 MM = ["mm_images_batch", "mm_two_images", "mm_audio", "mm_video", "mm_mixed"]
 
 
-@functools.lru_cache(maxsize=None)
 def model():
-    return g4.load(ref.checkpoint_dir("tiny_a"))
+    """tiny_a in fp32: the model (and the loaded arrays) of test_hf_parity.py."""
+    return test_hf_parity.model("tiny_a", "float32")
+
+
+@functools.partial(jax.jit, static_argnames="mask_modes")
+def one_sequence_logits(m, sample, mask_modes=MASK_MODES):
+    """{mask mode: logits} of one sequence; the model is an argument, so samples of one shape share one program."""
+    return {mode: m(**sample, mask_mode=mode) for mode in mask_modes}
 
 
 def _inputs(case_name):
@@ -31,9 +39,10 @@ def _inputs(case_name):
 def test_vmap_over_a_batch_equals_one_sequence_at_a_time(case_name, mode):
     m = model()
     samples = split_batch(_inputs(case_name), m.config)
-    batched = jax.jit(jax.vmap(lambda b: m(**b, mask_mode=mode)))(stack_samples(samples))
+    # the vmapped forward over the stacked batch, from the program test_hf_parity.py compares with transformers
+    batched = multimodal_logits("tiny_a", case_name)[mode]
     for b, sample in enumerate(samples):
-        alone = jax.jit(lambda s: m(**s, mask_mode=mode))(sample)
+        alone = one_sequence_logits(m, sample)[mode]
         # batched and single kernels sum in different orders: fp32 rounding only (measured <= 1.5e-5)
         np.testing.assert_allclose(np.asarray(batched[b]), np.asarray(alone), atol=5e-5, rtol=0)
 
@@ -42,8 +51,9 @@ def test_mask_modes_differ_only_with_vision_blocks():
     m = model()
     for case_name, differ in (("mm_images_batch", True), ("mm_audio", False)):
         s = split_batch(_inputs(case_name), m.config)[0]
-        a, b = m(**s, mask_mode="intended"), m(**s, mask_mode="hf_forward")
-        assert bool(jnp.any(jnp.abs(a - b) > 1e-3)) == differ
+        logits = one_sequence_logits(m, s)  # the program of the test above (sample 0)
+        a, b = np.asarray(logits["intended"]), np.asarray(logits["hf_forward"])
+        assert bool(np.any(np.abs(a - b) > 1e-3)) == differ
 
 
 def test_image_features_keep_padding_rows_and_match_the_splice():

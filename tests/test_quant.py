@@ -147,8 +147,8 @@ def test_streaming_load_and_save_round_trip(model, quantized, tmp_path, mode, em
     tree = g4.quantize(model, mode, embedding=embedding) if embedding else quantized[mode]
     streamed = g4.load(SMALL, dtype=jnp.float32, quantize={"mode": mode, "embedding": embedding})
     assert jax.tree.structure(streamed) == jax.tree.structure(tree)
-    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(streamed)):
-        assert a.dtype == b.dtype and bool(jnp.array_equal(a, b))
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(streamed)):  # compared on the host: no program per shape
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
     g4.save(tree, tmp_path / "q")
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert cfg["mode"] == mode and cfg["embedding"] is embedding
@@ -162,7 +162,7 @@ def test_streaming_load_and_save_round_trip(model, quantized, tmp_path, mode, em
     assert f.shape(name + ".scales") == ((128, 1) if mode == "int8" else (128, 12))
     back = g4.load(tmp_path / "q")
     for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
-        assert a.dtype == b.dtype and bool(jnp.array_equal(a, b))
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(quant.QuantError, match="already quantized"):
         g4.load(tmp_path / "q", quantize="int8" if mode == "int4" else "int4")
 
