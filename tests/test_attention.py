@@ -47,7 +47,12 @@ def test_fused_call_equals_ours_in_float32(heads, kv_heads, head_dim):
     ours = _dense(q, k, v, mask)
     fused = _fused(q, k, v, mask, implementation="xla")
     valid = np.asarray(mask).any(-1)  # fully masked (padding) queries are garbage in both
-    assert np.abs(np.asarray(ours) - np.asarray(fused))[valid].max() <= 2e-6
+    # The two sum the scores in different orders: each score is off by a few ulps of the largest (|q.k| near 18
+    # here, ~2e-6 per ulp), and the softmax passes that on to the outputs (|v| ~ 1). 2e-6 held on one x86-64 host
+    # and missed by 1% on another; four ulps of the largest score is the bound a rounding difference stays under.
+    scores = np.einsum("thd,shd->hts", np.asarray(q), np.repeat(np.asarray(k), heads // kv_heads, axis=1))
+    bound = 4 * np.finfo(np.float32).eps * np.abs(scores).max()
+    assert np.abs(np.asarray(ours) - np.asarray(fused))[valid].max() <= bound
 
 
 def test_fused_call_in_bf16_differs_only_by_rounding():

@@ -88,6 +88,31 @@ def test_rowwise_matmul_rows_do_not_depend_on_the_row_count():
     assert not np.array_equal(np.asarray(plain(x[:64], w))[0], np.asarray(plain(x[:1], w))[0])
 
 
+def test_invariant_rope_rounds_each_product_in_every_program():
+    """Under "invariant" the rotation rounds `x * cos` and `rotate_half(x) * sin` before adding them, in a program
+    that only rotates and in one that also writes the keys into a ring (the cached path's fusion, where an AMD
+    EPYC host contracted the plain rotation into fused multiply-adds differently from the forward's): both equal
+    numpy's float32 arithmetic, which never fuses."""
+    r = np.random.default_rng(5)
+    x = r.standard_normal((5, 2, 16)).astype(np.float32)
+    angles = r.uniform(0, 6, (5, 16)).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    rotated = np.concatenate([-x[..., 8:], x[..., :8]], axis=-1)
+    expected = x * cos[:, None] + rotated * sin[:, None]
+    rope = g4.layers.policy.Invariant().rope
+    alone = jax.jit(rope)(x, cos, sin)
+
+    @jax.jit
+    def into_ring(x, cos, sin, ring):
+        k = rope(x, cos, sin)
+        return jnp.concatenate([ring, k]), ring.at[jnp.arange(3)].set(k[-3:])
+
+    attended, written = into_ring(x, cos, sin, np.zeros((8, 2, 16), np.float32))
+    assert np.array_equal(np.asarray(alone), expected)
+    assert np.array_equal(np.asarray(attended)[8:], expected)
+    assert np.array_equal(np.asarray(written)[:3], expected[-3:])
+
+
 def _forward_closing_over(m):
     """A jitted no-cache forward with the model's weights baked into the program as constants."""
     return jax.jit(lambda inputs: m(**inputs))

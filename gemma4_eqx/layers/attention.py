@@ -27,7 +27,7 @@ from .kernels import (banded_attention, dot_product_attention, fused_attention, 
 from .linear import Linear
 from .norm import RMSNorm
 from .policy import XLA, AttentionKernel, Numerics, Policy, XLAKernel
-from .rope import apply_rope, inv_frequencies, rope_cos_sin
+from .rope import inv_frequencies, rope_cos_sin
 
 
 class AbstractAttention(eqx.Module):
@@ -110,7 +110,7 @@ class Attention(AbstractAttention):
     ) -> Float[Array, "seq heads head_dim"]:
         q = self.q_proj(x).reshape(x.shape[0], self.num_heads, self.head_dim)
         cos, sin = self.rope_tables(positions, x.dtype)
-        return apply_rope(self.q_norm(q), cos, sin)
+        return self.numerics.rope(self.q_norm(q), cos, sin)
 
     def raw_kv(
         self, x: Float[Array, "seq hidden"]
@@ -128,7 +128,7 @@ class Attention(AbstractAttention):
     ) -> tuple[Float[Array, "seq kv_heads head_dim"], Float[Array, "seq kv_heads head_dim"]]:
         """`k = rope(k_norm(raw_k))`, `v = v_norm(raw_v)`, with `raw_v = raw_k` when there is no v_proj."""
         cos, sin = self.rope_tables(positions, raw_k.dtype)
-        return apply_rope(self.k_norm(raw_k), cos, sin), self.v_norm(raw_k if raw_v is None else raw_v)
+        return self.numerics.rope(self.k_norm(raw_k), cos, sin), self.v_norm(raw_k if raw_v is None else raw_v)
 
     def keys_values(
         self, x: Float[Array, "seq hidden"], positions: Int[Array, " seq"]

@@ -1,8 +1,8 @@
 """The arithmetic behind the numerics policies (`layers/policy.py`: `XLA`, `TorchCPU`, `Invariant`).
 
 The model's maths is one formula, but a float32 sum depends on the order it adds in and a tanh on its last bit.
-`"xla"` lets XLA choose (fast, on any backend). `"torch_cpu"` reproduces, in plain XLA ops, the three places
-where transformers' CPU run rounds differently from XLA (measured against torch 2.13 on x86-64):
+`"xla"` lets XLA choose (fast, on any backend). `"torch_cpu"` reproduces, in plain XLA ops, the places where
+transformers' CPU run rounds differently from XLA (measured against torch 2.13 on x86-64):
 
 - the RMSNorm mean of squares: torch squares, then sums a row in its cascade order (`torch_cpu_sum` below) and
   divides by n; XLA would fuse the squares into the adds (fused multiply-adds) and divide by multiplying with 1/n,
@@ -10,7 +10,9 @@ where transformers' CPU run rounds differently from XLA (measured against torch 
 - `pow(mean + eps, -0.5)`: torch computes `1 / sqrt(.)` as two rounded operations, where XLA fuses an rsqrt;
 - GELU-tanh: torch's tanh is SLEEF's, which saturates to +-1 above |y| > ln(2^25) / 2 and is otherwise correctly
   rounded on every bf16 input; for 16-bit inputs the activation is a function of 65,536 values, so it is
-  tabulated once (numpy, float64 tanh) and looked up.
+  tabulated once (numpy, float64 tanh) and looked up;
+- RoPE's `x * cos + rotate_half(x) * sin`: torch rounds both products, then adds; LLVM may contract a product
+  and the add into a fused multiply-add (`layers.rope.apply_rope_rounded` keeps the products behind barriers).
 
 With `"torch_cpu"` and `XLA_FLAGS=--xla_allow_excess_precision=false` (so XLA rounds after every bf16 operation, as
 torch does) the bf16 logits of the test checkpoints equal transformers' bit for bit (tests/test_hf_parity.py). It
@@ -27,6 +29,9 @@ no-cache forward to rounding. Under `"invariant"`:
   softmax and values one key at a time in key order, so masked keys and empty slots add exact zeros; its
   inputs, exponentials and outputs sit behind optimization barriers so that XLA fuses them the same way for
   every shape; the sliding layers read their ring buffer oldest first;
+- RoPE rounds its two products before adding them (`apply_rope_rounded`): whether LLVM contracts them into a
+  fused multiply-add depends on how the rotation is fused with its consumers, and in a cached call the keys also
+  feed the ring's write (seen on an AMD EPYC host, one ulp apart, where an Intel host fused both alike);
 - every matmul (the projections and the tied lm head) multiplies one row at a time through the same
   vector-matrix kernel; the lm head's transposed table is materialised behind a barrier (folded into the dot,
   it let XLA pick another bf16 kernel when jit saw the weights as constants rather than arguments).

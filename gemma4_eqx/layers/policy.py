@@ -28,6 +28,7 @@ from .kernels import (backend, banded_attention, cudnn_accepts, fused_attention,
                       xla_attention)
 from .numerics import (compute_dtype, gelu_tanh_torch_cpu, reciprocal_sqrt, rowwise_matmul, torch_cpu_mean,
                        warn_if_bf16_rounding_differs)
+from .rope import apply_rope, apply_rope_rounded
 
 
 class PolicyError(ValueError):
@@ -145,6 +146,11 @@ class Numerics(Policy):
                kernel: AttentionKernel) -> Float[Array, "q_seq heads head_dim"]:
         """Softmax attention; `kernel` is the layer's kernel policy, used unless the numerics need their own."""
 
+    def rope(self, x: Float[Array, "seq heads head_dim"], cos: Float[Array, "seq head_dim"],
+             sin: Float[Array, "seq head_dim"]) -> Float[Array, "seq heads head_dim"]:
+        """The rotary embedding `x * cos + rotate_half(x) * sin` (`layers/rope.py`)."""
+        return apply_rope(x, cos, sin)
+
     def refuses_kernel(self, kernel: AttentionKernel) -> str | None:
         """Why this numerics mode cannot run with `kernel` (None when it can)."""
         return None
@@ -197,7 +203,7 @@ class XLA(Numerics):
 
 class TorchCPU(Numerics):
     """transformers' CPU rounding: RMSNorm sums in torch's cascade order with a two-op `1/sqrt`, GELU-tanh rounds
-    as torch's kernel (16-bit inputs by table). A verification mode."""
+    as torch's kernel (16-bit inputs by table), RoPE's products round before their sum. A verification mode."""
 
     name: ClassVar[str] = "torch_cpu"
 
@@ -212,6 +218,10 @@ class TorchCPU(Numerics):
 
     def gelu_tanh(self, x):
         return gelu_tanh_torch_cpu(x)
+
+    def rope(self, x, cos, sin):
+        # torch multiplies and adds in separate kernels: no fused multiply-add.
+        return apply_rope_rounded(x, cos, sin)
 
     def attend(self, q, k, v, mask, band, kernel):
         return kernel.attend(q, k, v, mask, band)
@@ -241,6 +251,9 @@ class Invariant(Numerics):
 
     def gelu_tanh(self, x):
         return _fp32_gelu(x)
+
+    def rope(self, x, cos, sin):
+        return apply_rope_rounded(x, cos, sin)
 
     def attend(self, q, k, v, mask, band, kernel):
         if in_bands(q, k, band):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ..config import RopeConfig
@@ -43,3 +44,21 @@ def apply_rope(
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def apply_rope_rounded(
+    x: Float[Array, "seq heads head_dim"],
+    cos: Float[Array, "seq head_dim"],
+    sin: Float[Array, "seq head_dim"],
+) -> Float[Array, "seq heads head_dim"]:
+    """`apply_rope` with each product rounded before the add (`numerics="invariant"`).
+
+    In `apply_rope` LLVM may contract a product and the add into one fused multiply-add, and whether it does
+    depends on how XLA fuses the rotation with its consumers: on an AMD EPYC (Zen 4) the keys a cached call also
+    writes into its ring came out unfused while the forward's were fused, one ulp apart. Behind barriers the two
+    products are rounded on their own in every program, as torch computes them.
+    """
+    barrier = jax.lax.optimization_barrier
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return barrier(x * cos[:, None, :]) + barrier(rotated * sin[:, None, :])
