@@ -22,6 +22,7 @@ from .checkpoint_names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSp
 from .config import Gemma4Config
 from .config_fields import read_json_file
 from .safetensors_io import SafetensorsFile, aligned_empty
+from .sharding import single_device
 
 SAVE_MARK = ".g4-save-"  # `checkpoint_save` stages a folder `X` as the sibling `.X.g4-save-<token>`
 PARTIAL_SUFFIX = ".partial"  # safetensors_io.write_file's name while a file is being written
@@ -317,7 +318,7 @@ def fill_model(abstract: Any, reader: SafetensorsReader, dtype: Any,
     validate(reader, specs, dtype)
     np_dtype = np.dtype(dtype)
     if shardings is None and place is None:
-        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        default = single_device()
         shardings = jax.tree.map(lambda _: default, abstract)
     wheres, values = [], []
     for get, group in _leaf_groups(abstract, specs):

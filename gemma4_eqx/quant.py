@@ -46,6 +46,7 @@ from jaxtyping import Array, Float, Int, Shaped
 
 from .layers.linear import Linear
 from .layers.policy import XLA, Numerics
+from .sharding import single_device
 
 MODES = {"int8": 8, "int4": 4}
 QUANT_METHOD = "gemma4_eqx"
@@ -527,7 +528,7 @@ def as_quant_config(quantize: Any) -> QuantConfig | None:
 def _stack_writer():
     from .checkpoint_load import _layer_writer
 
-    return _layer_writer(jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return _layer_writer(single_device())
 
 
 def load_folder(folder: str, *, dtype: Any = None, quantize: Any = None, model_kwargs: dict | None = None,

@@ -80,6 +80,17 @@ FSDP_TP: Rules = (
 DEFAULT_RULES = FSDP_TP
 
 
+def single_device(device=None) -> jax.sharding.Sharding:
+    """The sharding that puts a whole array on `device` (default: the first local device).
+
+    `jax.sharding.make_single_device_sharding` where this JAX has it (0.12 deprecates naming the class), the class
+    itself on older JAX (the accelerator image runs 0.11).
+    """
+    device = jax.local_devices()[0] if device is None else device
+    make = getattr(jax.sharding, "make_single_device_sharding", None)
+    return make(device) if make is not None else jax.sharding.SingleDeviceSharding(device)
+
+
 def make_mesh(fsdp: int | None = None, tp: int | None = None, devices: Sequence | None = None) -> Mesh:
     """A `Mesh` of shape `(fsdp, tp)` with axes ("fsdp", "tp") over `devices` (default: all of `jax.devices()`).
 

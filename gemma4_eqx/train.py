@@ -37,6 +37,7 @@ from .layers.numerics import compute_dtype as _compute_dtype
 from .layers.policy import Remat, as_remat, with_policy
 from .losses import next_token_nll
 from .masks import MaskMode, TokenType
+from .sharding import single_device
 
 
 def target_mask(
@@ -153,7 +154,7 @@ def init_optimizer(optimizer, model, filter_spec: FilterSpec | None = None):
     like = arrays[0].sharding
     replicated = (jax.sharding.NamedSharding(like.mesh, jax.sharding.PartitionSpec())
                   if isinstance(like, jax.sharding.NamedSharding)
-                  else jax.sharding.SingleDeviceSharding(next(iter(like.device_set))))
+                  else single_device(next(iter(like.device_set))))
     commit = lambda x: x if not isinstance(x, jax.Array) or getattr(x, "committed", True) else jax.device_put(
         x, replicated)
     return jax.tree.map(commit, state)
