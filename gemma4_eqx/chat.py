@@ -11,6 +11,12 @@ adds the template's own rendering of that reply and the new user turn, and only 
 therefore always equals a from-scratch render of the conversation, and greedy replies equal re-running the
 whole conversation from scratch (tests/test_chat.py).
 
+Compiled once: a text turn is prefilled in chunks of a fixed size (`generation.PREFILL_CHUNKS`, at most
+`max_new_tokens + 1`) over a row as long as the cache, padded on the right and rolled back over the padding, so
+turns of every length share one prefill program per chunk size and one decode program. A turn that adds an
+image, audio or video is prefilled as one chunk of exactly its new tokens (a chunk must not cut an image's
+bidirectional block), which compiles once per such length.
+
     chat = g4.ChatSession(model, proc, generation_config=folder)
     reply = chat.send([{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is this?"}])
     reply.content, reply.reasoning, reply.tool_calls
@@ -28,11 +34,11 @@ import numpy as np
 
 from .batching import MEDIA, _soft_tokens
 from .cache import KVCache
-from .generation import GenerationResult, _prefill, next_pow2, run_decode, sample_step
+from .generation import PREFILL_CHUNKS, _prefill, run_decode, sample_step
 from .generation_config import GenerationConfig
-from .sampling import SamplingParams
-
 from .processing import parse_response
+from .sampling import SamplingParams
+from .sharding import commit_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +120,13 @@ class ChatSession:
         """Forget the conversation (the cache is emptied, not reallocated)."""
         self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.cached = np.zeros((0,), np.int64)  # the token ids the cache holds
-        self.cache = KVCache.init(self.model.config, max_len=self.max_context, dtype=self.cache_dtype, batch=1,
-                                  spare=self.max_new_tokens)
+        self.cache = self._empty_cache()
+
+    def _empty_cache(self) -> KVCache:
+        # committed like the model, as every later cache is (the outputs of its programs): one prefill program
+        cache = KVCache.init(self.model.config, max_len=self.max_context, dtype=self.cache_dtype, batch=1,
+                             spare=self.max_new_tokens)
+        return commit_like(cache, self.model)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True):
         return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
@@ -144,21 +155,33 @@ class ChatSession:
         if keep < len(self.cached):
             rollback = len(self.cached) - keep
             if rollback > self.cache.spare + 1:  # cannot roll back that far: start from scratch
-                self.cache = KVCache.init(self.model.config, max_len=self.max_context, dtype=self.cache_dtype,
-                                          batch=1, spare=self.max_new_tokens)
+                self.cache = self._empty_cache()
                 keep = 0
             else:
                 self.cache = _truncate(self.cache, np.int32(keep))
-        part = {"input_ids": ids[None, keep:].astype(np.int32),
-                "attention_mask": np.ones((1, len(ids) - keep), bool)}  # positions continue the cache's
-        if vision[keep:].any():
-            part["mm_token_type_ids"] = types[None, keep:].astype(np.int32)
-        for k, v in _media_after(batch, keep, self.model.config).items():
-            part[k] = v[None]
+        new = len(ids) - keep  # positions continue the cache's
+        media = _media_after(batch, keep, self.model.config)
         self.key, sub = jax.random.split(self.key)
-        state, first = _prefill(self.model, self.cache, jax.device_put(part), np.int32(0), np.int32(max_new), sub,
-                                self.params, chunk=None, bounds=((0, len(ids) - keep),), max_len=self.max_context,
-                                mask_mode="intended", cache_dtype=self.cache_dtype, raw_keys=True)
+        common = dict(max_len=self.max_context, mask_mode="intended", cache_dtype=self.cache_dtype, raw_keys=True)
+        if media or vision[keep:].any():
+            # one chunk of exactly the new tokens (a chunk must not cut an image): compiled per length
+            part = {"input_ids": ids[None, keep:].astype(np.int32), "attention_mask": np.ones((1, new), bool)}
+            if vision[keep:].any():
+                part["mm_token_type_ids"] = types[None, keep:].astype(np.int32)
+            part.update({k: v[None] for k, v in media.items()})
+            state, first = _prefill(self.model, self.cache, jax.device_put(part), np.int32(0), np.int32(max_new),
+                                    sub, self.params, chunk=None, bounds=((0, new),), **common)
+        else:
+            # Text: chunks of a fixed size over a row as long as the cache, padded on the right and rolled back
+            # after, so turns of every length share one program per chunk size. The padding (< chunk) must fit
+            # the ring's spare slots and the room left for the reply: chunk <= max_new + 1.
+            chunk = max(c for c in PREFILL_CHUNKS if c <= min(new, max_new + 1))
+            row = np.full((1, self.max_context), int(self.params.pad_id), np.int32)
+            row[0, :new] = ids[keep:]
+            part = {"input_ids": row, "attention_mask": np.arange(self.max_context)[None] < new}
+            state, first = _prefill(self.model, self.cache, jax.device_put(part), np.int32(-(-new // chunk)),
+                                    np.int32(max_new), sub, self.params, np.int32(new), chunk=chunk, bounds=None,
+                                    **common)
         result, state = run_decode(self.model, state, first, self.params, max_new_tokens=max_new, streamer=streamer,
                                    step=sample_step, pad_id=int(self.params.pad_id))
         # roll the reply back out of the cache: the next render holds the template's own version of it
@@ -173,7 +196,7 @@ class ChatSession:
         self.messages = messages + [message]
         return Reply(content=parsed["content"], reasoning=parsed.get("reasoning"),
                      tool_calls=parsed.get("tool_calls") or [], text=text, tokens=tokens,
-                     prefilled=len(ids) - keep, reused=keep, interrupted=result.interrupted)
+                     prefilled=new, reused=keep, interrupted=result.interrupted)
 
     def _parse(self, text: str) -> dict[str, Any]:
         try:

@@ -169,37 +169,46 @@ def sample_step(model, state: DecodeState, params: SamplingParams) -> tuple[Deco
 
 
 def prefill_row(model, cache: KVCache, tokens: dict, media: dict, *, n_chunks, chunk: int | None,
-                bounds: tuple | None, mask_mode) -> tuple[KVCache, Float[Array, " hidden"]]:
+                bounds: tuple | None, mask_mode, last: Int[Array, ""] | None = None
+                ) -> tuple[KVCache, Float[Array, " hidden"]]:
     """Write one row's prompt into `cache` in chunks (`n_chunks` of `chunk` tokens, or the static `bounds`); returns
-    the cache and the last token's final hidden state. A multimodal prompt is embedded once and sliced, so every
-    chunk keeps its soft tokens in order. `generate`'s prefill and speculative decoding's both run this."""
+    the cache and the last token's final hidden state (`last`: the hidden state of the token at that index of the
+    prompt instead, for a prompt padded on the right). A multimodal prompt is embedded once and sliced, so every
+    chunk keeps its soft tokens in order. `generate`'s prefill, speculative decoding's and the chat's run this."""
     ids = tokens["input_ids"]
     embeds = model.embed(ids, **media) if media else None
     rest = {k: v for k, v in tokens.items() if k != "input_ids"}
 
-    def run(cache, start, size):
+    def run(cache, h, start, size):
         part = {k: jax.lax.dynamic_slice_in_dim(v, start, size) for k, v in rest.items()}
         if embeds is None:
             chunk_ids = jax.lax.dynamic_slice_in_dim(ids, start, size)
         else:
             chunk_ids, part["inputs_embeds"] = None, jax.lax.dynamic_slice_in_dim(embeds, start, size)
-        h, cache = forward_with_cache(model, chunk_ids, cache, mask_mode=mask_mode, **part)
-        return cache, h[-1]
+        out, cache = forward_with_cache(model, chunk_ids, cache, mask_mode=mask_mode, **part)
+        if last is None:
+            return cache, out[-1]
+        i = last - start
+        return cache, jnp.where((i >= 0) & (i < size), out[jnp.clip(i, 0, size - 1)], h)
 
     h = jnp.zeros((model.config.text.hidden_size,), model.dtype)
     if bounds is not None:
         for start, end in bounds:
-            cache, h = run(cache, start, end - start)
+            cache, h = run(cache, h, start, end - start)
     else:
-        cache, h = jax.lax.fori_loop(0, n_chunks, lambda i, c: run(c[0], i * chunk, chunk), (cache, h))
+        cache, h = jax.lax.fori_loop(0, n_chunks, lambda i, c: run(*c, i * chunk, chunk), (cache, h))
     return cache, h
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "bounds", "max_len", "mask_mode", "cache_dtype", "raw_keys"))
-def _prefill(model, cache, batch, n_chunks, max_new, key, params, *, chunk, bounds, max_len, mask_mode,
+def _prefill(model, cache, batch, n_chunks, max_new, key, params, real=None, *, chunk, bounds, max_len, mask_mode,
              cache_dtype, raw_keys):
     """Prefill every row (chunks of `chunk` tokens, `n_chunks` of them; or the static `bounds`) and choose each
-    row's first token. `cache=None` allocates one of `max_len` slots inside the program (no eager zeros)."""
+    row's first token. `cache=None` allocates one of `max_len` slots inside the program (no eager zeros).
+
+    `real` (a traced token count, one for every row): the prompt is padded on the right beyond its first `real`
+    tokens (the chat's turns, in chunks of a fixed size); the first token follows token `real - 1`, and the cache
+    is rolled back over the padding (`KVCache.truncate`: at most `spare + 1` padding tokens)."""
     tokens = {k: v for k, v in batch.items() if k in TOKEN_FIELDS}
     media = {k: v for k, v in batch.items() if k not in TOKEN_FIELDS}
     cfg = model.config
@@ -209,8 +218,11 @@ def _prefill(model, cache, batch, n_chunks, max_new, key, params, *, chunk, boun
             cache = KVCache.init(cfg, max_len=max_len, dtype=cache_dtype, raw_keys=raw_keys)
         # a regrouped stack (e.g. `g4.serving_layout`) reads its cache in its own layout: gathered once here
         cache = eqx.tree_at(lambda c: c.layers, cache, model.layers.own_cache_layout(cache.layers))
+        start = cache.length
         cache, h = prefill_row(model, cache, tokens, media, n_chunks=n_chunks, chunk=chunk, bounds=bounds,
-                               mask_mode=mask_mode)
+                               mask_mode=mask_mode, last=None if real is None else real - 1)
+        if real is not None:
+            cache = cache.truncate(start + real)
         return model.logits_from_hidden(h), cache
 
     logits, cache = jax.vmap(one)(cache, tokens, media)

@@ -91,6 +91,24 @@ def single_device(device=None) -> jax.sharding.Sharding:
     return make(device) if make is not None else jax.sharding.SingleDeviceSharding(device)
 
 
+def commit_like(tree, model):
+    """`tree`'s uncommitted arrays placed where `model`'s first array lives (replicated over its mesh, or on its
+    one device); `tree` as it is when `model`'s arrays are uncommitted too.
+
+    jit keys its compiled programs on whether each argument is committed, and a program's outputs are committed
+    when its inputs were: state made eagerly (an optimizer's, an empty KV cache) is not, the same state after one
+    step of a committed model is, so the second call would compile the whole program again.
+    """
+    arrays = [x for x in jax.tree.leaves(model) if isinstance(x, jax.Array)]
+    if not arrays or not arrays[0].committed:
+        return tree
+    like = arrays[0].sharding
+    place = (NamedSharding(like.mesh, P()) if isinstance(like, NamedSharding)
+             else single_device(next(iter(like.device_set))))
+    commit = lambda x: jax.device_put(x, place) if isinstance(x, jax.Array) and not x.committed else x
+    return jax.tree.map(commit, tree)
+
+
 def make_mesh(fsdp: int | None = None, tp: int | None = None, devices: Sequence | None = None) -> Mesh:
     """A `Mesh` of shape `(fsdp, tp)` with axes ("fsdp", "tp") over `devices` (default: all of `jax.devices()`).
 

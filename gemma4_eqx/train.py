@@ -37,7 +37,7 @@ from .layers.numerics import compute_dtype as _compute_dtype
 from .layers.policy import Remat, as_remat, with_policy
 from .losses import next_token_nll
 from .masks import MaskMode, TokenType
-from .sharding import single_device
+from .sharding import commit_like
 
 
 def target_mask(
@@ -147,17 +147,7 @@ def init_optimizer(optimizer, model, filter_spec: FilterSpec | None = None):
     compile the whole program again.
     """
     params = eqx.filter(model, _spec(filter_spec, model))
-    state = optimizer.init(params)
-    arrays = [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)]
-    if not arrays:
-        return state
-    like = arrays[0].sharding
-    replicated = (jax.sharding.NamedSharding(like.mesh, jax.sharding.PartitionSpec())
-                  if isinstance(like, jax.sharding.NamedSharding)
-                  else single_device(next(iter(like.device_set))))
-    commit = lambda x: x if not isinstance(x, jax.Array) or getattr(x, "committed", True) else jax.device_put(
-        x, replicated)
-    return jax.tree.map(commit, state)
+    return commit_like(optimizer.init(params), params)
 
 
 def make_train_step(optimizer, filter_spec: FilterSpec | None = None, *, remat: bool | str | None = None,

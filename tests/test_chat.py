@@ -9,6 +9,8 @@ import pytest
 
 import gemma4_eqx as g4
 
+from test_generation_compiles import counting_compilations
+
 GREEDY = g4.GenerationConfig(temperature=0.0, stop_ids=(1, 106))
 MEDIA_KW = {"images_kwargs": {"max_soft_tokens": 70}}
 
@@ -53,6 +55,30 @@ def test_three_turns_prefill_only_what_the_render_adds_and_equal_a_from_scratch_
         np.testing.assert_array_equal(reply.tokens, scratch.sequences[0])
         previous = ids
     assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 3
+
+
+def test_text_turns_of_every_length_share_one_prefill_program_and_equal_a_from_scratch_run():
+    """Text turns prefill in fixed-size chunks padded on the right (then rolled back), so turns of new lengths
+    compile nothing once the first has run. On the trained small checkpoint, whose greedy replies depend on the
+    prompt (the tiny one repeats a token), each reply equals `g4.generate` on the whole render."""
+    small = g4.load(g4.assets.SMALL_CHECKPOINT)
+    sproc = g4.Processor.from_pretrained(g4.assets.SMALL_CHECKPOINT)
+    chat = g4.ChatSession(small, sproc, generation_config=GREEDY, max_new_tokens=12, max_context=256)
+    turns = ["Once upon a time", "and then the little dog ran all the way home to see", "Why?",
+             "Tell me more about the old man who lived by the sea and his boat"]
+    compiled, replies = [], []
+    for content in turns:
+        with counting_compilations() as seen:
+            reply = chat.send(content)
+        compiled.append(len(seen))
+        replies.append(reply)
+        render = sproc.apply_chat_template(chat.messages[:-1], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)
+        scratch = g4.generate(small, **render, max_new_tokens=12, generation_config=GREEDY, return_result=True)
+        np.testing.assert_array_equal(reply.tokens, scratch.sequences[0])
+    assert len({r.prefilled for r in replies}) == len(turns)  # every turn prefilled a different number of tokens
+    assert len({int(t) for r in replies for t in r.tokens}) > 5  # replies that depend on where they are read
+    assert compiled[0] > 0 and compiled[1:] == [0] * (len(turns) - 1), compiled
 
 
 def test_reset_forgets_the_conversation(model, proc):
