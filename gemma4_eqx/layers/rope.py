@@ -51,7 +51,7 @@ def apply_rope_rounded(
     cos: Float[Array, "seq head_dim"],
     sin: Float[Array, "seq head_dim"],
 ) -> Float[Array, "seq heads head_dim"]:
-    """`apply_rope` with each product rounded before the add (`numerics="invariant"`).
+    """`apply_rope` with each product rounded before the add (`numerics="invariant"` and `"torch_cpu"`).
 
     In `apply_rope` LLVM may contract a product and the add into one fused multiply-add, and whether it does
     depends on how XLA fuses the rotation with its consumers: on an AMD EPYC (Zen 4) the keys a cached call also
