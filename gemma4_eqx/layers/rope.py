@@ -41,9 +41,12 @@ def apply_rope(
     sin: Float[Array, "seq head_dim"],
 ) -> Float[Array, "seq heads head_dim"]:
     """Rotate-half (NeoX) convention: dim i pairs with dim i + head_dim/2."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+def _rotate_half(x: Float[Array, "*shape head_dim"]) -> Float[Array, "*shape head_dim"]:
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
 def apply_rope_rounded(
@@ -59,6 +62,4 @@ def apply_rope_rounded(
     products are rounded on their own in every program, as torch computes them.
     """
     barrier = jax.lax.optimization_barrier
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return barrier(x * cos[:, None, :]) + barrier(rotated * sin[:, None, :])
+    return barrier(x * cos[:, None, :]) + barrier(_rotate_half(x) * sin[:, None, :])
