@@ -55,9 +55,9 @@ def _cache_jax_frame_filter() -> None:
         traceback_util._path_starts_with = functools.lru_cache(maxsize=None)(test)
 
 
-_cache_jax_frame_filter()
 # Round after every bf16 operation, as torch does, so bf16 runs are compared with transformers' rounding points.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+_cache_jax_frame_filter()  # the first import of jax: after every variable it reads is set
 
 from jaxtyping import install_import_hook  # noqa: E402
 
