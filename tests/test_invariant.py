@@ -84,8 +84,9 @@ def test_rowwise_matmul_rows_do_not_depend_on_the_row_count():
         assert np.array_equal(np.asarray(jax.jit(rowwise_matmul)(x[:rows], w)), many[:rows])
     plain = jax.jit(jnp.matmul)
     assert np.abs(many - np.asarray(plain(x, w))).max() <= 1e-4
-    # XLA's own matmul switches kernels with the row count: row 0 of a 64-row product differs from a 1-row one.
-    assert not np.array_equal(np.asarray(plain(x[:64], w))[0], np.asarray(plain(x[:1], w))[0])
+    # XLA's own matmul may switch kernels with the row count (on an Intel Sapphire Rapids and an AVX-512 AMD EPYC,
+    # row 0 of a 64-row product differed from a 1-row one; on an AVX2-only AMD EPYC it did not), so that is not
+    # asserted here: what is asserted is that the row-wise product never depends on it.
 
 
 def test_invariant_rope_rounds_each_product_in_every_program():

@@ -264,7 +264,9 @@ def test_image_features_match_equinox(models, batches):
     expected = eqx.filter_jit(lambda m, x, pos: m.image_features(x, pos))(model, kw["pixel_values"],
                                                                          kw["image_position_ids"])
     assert got.shape == (6, 12, 64)
-    assert _max_diff(got, expected, np.ones(got.shape[:2], bool)) <= FP32_TOL
+    # four float32 ulps of the largest feature (|x| <= 3.3; measured 3.1 of them on an AVX2-only AMD EPYC)
+    bound = 4 * np.finfo(np.float32).eps * float(np.abs(np.asarray(expected)).max())
+    assert _max_diff(got, expected, np.ones(got.shape[:2], bool)) <= bound
 
 
 # ---- NNX behaviour of its own -------------------------------------------------------------------------
