@@ -92,17 +92,17 @@ def single_device(device=None) -> jax.sharding.Sharding:
 
 
 def commit_like(tree, model):
-    """`tree`'s uncommitted arrays placed where `model`'s first array lives (replicated over its mesh, or on its
-    one device); `tree` as it is when `model`'s arrays are uncommitted too.
+    """`tree`'s uncommitted arrays placed where `model`'s first committed array lives (replicated over its mesh,
+    or on its one device); `tree` as it is when none of `model`'s arrays is committed.
 
     jit keys its compiled programs on whether each argument is committed, and a program's outputs are committed
-    when its inputs were: state made eagerly (an optimizer's, an empty KV cache) is not, the same state after one
-    step of a committed model is, so the second call would compile the whole program again.
+    when any of its inputs was: state made eagerly (an optimizer's, an empty KV cache, the adapters `add_lora`
+    draws) is not, the same state after one step of a loaded (committed) model is, so the second call would
+    compile the whole program again.
     """
-    arrays = [x for x in jax.tree.leaves(model) if isinstance(x, jax.Array)]
-    if not arrays or not arrays[0].committed:
+    like = next((x.sharding for x in jax.tree.leaves(model) if isinstance(x, jax.Array) and x.committed), None)
+    if like is None:
         return tree
-    like = arrays[0].sharding
     place = (NamedSharding(like.mesh, P()) if isinstance(like, NamedSharding)
              else single_device(next(iter(like.device_set))))
     commit = lambda x: jax.device_put(x, place) if isinstance(x, jax.Array) and not x.committed else x

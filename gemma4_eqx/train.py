@@ -142,12 +142,12 @@ def _spec(filter_spec: FilterSpec | None, model):
 def init_optimizer(optimizer, model, filter_spec: FilterSpec | None = None):
     """`optimizer.init` on the trainable part of `model` (the same `filter_spec` as the step).
 
-    The state is committed to the parameters' devices: `optimizer.init` leaves some leaves (Adam's step count)
-    uncommitted, the step returns them committed, and jit keys its cache on that, so the second step would
-    compile the whole program again.
+    The state is committed to the model's devices when the model has committed arrays (`sharding.commit_like`):
+    `optimizer.init` leaves some leaves (Adam's step count) uncommitted, the step returns them committed, and jit
+    keys its cache on that, so the second step would compile the whole program again.
     """
     params = eqx.filter(model, _spec(filter_spec, model))
-    return commit_like(optimizer.init(params), params)
+    return commit_like(optimizer.init(params), model)
 
 
 def make_train_step(optimizer, filter_spec: FilterSpec | None = None, *, remat: bool | str | None = None,
@@ -189,6 +189,9 @@ def make_train_step(optimizer, filter_spec: FilterSpec | None = None, *, remat: 
 
     def step(model, opt_state, batch):
         params, frozen = eqx.partition(model, _spec(filter_spec, model))
+        # Trainable arrays made eagerly on a loaded model (add_lora's adapters, a swapped layer's new weights) are
+        # uncommitted and come back committed: commit them first, so the first step's program serves every step.
+        params, opt_state = commit_like((params, opt_state), model)
         params, opt_state, loss = jitted((frozen, batch), params, opt_state)
         return eqx.combine(params, frozen), opt_state, loss
 
