@@ -340,10 +340,15 @@ class KVCache(eqx.Module):
         keep_full = jnp.arange(self.max_len) < length
         last = jnp.maximum(length - 1, 0)
         next_position = jnp.where(length > 0, self.full_positions[last] + 1, 0).astype(self.next_position.dtype)
+        length = length.astype(self.length.dtype)
+        if is_concrete(length, self.length) and self.length.committed:
+            # A length made eagerly from a Python int is uncommitted; jit keys its programs on that, so the next
+            # decode step would compile again: place it where the cache's own length lives.
+            length = jax.device_put(length, self.length.sharding)
         return eqx.tree_at(
             lambda c: (c.length, c.next_position, c.full_valid, c.full_positions, c.ring_slots, c.ring_valid),
             self,
-            (length.astype(self.length.dtype), next_position, self.full_valid & keep_full,
+            (length, next_position, self.full_valid & keep_full,
              jnp.where(keep_full, self.full_positions, 0), jnp.where(keep_ring, self.ring_slots, -1),
              self.ring_valid & keep_ring))
 

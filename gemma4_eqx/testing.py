@@ -14,6 +14,9 @@ near 1 a random network is chaotic, and with a large embedding it only repeats i
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -77,3 +80,23 @@ def filled_model(config: Gemma4Config, fill, *, seed: int = 0, dtype=jnp.float32
     return jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.asarray(np.asarray(fill(_path_name(path), x.shape, rng), np.float32), x.dtype),
         abstract)
+
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax.monitoring's event for one XLA compilation
+
+
+@contextlib.contextmanager
+def counting_compilations() -> Iterator[list[float]]:
+    """Within the block, the list receives the duration (s) of every XLA compilation: `len(seen)` programs were
+    compiled (a cache hit compiles nothing). For checking that repeated calls reuse their programs."""
+    seen: list[float] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE:
+            seen.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -5,7 +5,6 @@ calls with new prompt lengths, new `max_new_tokens` and new sampling settings ad
 left-padded batch of 4 and for image prompts of different sizes. No prompt of length L prefills more than 2L.
 """
 
-import contextlib
 
 import jax
 import numpy as np
@@ -14,28 +13,12 @@ import pytest
 
 import gemma4_eqx as g4
 from gemma4_eqx.generation import PREFILL_CHUNKS, cache_bucket, prompt_bucket
-
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+from gemma4_eqx.testing import counting_compilations
 
 
 @pytest.fixture(scope="module")
 def model():
     return g4.load(g4.assets.TINY_CHECKPOINT)
-
-
-@contextlib.contextmanager
-def counting_compilations():
-    seen = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE:
-            seen.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _settings(i: int) -> dict:

@@ -17,6 +17,7 @@ from gemma4_eqx.batching import split_batch
 from gemma4_eqx.layers import policy
 from gemma4_eqx.layers.attention import AbstractAttention, Attention
 from gemma4_eqx.layers.decoder import DecoderStack
+from gemma4_eqx.testing import counting_compilations
 
 import hf_reference as ref
 
@@ -179,10 +180,12 @@ def test_truncate_rolls_a_wrapped_ring_back_exactly():
     snapshot = cache
     cache = cache.truncate(PROMPT + STEPS - k)
     assert int(cache.length) == PROMPT + STEPS - k and int(cache.next_position) == PROMPT + STEPS - k
-    rolled = []
-    for t in range(k):
-        logits, cache = m.decode_step(other[t], cache)
-        rolled.append(np.asarray(logits))
+    rolled, tokens = [], [other[t] for t in range(k)]  # (indexing compiles too: outside the count)
+    with counting_compilations() as compiled:  # the rolled-back cache reuses the decode step's program
+        for token in tokens:
+            logits, cache = m.decode_step(token, cache)
+            rolled.append(np.asarray(logits))
+    assert compiled == [], f"{len(compiled)} compilations after truncate"
     fresh_ids = jnp.concatenate([ids[:PROMPT + STEPS - k], other])
     full = np.asarray(forward(m, fresh_ids))[PROMPT + STEPS - k:]
     assert np.array_equal(np.stack(rolled), full)

@@ -10,6 +10,7 @@ import pytest
 
 from gemma4_eqx import surgery, train
 from gemma4_eqx.batching import stack_samples
+from gemma4_eqx.testing import counting_compilations
 
 from test_transforms import CONFIG, as_jax, mixed_batch, model32, tree_max_diff
 
@@ -66,11 +67,11 @@ def test_loss_goes_down_over_a_few_adam_steps_and_only_the_selected_arrays_are_d
     assert not m.embed_tokens.is_deleted()  # frozen: neither donated nor copied
     assert new.embed_tokens is m.embed_tokens and new.layers.runs[0].mlp.up_proj.weight is m.layers.runs[0].mlp.up_proj.weight
     losses = [float(loss)]
-    with CompileCounter() as compiled:  # the first step's program serves every later one
+    with counting_compilations() as compiled:  # the first step's program serves every later one
         for _ in range(7):
             new, state, loss = step(new, state, batch)
             losses.append(float(loss))
-    assert compiled.count == 0, f"{compiled.count} compilations after the first step"
+    assert compiled == [], f"{len(compiled)} compilations after the first step"
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.1, losses
     assert not new.layers.remat  # the model keeps its own setting; remat applies inside the step
 
@@ -101,24 +102,6 @@ def test_a_per_leaf_filter_is_refused_with_a_hint():
         step(model32(), None, TEXT)
 
 
-class CompileCounter:
-    """Counts XLA compilations while active (a context manager)."""
-
-    def __init__(self):
-        self.count = 0
-
-    def _listener(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listener)
-
-
 def test_the_train_step_compiles_once(batch):
     """LoRA adapters on a loaded model: the adapters `add_lora` draws and the state `optimizer.init` makes are
     uncommitted, the loaded weights are committed, and a step's outputs come back committed; jit keys its programs on
@@ -131,11 +114,11 @@ def test_the_train_step_compiles_once(batch):
     opt_state = train.init_optimizer(optimizer, m, spec)
     step = train.make_train_step(optimizer, spec)
     m, opt_state, _ = step(m, opt_state, batch)
-    with CompileCounter() as compiled:
+    with counting_compilations() as compiled:
         for _ in range(2):
             m, opt_state, loss = step(m, opt_state, batch)
         jax.block_until_ready(loss)
-    assert compiled.count == 0, f"{compiled.count} compilations after the first step"
+    assert compiled == [], f"{len(compiled)} compilations after the first step"
 
 
 def test_bf16_parameters_stay_bf16_under_an_optimizer_with_fp32_moments(batch):
