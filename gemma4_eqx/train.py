@@ -161,7 +161,8 @@ def make_train_step(optimizer, filter_spec: FilterSpec | None = None, *, remat: 
     - `compute_dtype`: cast the parameters to it inside the step (mixed precision, see the module doc).
     - `donate`: the trainable arrays and the optimizer state are donated (updated in place). The arrays you pass
       are invalid afterwards, and so are other models sharing them (e.g. the one you did surgery on); frozen
-      arrays and the batch are never donated.
+      arrays and the batch are never donated. Uncommitted trainable arrays of a model that has committed ones
+      (fresh adapters on a loaded model) are first committed beside them, and it is those copies that are donated.
     `opt_state` comes from `init_optimizer(optimizer, model, filter_spec)`.
     """
     if remat is not None:
