@@ -32,6 +32,7 @@ from ._checks import check_value, is_concrete
 from .config import Gemma4Config
 from .layers.kinds import LayerKind, layer_pattern, layer_repeats
 from .masks import MaskMode, layer_masks
+from .sharding import commit_like
 
 # `finish(raw_k, raw_v or None, positions) -> (k, v)`: the attention's k_norm + RoPE and v_norm.
 Finish = Callable[..., tuple[Array, Array]]
@@ -341,10 +342,10 @@ class KVCache(eqx.Module):
         last = jnp.maximum(length - 1, 0)
         next_position = jnp.where(length > 0, self.full_positions[last] + 1, 0).astype(self.next_position.dtype)
         length = length.astype(self.length.dtype)
-        if is_concrete(length, self.length) and self.length.committed:
+        if is_concrete(length, self.length):
             # A length made eagerly from a Python int is uncommitted; jit keys its programs on that, so the next
-            # decode step would compile again: place it where the cache's own length lives.
-            length = jax.device_put(length, self.length.sharding)
+            # decode step would compile again: place it where the cache's own arrays live.
+            length = commit_like(length, self)
         return eqx.tree_at(
             lambda c: (c.length, c.next_position, c.full_valid, c.full_positions, c.ring_slots, c.ring_valid),
             self,

@@ -69,8 +69,8 @@ TRACE_FILE = "bf16_trace.npz"
 FLIP_FRACTION = 3e-4
 PROPAGATED_FRACTION = 2e-2
 # On CPUs of another kind than the recording one (native bf16 dots, or no AVX-512: hf_reference.bf16_order_differs)
-# XLA's products and reductions add in another order: one-ulp flips appear in the projections too (measured <= 1.2e-4 of the
-# elements) and the norms flip more often (<= 5.8e-4).
+# XLA's products and reductions add in another order: one-ulp flips appear in the projections too (measured <= 1.2e-4
+# of the elements) and the norms flip more often (<= 5.8e-4).
 # A flip can grow to a few ulps where an output is a small difference of large terms.
 DOT_FLIP_FRACTION = 3e-4 if ref.bf16_order_differs() else 0.0
 MAX_ULPS = 8 if ref.bf16_order_differs() else 1  # measured <= 6 (an MLP output)

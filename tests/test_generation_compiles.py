@@ -5,7 +5,6 @@ calls with new prompt lengths, new `max_new_tokens` and new sampling settings ad
 left-padded batch of 4 and for image prompts of different sizes. No prompt of length L prefills more than 2L.
 """
 
-
 import jax
 import numpy as np
 import PIL.Image
