@@ -7,6 +7,12 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# What `_o0_unless_marked` below appended to XLA_FLAGS for child processes. The xdist workers are children of the
+# controller, whose conftest ran first: they take the addition back out before JAX reads XLA_FLAGS.
+ADDED_FLAGS = "GEMMA4_EQX_TESTS_ADDED_XLA_FLAGS"
+if (_added := os.environ.pop(ADDED_FLAGS, "")) and os.environ.get("XLA_FLAGS", "").endswith(_added):
+    os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"][: -len(_added)]
+
 
 def _share_compiled_programs() -> None:
     """One persistent compilation cache for the whole run: xdist workers, notebook kernels and test subprocesses.
@@ -76,6 +82,74 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+
+# ---- XLA's LLVM backend at -O0, except where a test's assertion is about the machine code ----------------------
+#
+# Compiling is most of the suite's time, and XLA:CPU's LLVM backend at -O0 compiles the same programs about twice
+# as fast (tiny checkpoint, one core: forward 2.9 -> 1.4 s, generate's prefill 5.4 -> 2.9 s). The HLO is the same
+# program either way; only LLVM's instruction selection and vectorisation change, and with them the order in which
+# fp32/bf16 sums are added (logits move by ~1e-5). What a test asserts about our program (shapes, masks, parity with
+# transformers within fp32 bounds, compile counts, tokens) holds at either level: a whole run at -O0 on 2026-12-07
+# failed one test, and that one is about the machine code. Tests marked `machine_code` assert exactly that (bf16
+# bits against torch's, `numerics="invariant"` equal bit for bit across programs) and run at XLA's default level,
+# the one users run. An XLA_FLAGS that already names a level is left alone, for this process and its children.
+OPTIMISATION_FLAG = "--xla_backend_optimization_level"
+LEVELS = {"o0": False, "patched": False, "set_by_user": OPTIMISATION_FLAG in os.environ["XLA_FLAGS"]}
+
+
+def _o0_unless_marked() -> None:
+    """Compile at -O0 while `LEVELS["o0"]` is set (per test, `pytest_runtest_setup`), by setting the debug option in
+    every compilation's options; child processes (CLI, notebooks' kernels) get it through XLA_FLAGS.
+
+    XLA reads XLA_FLAGS once per process, so the flag added to the environment after this process's first
+    compilation reaches only the children. Private JAX API (`jax._src.compiler.get_compile_options`, which every
+    jit calls): if it moves, everything compiles at the default level, slower and still correct.
+    """
+    if LEVELS["set_by_user"]:
+        return
+    import functools
+
+    import jax
+    from jax._src import compiler
+
+    jax.jit(lambda x: x + 1)(1).block_until_ready()  # this process has read XLA_FLAGS: the change below is for children
+    os.environ[ADDED_FLAGS] = f" {OPTIMISATION_FLAG}=0"
+    os.environ["XLA_FLAGS"] += os.environ[ADDED_FLAGS]
+    original = getattr(compiler, "get_compile_options", None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def get_compile_options(*args, **kwargs):
+        options = original(*args, **kwargs)
+        if LEVELS["o0"]:
+            # in the options' debug options, which JAX's persistent cache key holds: a program compiled at the default
+            # level here never shares an entry with one compiled at -O0 here or in a child (whose XLA_FLAGS, which
+            # the key also holds, is this process's environment)
+            options.executable_build_options.debug_options.xla_backend_optimization_level = 0
+        return options
+
+    compiler.get_compile_options = get_compile_options
+    LEVELS["patched"] = True
+
+
+_o0_unless_marked()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before a test's fixtures: its level. JAX's in-memory caches do not know about the option, so a change of level
+    clears them (programs of 0.2 s and more come back from the run's persistent cache, whose key has the options);
+    `pytest_collection_modifyitems` puts a file's marked tests first, so a file changes level at most twice."""
+    if not LEVELS["patched"]:
+        return
+    o0 = item.get_closest_marker("machine_code") is None
+    if o0 != LEVELS["o0"]:
+        import jax
+
+        jax.clear_caches()
+        LEVELS["o0"] = o0
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
@@ -144,4 +218,6 @@ HEAVIEST_FIRST = (
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+    # stable: a file's tests keep their order, its `machine_code` tests first (see pytest_runtest_setup)
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path.name,
+                                 item.get_closest_marker("machine_code") is None))

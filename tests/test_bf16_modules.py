@@ -65,6 +65,9 @@ from gemma4_eqx.layers.rope import apply_rope
 
 import hf_reference as ref
 
+# bf16 bits against torch's: the machine code XLA emits at its default level (conftest.py)
+pytestmark = pytest.mark.machine_code
+
 TRACE_FILE = "bf16_trace.npz"
 FLIP_FRACTION = 3e-4
 PROPAGATED_FRACTION = 2e-2

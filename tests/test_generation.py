@@ -249,6 +249,7 @@ def test_logprobs_are_the_log_softmax_of_the_models_logits():
     assert (out.sampling_logprobs >= out.logprobs - 1e-5).all()  # at T=1 filtering only concentrates the mass
 
 
+@pytest.mark.machine_code
 def test_logprobs_equal_a_training_forward_bit_for_bit_under_invariant_numerics():
     """Under numerics="invariant" the cached logits equal the no-cache forward's, so the returned log-probs equal
     the training forward's at those positions exactly (text, and a left-padded batch). The log-softmax is
@@ -280,6 +281,7 @@ def test_logprobs_equal_a_training_forward_bit_for_bit_under_invariant_numerics(
         np.testing.assert_array_equal(out.logprobs[b], lp[np.arange(8), out.tokens[b]])
 
 
+@pytest.mark.machine_code
 def test_ordered_log_softmax_does_not_depend_on_the_number_of_rows():
     x = jnp.asarray(5 * np.random.default_rng(0).normal(size=(40, 1000)), jnp.float32)
     whole = np.asarray(jax.jit(ordered_log_softmax)(x))

@@ -122,6 +122,7 @@ def torch_cpu_model(name: str):
     return g4.load(ref.checkpoint_dir(name), dtype=jnp.bfloat16, numerics="torch_cpu")
 
 
+@pytest.mark.machine_code
 @pytest.mark.parametrize("name, case_name", BF16_CASES)
 def test_bf16_logits_equal_transformers_with_torch_cpu_numerics(name, case_name):
     """The issue's literal bf16 criterion (same argmax everywhere, within 0.25), met by being bit-identical.

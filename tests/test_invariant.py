@@ -22,6 +22,9 @@ from gemma4_eqx.layers.linear import rowwise_matmul
 import hf_reference as ref
 from test_generation import _greedy_with_cache, _samples, model
 
+# bit for bit across programs: the machine code XLA emits at its default level (conftest.py)
+pytestmark = pytest.mark.machine_code
+
 
 def _qkv(seed, t, heads, kv_heads, d, dtype=np.float32):
     """numpy arrays: slicing them compiles nothing (an eager slice of a jax array compiles a program per shape)."""

@@ -106,6 +106,7 @@ def test_an_edited_model_switches_to_every_cpu_mode(name):
         np.testing.assert_allclose(np.asarray(logits[numerics, kernel]), np.asarray(reference), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.machine_code
 @pytest.mark.parametrize("name", ["lora", "regrouped"])
 def test_under_invariant_numerics_an_edited_models_cached_decode_equals_its_forward_bit_for_bit(name):
     m = edited(name).with_numerics("invariant")
@@ -165,6 +166,7 @@ def test_one_function_scans_the_layers():
 
 
 # ---- truncate -----------------------------------------------------------------------------------------------------
+@pytest.mark.machine_code
 def test_truncate_rolls_a_wrapped_ring_back_exactly():
     """Decode past the end, roll back k tokens (the ring has wrapped several times), decode other tokens: the
     logits equal a cache that never saw the discarded ones, bit for bit under invariant numerics."""

@@ -22,6 +22,9 @@ from gemma4_eqx.layers.policy import Numerics, TorchCPU, as_numerics, holders
 from gemma4_eqx.layers.numerics import (gelu_tanh_table, gelu_tanh_torch_cpu, reciprocal_sqrt, torch_cpu_mean,
                                         torch_cpu_sum)
 
+# torch's bits and XLA's own rounding: the machine code XLA emits at its default level (conftest.py)
+pytestmark = pytest.mark.machine_code
+
 
 @pytest.fixture(scope="module")
 def tiny_model():
