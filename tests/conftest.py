@@ -103,7 +103,8 @@ def _o0_unless_marked() -> None:
 
     XLA reads XLA_FLAGS once per process, so the flag added to the environment after this process's first
     compilation reaches only the children. Private JAX API (`jax._src.compiler.get_compile_options`, which every
-    jit calls): if it moves, everything compiles at the default level, slower and still correct.
+    jit calls): if it moves, everything compiles at the default level, slower and still correct, and
+    tests/test_compile_levels.py fails to say so.
     """
     if LEVELS["set_by_user"]:
         return
@@ -149,6 +150,7 @@ def pytest_runtest_setup(item):
 
         jax.clear_caches()
         LEVELS["o0"] = o0
+
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 

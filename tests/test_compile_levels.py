@@ -18,7 +18,9 @@ X = jnp.asarray(np.random.default_rng(0).normal(size=(64, 512)), jnp.float32)
 
 
 def _multiply_add(x):
-    return x * x[::-1] + x[:, ::-1]  # one fused multiply-add at LLVM's default level, two roundings at -O0
+    # one fused multiply-add at LLVM's default level (a CPU with FMA: x86-64 since Haswell / Zen, every ARM64), two
+    # roundings at -O0
+    return x * x[::-1] + x[:, ::-1]
 
 
 def _at(level: int) -> np.ndarray:
