@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
+from gemma4_eqx.testing import counting_compilations
 
-from test_generation_compiles import counting_compilations
 
 GREEDY = g4.GenerationConfig(temperature=0.0, stop_ids=(1, 106))
 MEDIA_KW = {"images_kwargs": {"max_soft_tokens": 70}}

@@ -11,9 +11,9 @@ import pytest
 
 import gemma4_eqx as g4
 from gemma4_eqx import scoring
+from gemma4_eqx.testing import counting_compilations
 
 import hf_reference as ref
-from test_generation_compiles import counting_compilations  # the one compile counter of the tests
 
 SCORES = ref.HF_DIR.parent / "hf_scores"
 

@@ -18,8 +18,8 @@ import pytest
 import gemma4_eqx as g4
 from gemma4_eqx.sampling import SamplingParams
 from gemma4_eqx.speculative import PromptLookupDrafter, _target_probs, _verify_one
+from gemma4_eqx.testing import counting_compilations
 
-from test_generation_compiles import counting_compilations  # the one compile counter of the tests
 
 GREEDY = dict(temperature=0.0, stop_ids=(), suppress_ids=())
 
