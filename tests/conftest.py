@@ -227,7 +227,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     """Move everything alive after collection (JAX, the package, the test modules and their data) out of the
-    garbage collector's view: a full collection otherwise walks all of it again (~0.4 s each, 20 per heavy file)."""
+    garbage collector's view: a full collection otherwise walks all of it again (~0.4 s each; 21 of them over
+    test_generation and test_surgery, 8.9 s, and 5.3 s with this)."""
     import gc
 
     gc.collect()
