@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from typing import Any, Literal
 
 from .config_fields import (MAX_LAYERS, REQUIRED, ConfigError, read_json_file, _bool, _choice, _default, _fail,
@@ -66,6 +67,87 @@ class LayerGeometry:
     has_v_proj: bool  # False on full layers when attention_k_eq_v: values are the raw keys
     sliding_window: int | None
     rope: RopeConfig
+
+
+PER_LAYER_FIELDS = ("head_dim", "num_key_value_heads")  # what a gemma4_unified layer may override
+
+
+def _per_type_geometry(d: dict[str, Any], p: str, layer_types: list[str], head_dim: int, num_kv: int,
+                       k_eq_v: bool, file_global_head_dim: int | None,
+                       file_global_kv: int | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(head_dim, KV heads) of the sliding and of the full layers, resolved as transformers resolves them.
+
+    transformers (`Gemma4UnifiedTextConfig.__post_init__` and its per-layer view) reads the full layers'
+    geometry from one of two spellings:
+    - `per_layer_config` present (what transformers writes, `{}` or null included): each layer is the global
+      config with its entry's fields overriding it; `global_head_dim` and `num_global_key_value_heads` are
+      ignored (transformers drops an override equal to the global value, so `{"05": {"head_dim": 512}}` means
+      layer 5 keeps `num_key_value_heads`, and `{}` means full layers are shaped like sliding ones);
+    - no `per_layer_config` (Google's original file): full layers take `global_head_dim`, and
+      `num_global_key_value_heads` when `attention_k_eq_v` is true (ignored otherwise).
+    transformers builds its RoPE tables per layer *type*, so layers of one type must agree (it raises
+    otherwise); so do we. Where both spellings are present they must agree (a file that says two things is
+    refused rather than read one way). Per-layer fields other than head_dim and num_key_value_heads have no
+    meaning in gemma4_unified: refused unless equal to the global value (which transformers drops).
+    """
+    if "per_layer_config" not in d:
+        if FULL in layer_types and file_global_head_dim is None:
+            _fail(f"{p}.global_head_dim", "missing; expected a positive integer here or as per_layer_config's "
+                  "head_dim (the real config.json always carries one of them)")
+        if k_eq_v and FULL in layer_types and "num_global_key_value_heads" not in d:
+            _fail(f"{p}.num_global_key_value_heads", "missing; expected a positive integer here or as "
+                  "per_layer_config's num_key_value_heads (attention_k_eq_v is true)")
+        full_kv = file_global_kv if k_eq_v and file_global_kv is not None else num_kv
+        full_hd = head_dim if file_global_head_dim is None else file_global_head_dim
+        return (head_dim, num_kv), (full_hd, full_kv)
+    per_layer = _section(d, "per_layer_config", p, None) or {}
+    resolved: dict[int, tuple[int, int]] = {}
+    keys: dict[int, str] = {}
+    for key, value in per_layer.items():
+        where = f"{p}.per_layer_config[{key!r}]"
+        if not key.isascii() or not key.isdigit():
+            _fail(where, "expected a layer index as key")
+        idx = int(key)
+        if not 0 <= idx < len(layer_types):
+            _fail(where, f"layer index outside [0, {len(layer_types)})")
+        if idx in keys:
+            _fail(where, f"layer {idx} is given twice (also as {keys[idx]!r})")
+        if not isinstance(value, dict):
+            _fail(where, f"expected an object, found {_short(value)}")
+        for name, override in value.items():
+            if name in PER_LAYER_FIELDS or (name == "skip" and override in ([], None)):
+                continue
+            if name in d and d[name] == override:  # transformers drops an override equal to the global value
+                continue
+            _fail(f"{where}.{name}", f"only {' and '.join(PER_LAYER_FIELDS)} may differ per layer in gemma4_unified, "
+                  f"found {name} = {_short(override)}")
+        keys[idx] = key
+        resolved[idx] = (_int(value, "head_dim", where, head_dim), _int(value, "num_key_value_heads", where, num_kv))
+    types = {}
+    for layer_type in LAYER_TYPES:
+        layers = [i for i, t in enumerate(layer_types) if t == layer_type]
+        geometries = {i: resolved.get(i, (head_dim, num_kv)) for i in layers}
+        if not geometries:
+            types[layer_type] = (head_dim, num_kv)
+            continue
+        first = geometries[layers[0]]
+        for i in layers:
+            if geometries[i] != first:
+                odd = i if i in keys else layers[0]
+                other = layers[0] if odd != layers[0] else i
+                where = f"{p}.per_layer_config[{keys[odd]!r}]"
+                _fail(where, f"gives {layer_type} layer {odd} head_dim {geometries[odd][0]} and num_key_value_heads "
+                      f"{geometries[odd][1]}, but {layer_type} layer {other} has {geometries[other][0]} and "
+                      f"{geometries[other][1]}; transformers needs one geometry per layer type")
+        types[layer_type] = first
+    full_hd, full_kv = types[FULL]
+    if file_global_head_dim is not None and FULL in layer_types and file_global_head_dim != full_hd:
+        _fail(f"{p}.global_head_dim", f"{file_global_head_dim} contradicts per_layer_config: the full layers' "
+              f"head_dim is {full_hd} there")
+    if file_global_kv is not None and k_eq_v and FULL in layer_types and file_global_kv != full_kv:
+        _fail(f"{p}.num_global_key_value_heads", f"{file_global_kv} contradicts per_layer_config: the full layers' "
+              f"num_key_value_heads is {full_kv} there")
+    return types[SLIDING], types[FULL]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +243,7 @@ class TextConfig:
         if layer_type == SLIDING:
             return LayerGeometry(SLIDING, self.num_key_value_heads, self.head_dim, True,
                                  self.sliding_window, self.rope_sliding)
-        kv = self.num_key_value_heads
-        if self.attention_k_eq_v and self.num_global_key_value_heads is not None:
-            kv = self.num_global_key_value_heads
+        kv = self.num_key_value_heads if self.num_global_key_value_heads is None else self.num_global_key_value_heads
         return LayerGeometry(FULL, kv, self.global_head_dim, not self.attention_k_eq_v, None, self.rope_full)
 
     def layer_geometry(self, layer_idx: int) -> LayerGeometry:
@@ -203,52 +283,22 @@ class TextConfig:
         for i, t in enumerate(layer_types):
             if not isinstance(t, str) or t not in LAYER_TYPES:
                 _fail(f"{p}.layer_types[{i}]", f"expected one of {LAYER_TYPES}, found {_short(t)}")
+        if layer_types and layer_types[-1] != FULL:  # transformers forces it too (with a warning), so do we
+            warnings.warn(f"{p}.layer_types: the last layer is {layer_types[-1]!r}; transformers forces the last "
+                          f"layer to {FULL!r} and so does gemma4-eqx", stacklevel=3)
+            layer_types = [*layer_types[:-1], FULL]
         k_eq_v = _bool(d, "attention_k_eq_v", p)
         head_dim = _int(d, "head_dim", p)
         num_kv = _int(d, "num_key_value_heads", p)
-        global_head_dim = _int(d, "global_head_dim", p, None)
-        num_global_kv = _int(d, "num_global_key_value_heads", p, None, nullable=True)
-        per_layer = _section(d, "per_layer_config", p, None)
-        if per_layer:  # the spelling transformers >= 5.2x writes: {"05": {"head_dim": 512, ...}, ...}
-            overrides = {}
-            for key, value in per_layer.items():
-                where = f"{p}.per_layer_config[{key!r}]"
-                if not key.isascii() or not key.isdigit():
-                    _fail(where, "expected a layer index as key")
-                idx = int(key)
-                if not 0 <= idx < len(layer_types):
-                    _fail(where, f"layer index outside [0, {len(layer_types)})")
-                if layer_types[idx] != FULL:
-                    _fail(where, f"overrides layer {idx}, which is {layer_types[idx]!r}; only full layers may differ")
-                if not isinstance(value, dict):
-                    _fail(where, f"expected an object, found {_short(value)}")
-                overrides[idx] = (_int(value, "head_dim", where, head_dim),
-                                  _int(value, "num_key_value_heads", where, None, nullable=True))
-            distinct = set(overrides.values())
-            if len(distinct) > 1:
-                _fail(f"{p}.per_layer_config", f"full layers disagree on their geometry: {sorted(distinct, key=str)}")
-            missing = [i for i, t in enumerate(layer_types) if t == FULL and i not in overrides]
-            if missing and distinct:
-                _fail(f"{p}.per_layer_config", f"full layers {missing} have no entry")
-            if distinct:
-                (gdim, gkv), = distinct
-                if global_head_dim is not None and global_head_dim != gdim:
-                    _fail(f"{p}.global_head_dim", f"{global_head_dim} contradicts per_layer_config head_dim {gdim}")
-                global_head_dim = gdim
-                if gkv is not None and k_eq_v:
-                    if num_global_kv is not None and num_global_kv != gkv:
-                        _fail(f"{p}.num_global_key_value_heads",
-                              f"{num_global_kv} contradicts per_layer_config num_key_value_heads {gkv}")
-                    num_global_kv = gkv
-                elif gkv is not None and gkv != num_kv:  # without k_eq_v full layers keep num_key_value_heads
-                    _fail(f"{p}.per_layer_config", f"num_key_value_heads {gkv} contradicts num_key_value_heads "
-                          f"{num_kv} (attention_k_eq_v is false: full layers use num_key_value_heads)")
-        if global_head_dim is None and FULL in layer_types:
-            _fail(f"{p}.global_head_dim", "missing; expected a positive integer here or as per_layer_config's "
-                  "head_dim (the real config.json always carries one of them)")
-        if num_global_kv is None and k_eq_v and FULL in layer_types and "num_global_key_value_heads" not in d:
-            _fail(f"{p}.num_global_key_value_heads", "missing; expected a positive integer here or as "
-                  "per_layer_config's num_key_value_heads (attention_k_eq_v is true)")
+        file_global_head_dim = _int(d, "global_head_dim", p, None)
+        file_global_kv = _int(d, "num_global_key_value_heads", p, None, nullable=True)
+        sliding_geo, full_geo = _per_type_geometry(d, p, layer_types, head_dim, num_kv, k_eq_v,
+                                                   file_global_head_dim, file_global_kv)
+        head_dim, num_kv = sliding_geo
+        global_head_dim, full_kv = full_geo
+        # the field keeps the file's spelling where it means the same: null / absent when full layers have
+        # num_key_value_heads (so a config written from one built with None reads back equal)
+        num_global_kv = None if full_kv == num_kv and file_global_kv is None else full_kv
         rope = _section(d, "rope_parameters", p)
         rope_sliding = RopeConfig.from_hf_dict(_section(rope, SLIDING, f"{p}.rope_parameters"),
                                                f"{p}.rope_parameters.{SLIDING}")
@@ -266,7 +316,7 @@ class TextConfig:
             num_attention_heads=_int(d, "num_attention_heads", p),
             num_key_value_heads=num_kv,
             head_dim=head_dim,
-            global_head_dim=_default(cls, "global_head_dim") if global_head_dim is None else global_head_dim,
+            global_head_dim=global_head_dim,
             num_global_key_value_heads=num_global_kv,
             attention_k_eq_v=k_eq_v,
             sliding_window=_int(d, "sliding_window", p),

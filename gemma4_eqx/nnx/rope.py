@@ -10,6 +10,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ..config import RopeConfig
+from ..layers.sleef_pow import torch_cpu_pow
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -18,12 +19,14 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     default: `1 / theta^(arange(0, head_dim, 2) / head_dim)`.
     proportional: `rope_angles = int(partial_rotary_factor * head_dim // 2)` frequencies with the same formula
     (the exponent keeps the *full* head_dim), followed by `head_dim/2 - rope_angles` zeros (unrotated dims).
+    The power is torch's on the CPU (`layers.sleef_pow.torch_cpu_pow`), NumPy's differs in the last bit.
     """
-    base = np.float32(rope.rope_theta)
     if rope.rope_type == "default":
-        return (np.float32(1.0) / base ** (np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)))
+        return np.float32(1.0) / torch_cpu_pow(rope.rope_theta, np.arange(0, head_dim, 2).astype(np.float32)
+                                               / np.float32(head_dim))
     rope_angles = int(rope.partial_rotary_factor * head_dim // 2)
-    rotated = np.float32(1.0) / base ** (np.arange(0, 2 * rope_angles, 2).astype(np.float32) / np.float32(head_dim))
+    rotated = np.float32(1.0) / torch_cpu_pow(rope.rope_theta, np.arange(0, 2 * rope_angles, 2).astype(np.float32)
+                                              / np.float32(head_dim))
     nope = np.zeros((head_dim // 2 - rope_angles,), np.float32)
     return np.concatenate([rotated.astype(np.float32), nope])
 
