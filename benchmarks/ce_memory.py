@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import gemma4_eqx as g4
-from gemma4_eqx import losses
+from gemma4_eqx.train import losses
 
 
 def gib(n: int) -> str:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gemma4_eqx as g4
-from gemma4_eqx.decode import decode_step, prefill
+from gemma4_eqx.model.decode import decode_step, prefill
 
 PRESETS = {
     "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=12,

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import gemma4_eqx as g4
-from gemma4_eqx.cache import cache_bytes
+from gemma4_eqx.model.cache import cache_bytes
 from gemma4_eqx.layers import kernels as attn
-from gemma4_eqx.masks import causal, inside_window
+from gemma4_eqx.model.masks import causal, inside_window
 from gemma4_eqx.testing import random_model
 
 DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16

@@ -56,8 +56,8 @@ def write_checkpoint(folder: str, dtype_name: str, max_shard_size: str = "5GB") 
     import jax
 
     import gemma4_eqx as g4
-    from gemma4_eqx import checkpoint
-    from gemma4_eqx.safetensors_io import DTYPES, write_file
+    from gemma4_eqx.io import checkpoint
+    from gemma4_eqx.io.safetensors import DTYPES, write_file
 
     cfg = config()
     abstract = eqx.filter_eval_shape(lambda: g4.Gemma4(cfg, key=jax.random.key(0)))
@@ -111,7 +111,7 @@ def measure(folder: str, dtype_name: str, layer_by_layer: bool = False) -> dict:
     base = status_kib("VmRSS")
     t0 = time.perf_counter()
     if layer_by_layer:
-        from gemma4_eqx.checkpoint import load_from_folder
+        from gemma4_eqx.io.checkpoint import load_from_folder
 
         model = load_from_folder(folder, dtype=jnp.dtype(dtype_name), layer_by_layer=True)
     else:
@@ -122,7 +122,7 @@ def measure(folder: str, dtype_name: str, layer_by_layer: bool = False) -> dict:
     after = status_kib("VmRSS")
     model_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
     # spot check after the peak is taken: one transposed, stacked tensor equals the file's
-    from gemma4_eqx.checkpoint import SafetensorsReader
+    from gemma4_eqx.io.checkpoint import SafetensorsReader
 
     reader = SafetensorsReader(folder)
     name = "model.language_model.layers.3.self_attn.q_proj.weight"

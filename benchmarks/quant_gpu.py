@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gemma4_eqx as g4
-from gemma4_eqx import quant
+from gemma4_eqx.quant import modules as quant
 
 
 def copy_rate() -> float:
@@ -112,7 +112,7 @@ def main() -> None:
             stats = dev.memory_stats() or {}
             r["peak_device_GiB"] = stats.get("peak_bytes_in_use", 0) / 2**30
             if mode != "bf16":
-                from gemma4_eqx.decode import decode_step_jitted
+                from gemma4_eqx.model.decode import decode_step_jitted
 
                 compiled = jax.jit(lambda mm, tk, c: decode_step_jitted(mm, tk, c)).lower(m, tok, cache).compile()
                 text = compiled.as_text()

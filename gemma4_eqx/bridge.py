@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import checkpoint as ckpt
-from .model import Gemma4
+from .io import checkpoint as ckpt
+from .model.gemma4 import Gemma4
 from .nnx import Gemma4NNX, named_params
 
 

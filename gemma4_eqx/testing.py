@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from .config import Gemma4Config
-from .model import Gemma4
+from .config.gemma4 import Gemma4Config
+from .model.gemma4 import Gemma4
 
 _NORM_GAINS = {"post_attention_layernorm": 3.6, "post_feedforward_layernorm": 3.6, "q_norm": 0.4, "k_norm": 0.4}
 

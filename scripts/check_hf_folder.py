@@ -48,7 +48,7 @@ def ours(out: str) -> None:
 
     import gemma4_eqx as g4
     from gemma4_eqx import cli
-    from gemma4_eqx.batching import split_batch, stack_samples
+    from gemma4_eqx.generate.batching import split_batch, stack_samples
 
     folder = os.path.join(out, "folder")
     if cli.main(["convert", "--out", folder, "--dtype", "float32", "--max-shard-size", "1MB"]) != 0:

@@ -44,7 +44,7 @@ def write_checkpoint(out: str) -> None:
     import jax
 
     import gemma4_eqx as g4
-    from gemma4_eqx import sharding
+    from gemma4_eqx.model import sharding
     from gemma4_eqx.testing import random_model
 
     model = random_model(g4.small_config(), seed=SEED)

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 import gemma4_eqx as g4
-from gemma4_eqx import losses
+from gemma4_eqx.train import losses
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

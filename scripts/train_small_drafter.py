@@ -28,9 +28,9 @@ import numpy as np
 import optax
 
 import gemma4_eqx as g4
-from gemma4_eqx.assistant import SharedKV, random_assistant, save_assistant, shared_kv
-from gemma4_eqx.cache import KVCache
-from gemma4_eqx.decode import forward_with_cache
+from gemma4_eqx.model.assistant import SharedKV, random_assistant, save_assistant, shared_kv
+from gemma4_eqx.model.cache import KVCache
+from gemma4_eqx.model.decode import forward_with_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import gemma4_eqx as g4  # noqa: E402
-from gemma4_eqx import sharding as gs  # noqa: E402
+from gemma4_eqx.model import sharding as gs  # noqa: E402
 from gemma4_eqx import train  # noqa: E402
 
 CHECKPOINT = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny_b" / "checkpoint"

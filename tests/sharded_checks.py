@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 import gemma4_eqx as g4  # noqa: E402
-from gemma4_eqx import sharding as gs  # noqa: E402
-from gemma4_eqx.checkpoint import load_from_folder  # noqa: E402
+from gemma4_eqx.model import sharding as gs  # noqa: E402
+from gemma4_eqx.io.checkpoint import load_from_folder  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT = os.path.join(HERE, "fixtures", "hf", "tiny_b", "checkpoint")

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 
 import gemma4_eqx as g4
 import gemma4_eqx.bridge  # noqa: F401
-import gemma4_eqx.sharding  # noqa: F401
+import gemma4_eqx.model.sharding  # noqa: F401
 from gemma4_eqx import cli
 from gemma4_eqx import nnx as g4nnx
 from gemma4_eqx.assets import TINY_CHECKPOINT

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.assistant import AssistantConfig, load_assistant, save_assistant
-from gemma4_eqx.cache import KVCache
-from gemma4_eqx.decode import forward_with_cache
-from gemma4_eqx.safetensors_io import SafetensorsFile
+from gemma4_eqx.model.assistant import AssistantConfig, load_assistant, save_assistant
+from gemma4_eqx.model.cache import KVCache
+from gemma4_eqx.model.decode import forward_with_cache
+from gemma4_eqx.io.safetensors import SafetensorsFile
 
 DRAFTERS = ("ordered", "plain")
 CASES = ("short", "window", "long", "padded")

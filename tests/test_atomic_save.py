@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx import checkpoint_save
+from gemma4_eqx.io import save as checkpoint_save
 from gemma4_eqx.assets import TINY_CHECKPOINT
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ SHARD = "400KB"  # the new checkpoint in several shards plus an index
 CHILD = """
 import os, signal, sys
 import gemma4_eqx as g4  # imported once: each save below runs in a fork of this process
-from gemma4_eqx import checkpoint_save
+from gemma4_eqx.io import save as checkpoint_save
 src, shard, targets = sys.argv[1], sys.argv[2], sys.argv[3:]
 for kill_at, target in enumerate(targets, start=1):
     pid = os.fork()

@@ -192,7 +192,7 @@ def test_long_text_forward_and_chunked_prefill_attend_in_bands_exactly():
         ids = jnp.asarray(np.random.default_rng(2).integers(3, 400, 70), jnp.int32)
         h = m.embed(ids)
         positions = jnp.arange(70)
-        from gemma4_eqx.masks import layer_masks
+        from gemma4_eqx.model.masks import layer_masks
         masks = layer_masks(positions, positions, jnp.ones(70, bool), w)
         dense = np.asarray(m.layers(h, positions, masks))
         banded = np.asarray(m.layers(h, positions, masks, w))

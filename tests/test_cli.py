@@ -65,7 +65,7 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 
 import gemma4_eqx as g4  # noqa: E402
-from gemma4_eqx import hub  # noqa: E402
+from gemma4_eqx.io import hub  # noqa: E402
 
 
 @pytest.fixture()

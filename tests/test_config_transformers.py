@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import gemma4_eqx as g4
-from gemma4_eqx.checkpoint_names import TEXT_PREFIX, tensor_specs
+from gemma4_eqx.io.names import TEXT_PREFIX, tensor_specs
 from gemma4_eqx.config import FULL, SLIDING
 from gemma4_eqx.layers.rope import inv_frequencies
 

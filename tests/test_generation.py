@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.batching import split_batch, stack_samples
-from gemma4_eqx.cache import cache_bytes
-from gemma4_eqx.generation import top_k_mask, top_p_mask
-from gemma4_eqx.sampling import ordered_log_softmax
+from gemma4_eqx.generate.batching import split_batch, stack_samples
+from gemma4_eqx.model.cache import cache_bytes
+from gemma4_eqx.generate.generation import top_k_mask, top_p_mask
+from gemma4_eqx.generate.sampling import ordered_log_softmax
 
 import hf_reference as ref
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.cache import FullKV, RawKeyKV, cache_bytes
+from gemma4_eqx.model.cache import FullKV, RawKeyKV, cache_bytes
 
 import hf_reference as ref
 from test_generation import CACHE_SLOTS, _greedy_with_cache, _recompute, _samples, model

@@ -13,8 +13,9 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 import gemma4_eqx as g4  # noqa: E402
-from gemma4_eqx import gguf_io, quant  # noqa: E402
-from gemma4_eqx.checkpoint_names import TEXT_PREFIX, tensor_specs  # noqa: E402
+from gemma4_eqx.io import gguf as gguf_io
+from gemma4_eqx.quant import modules as quant  # noqa: E402
+from gemma4_eqx.io.names import TEXT_PREFIX, tensor_specs  # noqa: E402
 from gemma4_eqx.config import Gemma4Config  # noqa: E402
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
@@ -74,7 +75,7 @@ def test_name_table_covers_every_text_tensor_of_the_12b():
 def test_a_gguf_of_the_small_checkpoint_loads_as_an_int4_model(tmp_path):
     model = g4.load(g4.assets.SMALL_CHECKPOINT, dtype=jnp.float32)
     config = model.config.replace(vision=None, audio=None)
-    from gemma4_eqx.checkpoint_save import host_tensors
+    from gemma4_eqx.io.save import host_tensors
 
     specs = [s for s in tensor_specs(model) if s.name.startswith(TEXT_PREFIX)]
     table, _ = gguf_io.name_table(specs)

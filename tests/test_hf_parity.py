@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.batching import split_batch, stack_samples
+from gemma4_eqx.generate.batching import split_batch, stack_samples
 
 import hf_reference as ref
 

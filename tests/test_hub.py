@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx import hub
+from gemma4_eqx.io import hub
 
 TINY = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "tiny_a", "checkpoint")
 REPO = "owner/tiny"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx import losses
+from gemma4_eqx.train import losses
 from gemma4_eqx.testing import filled_model
 
 

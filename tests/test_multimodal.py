@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.batching import split_batch
+from gemma4_eqx.generate.batching import split_batch
 
 import hf_reference as ref
 import test_hf_parity

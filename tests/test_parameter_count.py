@@ -38,7 +38,7 @@ def test_12b_stack_is_8_repeats_of_5_sliding_and_1_full():
 
 
 def test_12b_tensor_table_matches_the_checkpoint_layout():
-    from gemma4_eqx.checkpoint import tensor_specs
+    from gemma4_eqx.io.checkpoint import tensor_specs
 
     specs = {s.name: s.shape for s in tensor_specs(_abstract_12b())}
     assert len(specs) == 677

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx import quant
+from gemma4_eqx.quant import modules as quant
 
 SMALL = g4.assets.SMALL_CHECKPOINT
 RECORD = json.loads((SMALL / "training.json").read_text())
@@ -152,7 +152,7 @@ def test_streaming_load_and_save_round_trip(model, quantized, tmp_path, mode, em
     g4.save(tree, tmp_path / "q")
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert cfg["mode"] == mode and cfg["embedding"] is embedding
-    from gemma4_eqx.safetensors_io import SafetensorsFile
+    from gemma4_eqx.io.safetensors import SafetensorsFile
 
     f = SafetensorsFile(str(tmp_path / "q" / "model.safetensors"))
     name = "model.language_model.layers.0.mlp.down_proj"
@@ -264,7 +264,7 @@ def test_int8_kv_cache_moves_decode_logits_little_and_halves_the_bytes(model, ro
     assert 0 < diff < 0.5, diff
     assert float(jnp.mean(jnp.argmax(out, -1) == jnp.argmax(ref, -1))) >= 0.95
     # bytes: int8 codes plus one fp32 scale per token and head, against bf16 (12B, 256K tokens, from shapes)
-    from gemma4_eqx.cache import cache_bytes
+    from gemma4_eqx.model.cache import cache_bytes
 
     cfg = g4.Gemma4Config.gemma4_12b()
     bf16, int8 = cache_bytes(cfg, 262_144, jnp.bfloat16), cache_bytes(cfg, 262_144, jnp.bfloat16, int8=True)

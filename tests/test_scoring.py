@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx import scoring
+from gemma4_eqx.generate import scoring
 from gemma4_eqx.testing import counting_compilations
 
 import hf_reference as ref

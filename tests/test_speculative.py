@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.sampling import SamplingParams
-from gemma4_eqx.speculative import PromptLookupDrafter, _target_probs, _verify_one
+from gemma4_eqx.generate.sampling import SamplingParams
+from gemma4_eqx.generate.speculative import PromptLookupDrafter, _target_probs, _verify_one
 from gemma4_eqx.testing import counting_compilations
 
 

@@ -11,9 +11,10 @@ import optax
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx import surgery, train
-from gemma4_eqx.batching import stack_samples
-from gemma4_eqx.checkpoint import CheckpointError
+from gemma4_eqx.model import surgery
+from gemma4_eqx import train
+from gemma4_eqx.generate.batching import stack_samples
+from gemma4_eqx.io.checkpoint import CheckpointError
 from gemma4_eqx.layers.attention import AbstractAttention, Attention
 from gemma4_eqx.testing import filled_model
 

@@ -10,7 +10,7 @@ import pytest
 from jaxtyping import TypeCheckError
 
 import gemma4_eqx as g4
-from gemma4_eqx.masks import layer_masks
+from gemma4_eqx.model.masks import layer_masks
 from gemma4_eqx.testing import filled_model
 
 TIGHT = dict(rtol=1e-10, atol=1e-10)

@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from gemma4_eqx import surgery, train
-from gemma4_eqx.batching import stack_samples
+from gemma4_eqx.model import surgery
+from gemma4_eqx import train
+from gemma4_eqx.generate.batching import stack_samples
 from gemma4_eqx.testing import counting_compilations
 
 from test_transforms import CONFIG, as_jax, mixed_batch, model32, tree_max_diff

@@ -12,7 +12,7 @@ import pytest
 import gemma4_eqx as g4
 from gemma4_eqx import train
 from gemma4_eqx.assets import TINY_CHECKPOINT
-from gemma4_eqx.batching import stack_samples
+from gemma4_eqx.generate.batching import stack_samples
 
 
 # ---- inputs shared with test_surgery.py / test_train.py --------------------------------------------

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..cache import CacheContext, LayerCache
-from ..config import TextConfig
+from ..model.cache import CacheContext, LayerCache
+from ..config.gemma4 import TextConfig
 from .attention import AbstractAttention, Attention
 from .kinds import LayerKind, layer_pattern, layer_repeats
 from .mlp import MLP, FusedMLP

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from ..cache import CacheContext, LayerCache
+from ..model.cache import CacheContext, LayerCache
 from .attention import AbstractAttention, Attention
 from .numerics import compute_dtype
 from .policy import Invariant, Numerics, Policy

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .. import checkpoint as ckpt
-from ..config import Gemma4Config
+from ..io import checkpoint as ckpt
+from ..config.gemma4 import Gemma4Config
 from .model import Gemma4NNX
 
 _PROJECTIONS = {
@@ -84,7 +84,7 @@ def load(path_or_repo_id: str | os.PathLike, dtype=None, **hub_kwargs) -> Gemma4
 
     `dtype=None` keeps the checkpoint's precision; otherwise tensors are cast on load.
     """
-    from ..hub import resolve
+    from ..io.hub import resolve
 
     folder = resolve(path_or_repo_id, **hub_kwargs)
     config = Gemma4Config.from_pretrained(folder)

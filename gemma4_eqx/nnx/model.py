@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from ..config import FULL, SLIDING, Gemma4Config
-from ..media import Media
+from ..config.gemma4 import FULL, SLIDING, Gemma4Config
+from ..model.media import Media
 from .decoder import DecoderLayer
 from .embedders import MultimodalEmbedder, VisionEmbedder
 from .masks import attention_masks, block_sequence_ids

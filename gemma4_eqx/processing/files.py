@@ -23,7 +23,7 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.
 def resolve_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
                    local_files_only: bool | None = None) -> Path:
     """A processor folder, or a Hub repo id resolved (offline-aware) through `gemma4_eqx.hub.resolve`."""
-    from .. import hub
+    from ..io import hub
 
     path = os.fspath(path_or_repo_id)
     if os.path.exists(path) and not os.path.isdir(path):

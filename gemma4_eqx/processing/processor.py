@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..masks import TokenType
+from ..model.masks import TokenType
 from ._batch import BatchFeature, check_return_tensors
 from .audio import AudioFeatureExtractor, load_audio
 from .chat_template import (CONTROL_TOKEN_END, CONTROL_TOKEN_START, builtin_template, control_token_patterns,

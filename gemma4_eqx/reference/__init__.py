@@ -136,7 +136,7 @@ def our_layers(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     from ..layers.decoder import scan_layers
     from ..layers.kinds import LayerKind
-    from ..masks import layer_masks
+    from ..model.masks import layer_masks
 
     ids = inputs["input_ids"][0]
     kwargs = {"positions": inputs["position_ids"][0], "attention_mask": inputs["attention_mask"][0],

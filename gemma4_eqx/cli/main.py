@@ -1,0 +1,478 @@
+"""The `gemma4-eqx` command line. With no `--model`, every command uses the small bundled checkpoint.
+
+Every input (files, folders, numbers) is checked before a model is loaded; a problem is one line on stderr
+naming the flag, exit status 1 (`--debug` shows the traceback instead). A closed stdout (`| head`) ends the
+command quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..assets import TINY_CHECKPOINT
+from .checks import (CliError, Parser, check_convert, check_generate, check_info, check_verify, float_in, int_in,
+                     shard_size)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder or Hub repo id (default: the small checkpoint bundled in the package)")
+
+
+def _resolve_model(name: str | None) -> str:
+    return os.fspath(TINY_CHECKPOINT) if name is None else name
+
+
+def _jnp_dtype(name: str | None) -> Any:
+    import jax.numpy as jnp
+
+    return None if name is None else {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from ..io import hub
+    from ..model.cache import cache_bytes
+    from ..config.gemma4 import Gemma4Config
+    from ..model.gemma4 import Gemma4, count_parameters
+
+    name = _resolve_model(args.model)
+    if os.path.isfile(name):  # a bare config.json is enough: nothing else is read
+        cfg = Gemma4Config.from_pretrained(name)
+    else:
+        cfg = Gemma4Config.from_pretrained(hub.resolve(name, allow_patterns=("config.json",)))
+    dtype = _jnp_dtype(args.dtype) or jnp.bfloat16
+    abstract = eqx.filter_eval_shape(lambda: Gemma4(cfg, key=jax.random.key(0), dtype=dtype))
+    total = count_parameters(abstract)
+    mm = count_parameters(abstract.embed_vision) + count_parameters(abstract.embed_audio)
+    t = cfg.text
+    n_full = sum(lt == "full_attention" for lt in t.layer_types)
+    itemsize = jnp.dtype(dtype).itemsize
+    info = {
+        "model": _resolve_model(args.model),
+        "layers": f"{t.num_hidden_layers} ({t.num_hidden_layers - n_full} sliding, {n_full} full)",
+        "layer pattern": [(kind.value, n) for kind, n in abstract.layers.pattern], "pattern repeats": abstract.layers.num_repeats,
+        "hidden / intermediate": f"{t.hidden_size} / {t.intermediate_size}",
+        "sliding attention": f"{t.num_attention_heads} q heads x {t.head_dim}, {t.num_key_value_heads} kv heads, "
+                             f"window {t.sliding_window}",
+        "full attention": f"{t.num_attention_heads} q heads x {t.global_head_dim}, "
+                          f"{t.layer_geometry_for_type('full_attention').num_key_value_heads} kv head(s), "
+                          f"keys as values: {t.attention_k_eq_v}",
+        "vocab": t.vocab_size, "final logit softcap": t.final_logit_softcapping,
+        "parameters (total)": f"{total:,}", "parameters (text)": f"{total - mm:,}",
+        "parameters (vision + audio)": f"{mm:,}",
+        f"weights in {jnp.dtype(dtype).name}": f"{total * itemsize / 2**30:.2f} GiB",
+    }
+    from ..quant.modules import weight_memory
+
+    mem = weight_memory(abstract)
+    for mode, what in (("int8", "per channel"), ("int4", "groups of 32, fp16 scales")):
+        info[f"weights in {mode} ({what}; embedding {mode} / {jnp.dtype(dtype).name})"] = (
+            f"{mem[mode + '+embedding'] / 2**30:.2f} GiB / {mem[mode] / 2**30:.2f} GiB")
+    for ctx in args.context:
+        raw, separate = (cache_bytes(cfg, ctx, dtype, raw_keys=r) / 2**30 for r in (True, False))
+        label = f"KV cache at {ctx:,} tokens (batch 1, {jnp.dtype(dtype).name})"
+        info[label] = f"{raw:.3f} GiB" if raw == separate else f"{raw:.3f} GiB (raw keys; {separate:.3f} GiB with K and V)"
+        info[f"KV cache at {ctx:,} tokens (batch 1, int8, KVCache.init(int8=True))"] = (
+            f"{cache_bytes(cfg, ctx, dtype, int8=True) / 2**30:.3f} GiB")
+    if args.json:
+        print(json.dumps({k: str(v) for k, v in info.items()}, indent=2))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _generation_defaults(folder: str) -> dict[str, Any]:
+    """stop ids, suppressed ids and sampling defaults from the checkpoint's generation_config.json, if any; each
+    value checked (a NaN temperature or a string id there is an error naming the file and the field)."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            g = json.loads(f.read())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CliError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(g, dict):
+        raise CliError(f"{path}: expected a JSON object")
+
+    def bad(key: str, what: str) -> CliError:
+        return CliError(f"{path}: {key}: expected {what}, found {json.dumps(g[key])[:60]}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    out: dict[str, Any] = {}
+    if g.get("eos_token_id") is not None:
+        eos = g["eos_token_id"]
+        ids = eos if isinstance(eos, list) else [eos]
+        if not ids or not all(map(is_int, ids)):
+            raise bad("eos_token_id", "a token id or a non-empty list of token ids")
+        out["stop_ids"] = tuple(ids)
+    if g.get("suppress_tokens") is not None:
+        if not isinstance(g["suppress_tokens"], list) or not all(map(is_int, g["suppress_tokens"])):
+            raise bad("suppress_tokens", "a list of token ids")
+        out["suppress_ids"] = tuple(g["suppress_tokens"])
+    checks = {"temperature": (lambda v: is_num(v) and v >= 0, "a finite number >= 0"),
+              "top_k": (is_int, "an integer >= 0"),
+              "top_p": (lambda v: is_num(v) and 0 < v <= 1, "a number in (0, 1]")}
+    for key, (ok, what) in checks.items():
+        if g.get(key) is not None:
+            if not ok(g[key]):
+                raise bad(key, what)
+            out[key] = g[key]
+    if "do_sample" in g and not isinstance(g["do_sample"], bool):
+        raise bad("do_sample", "true or false")
+    if g.get("do_sample") is False:
+        out["temperature"] = 0.0
+    if out.get("top_k") == 0:
+        out["top_k"] = None  # transformers' convention: 0 turns top-k off
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import jax
+    import numpy as np
+
+    from ..io import hub
+    from ..generate.generation import generate
+    from ..processing import Processor, load_audio
+    from ..generate.streaming import TextStreamer
+
+    name = _resolve_model(args.model)
+    folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
+    t0 = time.perf_counter()
+    model = hub.load(folder, dtype=_jnp_dtype(args.dtype))
+    proc = Processor.from_pretrained(folder)
+    content = []
+    for image in args.image or []:
+        content.append({"type": "image", "image": image})
+    for audio in args.audio or []:
+        content.append({"type": "audio", "audio": load_audio(audio, resample=args.resample, downmix=args.downmix)})
+    content.append({"type": "text", "text": args.prompt})
+    conversation = []
+    if args.system:
+        conversation.append({"role": "system", "content": args.system})
+    conversation.append({"role": "user", "content": content})
+    batch = proc.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                     enable_thinking=args.thinking)
+    inputs = {k: np.asarray(v)[0] for k, v in batch.items()
+              if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for k in ("pixel_values", "image_position_ids", "input_features", "input_features_mask",
+              "pixel_values_videos", "video_position_ids"):
+        if batch.get(k) is not None:
+            inputs[k] = np.asarray(batch[k])
+    ids = inputs.pop("input_ids")
+    _generation_defaults(folder)  # checks the file (a bad field is one line naming it); generate reads it below
+    # unset settings come from the checkpoint's generation_config.json, inside generate (one source of defaults)
+    settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
+    print(f"[{name}: loaded in {time.perf_counter() - t0:.1f} s; prompt {len(ids)} tokens]", file=sys.stderr)
+    streamer = TextStreamer(proc.tokenizer, skip_special_tokens=not args.show_special)
+    try:
+        result = generate(model, ids, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
+                          streamer=streamer, generation_config=folder, return_result=True, **settings, **inputs)
+    except KeyboardInterrupt:  # Ctrl-C before the first token (loading, compiling)
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    streamer.end()
+    sys.stdout.write("\n")  # the reply ends its line (and a closed stdout is noticed even if it was empty)
+    sys.stdout.flush()
+    dt = time.perf_counter() - streamer.start
+    ttft, n = streamer.time_to_first_token, streamer.tokens
+    rate = f"{(n - 1) / (dt - ttft):.1f} tokens/s" if n > 1 and dt > ttft else "-"
+    print(f"[{n} tokens in {dt:.2f} s, including compilation; time to first token {ttft:.2f} s; "
+          f"decode {rate}]" + (" [interrupted]" if result.interrupted else ""), file=sys.stderr)
+    return 130 if result.interrupted else 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive conversation (`g4.ChatSession`): one user turn per stdin line; /reset, /quit."""
+    import time
+
+    import jax
+
+    from ..io import hub
+    from ..generate.chat import ChatSession
+    from ..processing import Processor
+    from ..generate.streaming import TextStreamer
+
+    name = _resolve_model(args.model)
+    folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
+    model = hub.load(folder, dtype=_jnp_dtype(args.dtype))
+    proc = Processor.from_pretrained(folder)
+    settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
+    chat = ChatSession(model, proc, system=args.system, generation_config=folder, key=jax.random.key(args.seed),
+                       max_new_tokens=args.max_new_tokens, max_context=args.max_context,
+                       enable_thinking=args.thinking, **settings)
+    interactive = sys.stdin.isatty()
+    print(f"[{name}: chatting; /reset starts over, /quit or end of input leaves]", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            chat.reset()
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        streamer = TextStreamer(proc.tokenizer, stop_ids=chat.stop_ids)
+        try:
+            reply = chat.send(line, streamer=streamer)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            return 130
+        streamer.end()
+        dt = time.perf_counter() - streamer.start
+        ttft, n = streamer.time_to_first_token, streamer.tokens
+        rate = f"{(n - 1) / (dt - ttft):.1f} tokens/s" if n > 1 and dt > ttft else "- tokens/s"
+        print(f"\n[{n} tokens; prefilled {reply.prefilled}, reused {reply.reused} from the cache; time to first "
+              f"token {ttft:.2f} s; decode {rate}]", file=sys.stderr)
+
+
+def _verify_cases(folder: str, cfg: Any) -> list[tuple]:
+    """(name, batch inputs, recorded transformers logits or None, mask mode) to run both models on."""
+    import numpy as np
+
+    path = os.path.join(folder, "hf_reference.npz")
+    if os.path.isfile(path):
+        data = np.load(path)
+        mode = json.loads(str(data["meta"]))["mask_mode"]
+        names = sorted({k.split("/")[0] for k in data.files if "/" in k})
+        return [(n, {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(n + "/") and
+                     not k.endswith("/logits")}, data[f"{n}/logits"], mode) for n in names]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, min(cfg.text.vocab_size, cfg.image_token_id) - 8, size=(2, 3 * cfg.text.sliding_window // 2 + 8))
+    mask = np.ones(ids.shape, bool)
+    mask[1, :5] = False
+    positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 0)
+    return [("text", {"input_ids": ids.astype(np.int32), "attention_mask": mask,
+                      "positions": positions.astype(np.int32)}, None, "intended")]
+
+
+def _verify_against_transformers(args: argparse.Namespace) -> int:
+    """Layer by layer against transformers (run in a subprocess with `--reference-python`): exit 0 when every
+    state is within the tolerance, 1 when one is not, 2 when no Python with transformers is found."""
+    import jax.numpy as jnp
+
+    from ..io import hub
+    from .. import reference
+    from ..config.gemma4 import Gemma4Config
+
+    try:
+        python = reference.find_reference_python(args.reference_python)
+    except reference.ReferenceUnavailable as e:
+        print(f"gemma4-eqx: error: {e}", file=sys.stderr)
+        return 2
+    folder = hub.resolve(_resolve_model(args.model))
+    inputs = reference.verify_inputs(Gemma4Config.from_pretrained(folder))
+    print(f"[{folder}: transformers in {python}; prompt {reference.describe_inputs(inputs)}]", file=sys.stderr)
+    theirs, meta = reference.run_transformers(python, folder, inputs)  # before ours: never both in memory
+    model = hub.load(folder, dtype=jnp.float32)
+    rows = reference.compare(reference.our_layers(model, inputs), theirs, meta["layer_types"], args.tolerance)
+    print(f"gemma4-eqx vs transformers {meta['transformers']} (torch {meta['torch']}), float32, mask_mode intended")
+    text, ok = reference.report(rows, args.tolerance)
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.against_transformers:
+        return _verify_against_transformers(args)
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from ..io import hub
+    from .. import nnx as g4nnx
+    from ..generate.batching import split_batch, stack_samples
+
+    folder = hub.resolve(_resolve_model(args.model))
+    model = hub.load(folder, dtype=jnp.float32)
+    ref = g4nnx.load(folder, dtype=jnp.float32)
+    # Both models compiled, each as one program with the model as an argument (eagerly, every operation of the NNX
+    # reference was compiled on its own: hundreds of small programs).
+    eqx_forward = eqx.filter_jit(lambda m, batch, mode: jax.vmap(lambda b: m(**b, mask_mode=mode))(batch))
+    nnx_forward = nnx.jit(lambda r, batch, mode: r.logits(**batch, mask_mode=mode), static_argnames="mode")
+    ok = True
+    print(f"{'case':<8} {'mask mode':<11} {'|eqx - nnx|':>12} {'|eqx - hf|':>12} {'|nnx - hf|':>12}")
+    for name, inputs, hf, mode in _verify_cases(folder, model.config):
+        samples = split_batch({("position_ids" if k == "positions" else k): v for k, v in inputs.items()},
+                              model.config)
+        eqx_logits = np.asarray(eqx_forward(model, stack_samples(samples), mode))
+        nnx_logits = np.asarray(nnx_forward(ref, {k: jnp.asarray(v) for k, v in inputs.items()}, mode))
+        valid = np.asarray(inputs.get("attention_mask", np.ones(inputs["input_ids"].shape, bool)), bool)
+        d = lambda a, b: float(np.abs(a - b)[valid].max())
+        row = [d(eqx_logits, nnx_logits)] + ([d(eqx_logits, hf), d(nnx_logits, hf)] if hf is not None else [])
+        ok &= all(x <= args.tolerance for x in row)
+        cells = [f"{x:>12.2e}" for x in row] + [f"{'-':>12}"] * (3 - len(row))
+        print(f"{name:<8} {mode:<11} " + " ".join(cells))
+    print(("OK" if ok else "MISMATCH") + f": every max |diff| <= {args.tolerance:g} (fp32 logits, valid positions)")
+    return 0 if ok else 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Load, then write a complete folder atomically: weights, config.json and the source's generation_config.json
+    and tokenizer/processor files (so `generate`, `verify` and transformers read the result as is)."""
+    from ..io import checkpoint, hub
+
+    folder = hub.resolve(_resolve_model(args.model),
+                         allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
+    model = hub.load(folder, dtype=_jnp_dtype(args.dtype))
+    names = [*checkpoint.PROCESSOR_FILES, checkpoint.GENERATION_CONFIG]
+    extra = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    missing = [n for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
+                           checkpoint.GENERATION_CONFIG) if not os.path.isfile(os.path.join(folder, n))]
+    checkpoint.save(model, args.out, max_shard_size=args.max_shard_size, extra_files=extra)
+    print(f"wrote {args.out}")
+    if missing:
+        print(f"note: {folder} has no {', '.join(missing)}; the converted folder lacks them too"
+              + (" (a generation_config.json was written from the config)" if checkpoint.GENERATION_CONFIG in missing
+                 else ""), file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = Parser(prog="gemma4-eqx", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"gemma4-eqx {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str, func: Callable[[argparse.Namespace], int],
+                check: Callable[[argparse.Namespace], None] | None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+        p.set_defaults(func=func, check=check)
+        return p
+
+    p = command("generate", "chat with a model: the prompt through the chat template, tokens streamed",
+                cmd_generate, check_generate)
+    _model_arg(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None)
+    p.add_argument("--image", action="append", help="image file (repeatable)")
+    p.add_argument("--audio", action="append", help="16 kHz mono wav/flac file (repeatable)")
+    p.add_argument("--resample", action="store_true", help="resample audio of another rate to 16 kHz")
+    p.add_argument("--downmix", action="store_true", help="average multi-channel audio to mono")
+    p.add_argument("--max-new-tokens", type=int_in(1, 1_000_000), default=64)
+    p.add_argument("--temperature", type=float_in(0.0), default=None,
+                   help="0 = greedy (default: generation_config)")
+    p.add_argument("--top-k", type=int_in(0), default=None, help="0 = no top-k (default: generation_config)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=None)
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
+    p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
+    p.add_argument("--show-special", action="store_true", help="print special tokens too")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+
+    p = command("chat", "an interactive conversation that keeps its KV cache (stdin lines; /reset, /quit)",
+                cmd_chat, check_verify)
+    _model_arg(p)
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-new-tokens", type=int_in(1, 1_000_000), default=256, help="per reply")
+    p.add_argument("--max-context", type=int_in(1, 2**31), default=4096, help="cache slots for the conversation")
+    p.add_argument("--temperature", type=float_in(0.0), default=None, help="0 = greedy (default: generation_config)")
+    p.add_argument("--top-k", type=int_in(0), default=None, help="0 = no top-k (default: generation_config)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=None)
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
+    p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+
+    p = command("info", "config, parameter counts, memory estimate (no weights are read)", cmd_info, check_info)
+    p.add_argument("--model", default=None, help="checkpoint folder, Hub repo id or a config.json file "
+                   "(default: the bundled small checkpoint)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--context", type=int_in(1, 2**40), nargs="*", default=[8192, 262144])
+    p.add_argument("--json", action="store_true")
+
+    p = command("verify", "Equinox vs the NNX reference (and vs recorded transformers logits) on the same weights",
+                cmd_verify, check_verify)
+    _model_arg(p)
+    p.add_argument("--tolerance", type=float_in(0.0), default=1e-4)
+    p.add_argument("--against-transformers", action="store_true",
+                   help="run transformers too and print each layer's largest difference (embeddings, every decoder "
+                        "layer, final norm, logits) on a short prompt, with an image when the model has a vision "
+                        "tower; limit: tolerance x max(1, max |transformers|)")
+    p.add_argument("--reference-python", default=None, metavar="PATH",
+                   help="a Python with torch and transformers >= 5.24 for --against-transformers (default: this "
+                        "one if it has them, else $GEMMA4_EQX_REFERENCE_PYTHON)")
+
+    p = command("convert", "load a checkpoint and write a complete folder (e.g. in another dtype or sharding)",
+                cmd_convert, check_convert)
+    _model_arg(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB")
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (CliError, ValueError, OSError, KeyError)) and text:
+        return text.strip("'\"") if isinstance(e, KeyError) else text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        if args.check is not None:
+            args.check(args)
+        status = args.func(args)
+        sys.stdout.flush()
+        return status
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        _quiet_stdout()
+        return 1
+    except KeyboardInterrupt:
+        print("gemma4-eqx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"gemma4-eqx: error: {_one_line(e)}" + ("" if isinstance(e, CliError) else
+                                                      " (--debug shows the traceback)"), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Configuration: the model's `config.json` (`Gemma4Config` and its parts) and `generation_config.json`.
+
+The lowest layer above `utils`: nothing here imports JAX models, I/O or generation.
+"""
+
+from .fields import ConfigError
+from .gemma4 import (FULL, LAYER_TYPES, SLIDING, AudioConfig, Gemma4Config, LayerGeometry, RopeConfig, TextConfig,
+                     VisionConfig, small_config)
+from .generation import GenerationConfig
+
+__all__ = ["FULL", "LAYER_TYPES", "SLIDING", "AudioConfig", "ConfigError", "Gemma4Config", "GenerationConfig",
+           "LayerGeometry", "RopeConfig", "TextConfig", "VisionConfig", "small_config"]

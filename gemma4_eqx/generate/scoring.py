@@ -1,0 +1,322 @@
+"""`g4.score`: per-token log-likelihoods and perplexity of given continuations (lm-eval's `loglikelihood`).
+
+Each row is a prompt (the context, never scored) followed by a continuation (the scored tokens). Token `t` of a
+continuation gets `log_softmax(logits)[t]` of the model's soft-capped logits at the position before it, exactly
+the log-softmax of `model(prompt + continuation)` gathered at the targets (padding aside, see below). Prompts may
+hold images, video and audio (the media keywords of `g4.generate`); continuations are text.
+
+What is compiled, and for which shapes: rows are sorted by length and scored `batch_size` at a time. Each group
+is left-padded as `g4.generate` pads a prompt (`generation.prompt_bucket`: a text row of L tokens to a
+multiple of the chunk size below L, at most 2L; a row with image or video soft tokens to the next power of two),
+media to power-of-two item counts (and patch / frame counts), and a short last group is filled up with copies of
+its first row, so one program serves every group whose (padded length, continuation bucket, media shapes)
+agree. Only the last `width` positions go through the tied head (`width`: the next power of two >= the group's
+longest continuation, at least 8), so no `[seq, vocab]` logits are built for the prompt. Left padding changes
+no result (pads are masked keys before every real token, and positions count real tokens only), up to XLA
+choosing other kernels for another shape (fp32: a few 1e-6 in the log-probs; fp64: ~1e-15).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .batching import MEDIA as _MEDIA_SPECS, _soft_tokens, split_batch, stack_samples
+from .generation import MEDIA_FIELDS, _ordered, _pad_rows, next_pow2, prompt_bucket
+from ..model.masks import MASK_MODES
+from .sampling import ordered_log_softmax
+
+# dimensions of one item of each medium ([patches, patch_dim] per image, ...), and what the arrays hold
+_ITEM_NDIM = {"pixel_values": 2, "image_position_ids": 2, "pixel_values_videos": 2, "video_position_ids": 2,
+              "input_features": 2, "input_features_mask": 1}
+_KIND = {"pixel_values": "f", "pixel_values_videos": "f", "input_features": "f",
+         "image_position_ids": "i", "video_position_ids": "i", "input_features_mask": "b"}
+MIN_WIDTH = 8  # the head runs over the last next_pow2(max(longest continuation, 8)) positions of a group
+_KIND_WORDS = {"f": "floating point", "i": "integer", "b": "boolean"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreResult:
+    """Scores of N continuations. Arrays are `[N, C]` (C = the longest continuation; `[C]` for a single row):
+    entry `[i, t]` is token `t` of continuation `i`, valid where `mask` is True (zeros after a row's end).
+
+    `logprobs`: log-softmax of the model's logits at each continuation token; `greedy`: the token is the argmax
+    (the first maximum, as lm-eval's `is_greedy` reads it); `padded_length`: the length each row was run at.
+    """
+
+    logprobs: np.ndarray
+    mask: np.ndarray
+    greedy: np.ndarray
+    padded_length: np.ndarray
+
+    @property
+    def count(self) -> np.ndarray:
+        """Scored tokens per row (the continuation's length)."""
+        return np.asarray(self.mask.sum(-1))
+
+    @property
+    def sum(self) -> np.ndarray:
+        """Total log-likelihood of each continuation (lm-eval's `loglikelihood`)."""
+        return np.asarray(np.where(self.mask, self.logprobs, 0.0).sum(-1))
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean log-likelihood per token of each continuation."""
+        return np.asarray(self.sum / self.count)
+
+    @property
+    def perplexity(self) -> np.ndarray:
+        """exp(-mean log-likelihood) of each continuation."""
+        return np.asarray(np.exp(-self.mean))
+
+    @property
+    def is_greedy(self) -> np.ndarray:
+        """Each continuation is what greedy decoding produces after its prompt (every token the argmax)."""
+        return np.asarray(np.where(self.mask, self.greedy, True).all(-1))
+
+    @property
+    def corpus_perplexity(self) -> float:
+        """exp(-(sum of every log-likelihood) / (number of scored tokens)): every token weighs the same."""
+        return float(np.exp(-np.sum(self.sum) / np.sum(self.count)))
+
+
+# ---- inputs ------------------------------------------------------------------------------------------
+def _is_token_row(x) -> bool:
+    """A flat sequence of token ids (one row) rather than a sequence of rows."""
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return np.ndim(x) == 1
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(v, (int, np.integer)) for v in x)
+
+
+def _rows(name: str, value) -> tuple[list[np.ndarray], bool]:
+    """(rows as 1-D int arrays, whether a single row was given)."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name}: expected token ids (tokenize the text first: proc.tokenizer(...)), found a string")
+    single = _is_token_row(value)
+    if single:
+        value = [value]
+    elif isinstance(value, (np.ndarray, jax.Array)):
+        if np.ndim(value) != 2:
+            raise ValueError(f"{name}: expected one row of token ids [seq], rows [n, seq] or a list of rows, found "
+                             f"shape {list(np.shape(value))}")
+        value = list(np.asarray(value))
+    elif not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: expected token ids or a list of rows of token ids, found {type(value).__name__}")
+    if len(value) == 0:
+        raise ValueError(f"{name}: no rows given")
+    out = []
+    for i, row in enumerate(value):
+        try:
+            arr = np.asarray(row)
+        except ValueError as e:
+            raise ValueError(f"{name}[{i}]: not a flat sequence of token ids ({e})") from None
+        if arr.size == 0:
+            what = ("an empty continuation has no token to score" if name == "continuations" else
+                    "the first continuation token needs a context: start the prompt with <bos>")
+            raise ValueError(f"{name}[{i}]: empty; {what}")
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"{name}[{i}]: expected integer token ids, found dtype {arr.dtype}")
+        if arr.ndim != 1:
+            raise ValueError(f"{name}[{i}]: expected a 1-D row of token ids, found shape {list(arr.shape)}")
+        out.append(arr.astype(np.int32))
+    return out, single
+
+
+def _row_media(n: int, ids: list[np.ndarray], media: dict[str, Any], config) -> list[dict[str, np.ndarray]]:
+    """Each row's media arrays. A field may be transformers' stack over every row's items (`[items, ...]`, split
+    by counting each row's placeholders), a per-row stack (`[n, items, ...]`) or a list of n arrays (None = the
+    row has none of this medium)."""
+    rows: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
+    flat: dict[str, np.ndarray] = {}
+    for k, v in media.items():
+        if v is None:
+            continue
+        if isinstance(v, (list, tuple)):
+            if len(v) != n:
+                raise ValueError(f"{k}: a list of per-row arrays needs one entry per row ({n}), found {len(v)}")
+            for i, item in enumerate(v):
+                if item is not None:
+                    item = np.asarray(item)
+                    if item.ndim != _ITEM_NDIM[k] + 1:
+                        raise ValueError(f"{k}[{i}]: expected [items, ...] with {_ITEM_NDIM[k] + 1} dimensions, "
+                                         f"found shape {list(item.shape)}")
+                    rows[i][k] = item
+            continue
+        arr = np.asarray(v)
+        if arr.ndim == _ITEM_NDIM[k] + 1:
+            flat[k] = arr
+        elif arr.ndim == _ITEM_NDIM[k] + 2 and arr.shape[0] == n:
+            for i in range(n):
+                rows[i][k] = arr[i]
+        else:
+            raise ValueError(f"{k}: expected every row's items stacked [items, ...] ({_ITEM_NDIM[k] + 1} dimensions), "
+                             f"per row [{n}, items, ...] or a list of {n} arrays; found shape {list(arr.shape)}")
+    if flat:
+        width = max(len(r) for r in ids)
+        grid = np.zeros((n, width), np.int32)  # right-padded with id 0 (never a placeholder): only counted here
+        for i, r in enumerate(ids):
+            grid[i, :len(r)] = r
+        for i, sample in enumerate(split_batch({"input_ids": grid, **flat}, config)):
+            rows[i].update({k: v for k, v in sample.items() if k in flat})
+    for k in media:
+        for i, row in enumerate(rows):
+            if k in row and row[k].dtype.kind not in _KIND[k]:
+                raise TypeError(f"{k}: expected {_KIND_WORDS[_KIND[k]]} values, found dtype {row[k].dtype} (row {i})")
+    for token_attr, (values, where), _ in _MEDIA_SPECS:
+        token = getattr(config, token_attr)
+        for i, (row, r) in enumerate(zip(rows, ids)):
+            need = int((r == token).sum())
+            if (values in row) != (where in row):
+                missing = where if values in row else values
+                raise ValueError(f"{missing}: row {i} has {values if values in row else where} but not {missing}")
+            have = 0 if values not in row else sum(_soft_tokens(where, item) for item in row[where])
+            if need != have:
+                raise ValueError(f"{values}: prompt {i} holds {need} placeholder tokens but its media give {have} "
+                                 "soft tokens" + (" (pass the processor's media arrays)" if not have else ""))
+    return rows
+
+
+def _pad_axis1(arrays: list[np.ndarray], field: str) -> list[np.ndarray]:
+    """Pad every row's items along axis 1 (patches, frames) to one power-of-two count."""
+    if not arrays or arrays[0].ndim < 2:
+        return arrays
+    size = next_pow2(max(a.shape[1] for a in arrays))
+    fill = -1 if field.endswith("position_ids") else 0
+    return [np.pad(a, [(0, 0), (0, size - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+            for a in arrays]
+
+
+# ---- the compiled part --------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("width", "mask_mode"))
+def _score_rows(model, batch: dict, *, width: int, mask_mode: str):
+    """Log-probs and argmax flags of the last `width` tokens of every (left-padded) row."""
+    ordered = _ordered(model)
+
+    def one(row):
+        row = dict(row)
+        ids = row.pop("input_ids")
+        seq = ids.shape[0]
+        h = model.hidden_states(ids, mask_mode=mask_mode, **row)[seq - 1 - width:seq - 1]
+        logits = model.logits_from_hidden(h)
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        logp = ordered_log_softmax(logits) if ordered else jax.nn.log_softmax(logits, axis=-1)
+        targets = ids[seq - width:]
+        picked = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+        return picked, jnp.argmax(logits, axis=-1) == targets
+
+    return jax.vmap(one)(batch)
+
+
+# ---- score -------------------------------------------------------------------------------------------
+def score(
+    model,
+    prompts,
+    continuations,
+    *,
+    batch_size: int = 8,
+    mask_mode: str = "intended",
+    **media,
+) -> ScoreResult:
+    """Log-likelihood of each continuation given its prompt, token by token.
+
+    `prompts`, `continuations`: one row of token ids each (1-D), or n rows each (a list of 1-D sequences of any
+    lengths, or `[n, seq]` arrays); integer ids, every row non-empty (start prompts with `<bos>`). Continuations
+    are text (no image / video / audio placeholders); prompts may hold placeholders, with their media given as
+    the keywords of `g4.generate` (`pixel_values`, `image_position_ids`, `pixel_values_videos`,
+    `video_position_ids`, `input_features`, `input_features_mask`): transformers' stack of every row's items
+    (`[items, ...]`, as the processor returns it for a batch), a per-row stack (`[n, items, ...]`) or a list of n
+    arrays (None for a row without that medium).
+
+    `batch_size`: rows per compiled call (groups of rows of similar length; see the module doc). `mask_mode`:
+    as for `model(...)`. Returns a `ScoreResult` (per-token `logprobs`, `mask`, `greedy`; `sum`, `count`,
+    `perplexity`, `is_greedy`, `corpus_perplexity`) in the order given.
+    """
+    unknown = [k for k in media if k not in MEDIA_FIELDS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], MEDIA_FIELDS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"media keywords are {', '.join(MEDIA_FIELDS)}"
+        raise TypeError(f"score: unexpected keyword {unknown[0]!r}; {hint}")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode: expected one of {MASK_MODES}, found {mask_mode!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, found {batch_size!r}")
+    cfg = model.config
+    prompt_rows, single = _rows("prompts", prompts)
+    cont_rows, single_cont = _rows("continuations", continuations)
+    if len(prompt_rows) != len(cont_rows) or single != single_cont:
+        raise ValueError(f"prompts, continuations: {len(prompt_rows)} prompt(s) but {len(cont_rows)} "
+                         "continuation(s); give one continuation per prompt")
+    vocab, context = cfg.text.vocab_size, cfg.text.max_position_embeddings
+    placeholders = np.array([cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id])
+    for name, rows in (("prompts", prompt_rows), ("continuations", cont_rows)):
+        for i, r in enumerate(rows):
+            if r.min() < 0 or r.max() >= vocab:
+                raise ValueError(f"{name}[{i}]: token ids must lie in [0, {vocab}) (vocab_size); found values in "
+                                 f"[{int(r.min())}, {int(r.max())}]")
+    for i, r in enumerate(cont_rows):
+        if np.isin(r, placeholders).any():
+            raise ValueError(f"continuations[{i}]: holds image / video / audio placeholder ids; a continuation is "
+                             "scored text (put media in the prompt)")
+    n = len(prompt_rows)
+    ids = [np.concatenate([p, c]) for p, c in zip(prompt_rows, cont_rows)]
+    for i, r in enumerate(ids):
+        if len(r) > context:
+            raise ValueError(f"prompts[{i}] + continuations[{i}]: {len(r)} tokens exceed the model's context of "
+                             f"{context} (text_config.max_position_embeddings)")
+    row_media = _row_media(n, ids, media, cfg)
+    vision_ids = (cfg.image_token_id, cfg.video_token_id)
+
+    n_cont = np.array([len(c) for c in cont_rows])
+    width_all = int(n_cont.max())
+    logprobs = np.zeros((n, width_all), np.float64 if model.dtype == jnp.float64 else np.float32)
+    greedy = np.zeros((n, width_all), bool)
+    padded = np.zeros((n,), np.int32)
+    order = sorted(range(n), key=lambda i: (len(ids[i]), i))
+    b = min(batch_size, next_pow2(n))
+    pad_id = cfg.text.pad_token_id
+    for start in range(0, n, b):
+        members = order[start:start + b]
+        slots = members + [members[0]] * (b - len(members))  # a short group: filled with copies, ignored
+        longest = max(len(ids[i]) for i in slots)
+        vision = any(np.isin(ids[i], vision_ids).any() for i in slots)
+        p, _ = prompt_bucket(longest, vision)
+        width = min(next_pow2(max(int(n_cont[slots].max()), MIN_WIDTH)), p - 1)
+        tokens = np.full((b, longest), pad_id, np.int32)
+        mask = np.zeros((b, longest), bool)
+        for k, i in enumerate(slots):
+            tokens[k, longest - len(ids[i]):] = ids[i]
+            mask[k, longest - len(ids[i]):] = True
+        batch: dict[str, Any] = {"input_ids": tokens, "attention_mask": mask}
+        if vision:
+            types = np.zeros_like(tokens)
+            for kind, token_id in ((1, cfg.image_token_id), (2, cfg.video_token_id), (3, cfg.audio_token_id)):
+                types = np.where(tokens == token_id, kind, types)
+            batch["mm_token_type_ids"] = types
+        present = sorted({k for i in slots for k in row_media[i]})
+        if present:
+            samples = [{} for _ in slots]
+            for k in present:
+                have = [(j, row_media[i][k]) for j, i in enumerate(slots) if k in row_media[i]]
+                for (j, _), a in zip(have, _pad_axis1([a for _, a in have], k)):
+                    samples[j][k] = a
+            batch.update(stack_samples(samples))
+        batch = _pad_rows(batch, p, pad_id, vision)
+        lp, hit = _score_rows(model, jax.device_put(batch), width=width, mask_mode=mask_mode)
+        lp, hit = np.asarray(lp), np.asarray(hit)
+        for k, i in enumerate(members):
+            c = n_cont[i]
+            logprobs[i, :c] = lp[k, width - c:]
+            greedy[i, :c] = hit[k, width - c:]
+            padded[i] = p
+    valid = np.arange(width_all)[None] < n_cont[:, None]
+    result = ScoreResult(logprobs=logprobs, mask=valid, greedy=greedy & valid, padded_length=padded)
+    if single:
+        result = ScoreResult(logprobs=logprobs[0], mask=valid[0], greedy=greedy[0] & valid[0],
+                             padded_length=np.asarray(padded[0]))
+    return result

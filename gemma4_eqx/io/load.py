@@ -1,0 +1,404 @@
+"""Checkpoint reading: a transformers-format folder (safetensors, one file or shards plus an index) into a model.
+
+Only plain file names inside the folder are opened: an index that names `../x`, an absolute path or a
+sub-folder is refused before any file is touched, and every error while reading names the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, _canonical_name, tensor_specs
+from ..config.gemma4 import Gemma4Config
+from ..config.fields import read_json_file
+from .safetensors import SafetensorsFile, aligned_empty
+from ..model.sharding import single_device
+
+SAVE_MARK = ".g4-save-"  # `checkpoint_save` stages a folder `X` as the sibling `.X.g4-save-<token>`
+PARTIAL_SUFFIX = ".partial"  # safetensors_io.write_file's name while a file is being written
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def check_shard_name(name: Any, where: str) -> str:
+    """A shard name from an index must be a plain `.safetensors` file name inside the folder."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name) or os.path.basename(name) != name or not name.endswith(".safetensors")):
+        raise CheckpointError(f"{where}: expected a plain file name inside the checkpoint folder ending in "
+                              f".safetensors, found {_short(name)}; shard paths that leave the folder are refused")
+    return name
+
+
+def read_index(folder: str) -> dict[str, str]:
+    """`model.safetensors.index.json`'s `weight_map` (tensor name -> shard file name), every entry checked."""
+    path = os.path.join(folder, SAFE_INDEX)
+    index = read_json_file(path, CheckpointError)
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path}: expected a JSON object with a 'weight_map', found {type(index).__name__}")
+    if "weight_map" not in index:
+        raise CheckpointError(f"{path}: the field 'weight_map' is missing")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: weight_map: expected a non-empty object of tensor name -> file name, "
+                              f"found {_short(weight_map)}")
+    for name, file in weight_map.items():
+        check_shard_name(file, f"{path}: weight_map[{_short(name)}]")
+    return weight_map
+
+
+def leftovers(folder: str) -> list[str]:
+    """What an interrupted save can leave: `.X.g4-save-*` beside the folder; `*.partial` and
+    `config.json.<pid>.tmp` (`Gemma4Config.save_pretrained`) inside it."""
+    folder = os.path.abspath(folder)
+    parent, name = os.path.split(folder.rstrip(os.sep))
+    found = []
+    try:
+        found += [os.path.join(parent, e) for e in sorted(os.listdir(parent)) if e.startswith(f".{name}{SAVE_MARK}")]
+    except OSError:
+        pass
+    try:
+        found += [os.path.join(folder, e) for e in sorted(os.listdir(folder))
+                  if e.endswith(PARTIAL_SUFFIX) or (e.startswith("config.json.") and e.endswith(".tmp"))]
+    except OSError:
+        pass
+    return found
+
+
+def warn_leftovers(folder: str) -> None:
+    """Name the leftovers of an interrupted save (never read; safe to delete once no save is running)."""
+    found = leftovers(folder)
+    if found:
+        warnings.warn(f"{folder}: leftovers of an interrupted or running save (not read; delete them once no save "
+                      f"is running): {', '.join(found)}", stacklevel=3)
+
+
+def float_dtype(dtype: Any) -> Any:
+    """`dtype` as a numpy dtype if it is a floating one; None stays None (keep the checkpoint's precision)."""
+    if dtype is None:
+        return None
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"dtype: expected a floating dtype (float32, bfloat16 or float16), found {dtype!r}") from e
+    if not jnp.issubdtype(d, jnp.floating):
+        raise ValueError(f"dtype: expected a floating dtype (float32, bfloat16 or float16), found {d.name}; "
+                         "casting the weights to it would truncate them")
+    if jax.dtypes.canonicalize_dtype(d) != d:
+        raise ValueError(f"dtype: {d.name} needs jax_enable_x64 (jax.config.update('jax_enable_x64', True)); "
+                         "without it the weights would silently become float32")
+    return d
+
+
+class SafetensorsReader:
+    """The safetensors files of one checkpoint folder (single file or sharded with an index).
+
+    Headers are parsed up front; tensor bytes are read on demand with `preadv`, never memory-mapped (see
+    `safetensors_io`), so reading a checkpoint does not leave its pages in this process's resident memory.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        index_path = os.path.join(folder, SAFE_INDEX)
+        single_path = os.path.join(folder, SAFE_SINGLE)
+        if os.path.isfile(index_path):
+            weight_map = read_index(folder)
+        elif os.path.isfile(single_path):
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"{folder}: no {SAFE_SINGLE} or {SAFE_INDEX} (only safetensors checkpoints "
+                                    "are read; pickled .bin files are refused)")
+        self._files: dict[str, SafetensorsFile] = {}
+        files = sorted(set(weight_map.values())) if weight_map is not None else [SAFE_SINGLE]
+        self.location: dict[str, tuple[str, str]] = {}  # canonical name -> (file, name in file)
+        for file in files:
+            path = os.path.join(folder, file)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: listed in {index_path} but missing")
+            try:
+                handle = SafetensorsFile(path)
+            except Exception as e:  # a truncated or corrupt file fails here
+                raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from e
+            self._files[file] = handle
+            for name in handle.keys():
+                if weight_map is not None and weight_map.get(name) != file:
+                    raise CheckpointError(f"{name}: found in {path} but {index_path} places it in "
+                                          f"{weight_map.get(name)!r}")
+                canonical = _canonical_name(name)
+                if canonical in self.location:
+                    raise CheckpointError(f"{canonical}: stored twice ({self.location[canonical][1]!r} and {name!r})")
+                self.location[canonical] = (file, name)
+        if weight_map is not None:
+            missing = sorted(set(map(_canonical_name, weight_map)) - set(self.location))
+            if missing:
+                raise CheckpointError(f"{missing[0]}: listed in {index_path} but not in its file")
+
+    def names(self) -> set[str]:
+        return set(self.location)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], str]:
+        file, stored = self.location[name]
+        return self._files[file].shape(stored), self._files[file].dtype_name(stored)
+
+    def nbytes(self, name: str) -> int:
+        file, stored = self.location[name]
+        return self._files[file].nbytes(stored)
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole tensor as a new host array in its stored dtype."""
+        file, stored = self.location[name]
+        try:
+            return self._files[file].read(stored)
+        except Exception as e:
+            raise CheckpointError(f"{name}: cannot be read from {os.path.join(self.folder, file)} ({e})") from e
+
+    def read_into(self, name: str, out: np.ndarray, region: tuple[slice, ...] | None = None,
+                  transpose: bool = False) -> None:
+        """The tensor's `region` (on-disk coordinates, default all of it) cast into `out`, transposed if asked."""
+        file, stored = self.location[name]
+        try:
+            self._files[file].read_into(stored, out, region, transpose)
+        except Exception as e:
+            raise CheckpointError(f"{name}: cannot be read from {os.path.join(self.folder, file)} ({e})") from e
+
+
+_SAFE_DTYPES = {"F32": jnp.float32, "BF16": jnp.bfloat16, "F16": jnp.float16, "F64": jnp.float64}
+
+
+def checkpoint_dtype(reader: SafetensorsReader, specs: list[TensorSpec]) -> Any:
+    """The single float dtype all tensors share (used when `load(dtype=None)`)."""
+    first = specs[0].name
+    _, d = reader.info(first)
+    if d not in _SAFE_DTYPES:
+        raise CheckpointError(f"{first}: expected a floating dtype (F32/BF16/F16), found {d}")
+    return _SAFE_DTYPES[d]
+
+
+def validate(reader: SafetensorsReader, specs: list[TensorSpec], dtype: Any = None) -> None:
+    """Every expected tensor present, none unexpected, each with its shape and a float dtype.
+
+    With `dtype=None` (keep the checkpoint's precision) every tensor must also share the first tensor's dtype, so
+    nothing is cast silently; pass `dtype=` to cast on load.
+    """
+    expected = {s.name for s in specs}
+    found = reader.names()
+    missing = sorted(expected - found)
+    if missing:
+        raise CheckpointError(f"{missing[0]}: missing from the checkpoint"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(found - expected)
+    if unexpected:
+        raise CheckpointError(f"{unexpected[0]}: unexpected tensor; the config describes no such parameter"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    first_dtype = reader.info(specs[0].name)[1]
+    for s in specs:
+        shape, d = reader.info(s.name)
+        if shape != s.shape:
+            raise CheckpointError(f"{s.name}: expected shape {s.shape}, found {shape}")
+        if d not in _SAFE_DTYPES:
+            raise CheckpointError(f"{s.name}: expected a floating dtype (F32/BF16/F16), found {d}")
+        if dtype is None and d != first_dtype:
+            raise CheckpointError(f"{s.name}: expected {first_dtype} like {specs[0].name}, found {d}; "
+                                  "pass dtype= to cast the checkpoint on load")
+
+
+def _leaf_groups(abstract: Any, specs: list[TensorSpec]) -> list[tuple[Callable[[Any], Any], list[TensorSpec]]]:
+    """The checkpoint tensors grouped by the model leaf they fill, in checkpoint order."""
+    groups: dict[int, tuple[Callable, list[TensorSpec]]] = {}
+    for s in specs:
+        groups.setdefault(id(s.leaf(abstract)), (s.leaf, []))[1].append(s)
+    return list(groups.values())
+
+
+def _assemble(reader: SafetensorsReader, group: list[TensorSpec], shape: tuple[int, ...], dtype: Any,
+              index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The part `index` (model coordinates; default all) of one model leaf, read from its checkpoint tensors.
+
+    Each tensor contributes the rectangle of it that falls inside `index`: only those rows are read from disk,
+    cast and transposed chunk by chunk straight into one page-aligned buffer of the part's shape.
+    """
+    index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index or (slice(None),) * len(shape), shape))
+    buffer = aligned_empty(tuple(sl.stop - sl.start for sl in index), dtype)
+    for s in group:
+        n_stack = len(s.index)
+        outer, inner = index[:n_stack], index[n_stack:]
+        if not all(sl.start <= i < sl.stop for i, sl in zip(s.index, outer)):
+            continue
+        dest = buffer[tuple(i - sl.start for i, sl in zip(s.index, outer))] if n_stack else buffer
+        reader.read_into(s.name, dest, inner[::-1] if s.transpose else inner, s.transpose)
+    return buffer
+
+
+def _from_callback(reader: SafetensorsReader, group: list[TensorSpec], shape: tuple[int, ...], sharding: Any,
+                   np_dtype: np.dtype) -> jax.Array:
+    """`jax.make_array_from_callback`: each device's shard read on its own; equal shards (replicas) read once."""
+    parts: dict[tuple, np.ndarray] = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((sl.indices(n)[0], sl.indices(n)[1]) for sl, n in zip(index, shape))
+        if key not in parts:
+            parts[key] = _assemble(reader, group, shape, np_dtype, index)
+        return parts[key]
+
+    return jax.block_until_ready(jax.make_array_from_callback(shape, sharding, shard, dtype=np_dtype))
+
+
+def _inner_sharding(sharding: Any, n_stack: int, ndim: int) -> Any:
+    """The sharding of one layer's slice of a stacked leaf (the stacked axes are never split)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        if any(e is not None for e in spec[:n_stack]):
+            raise ValueError(f"{sharding.spec}: the stacked leading axes of a decoder leaf cannot be sharded")
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[n_stack:]))
+    return sharding
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_writer(sharding: Any) -> Callable[..., jax.Array]:
+    """jit: write one layer's slice into a stacked leaf in place (the stack is donated), keeping its sharding."""
+
+    def write(stack: jax.Array, piece: jax.Array, index: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice(stack, piece.reshape((1,) * index.shape[0] + piece.shape),
+                                            (*index, *(0,) * piece.ndim))
+
+    return jax.jit(write, donate_argnums=0, out_shardings=sharding)
+
+
+def _stacked_layer_by_layer(reader: SafetensorsReader, group: list[TensorSpec], target: Any, sharding: Any,
+                            np_dtype: np.dtype) -> jax.Array:
+    """A stacked leaf built on its devices one layer's tensor at a time: host memory stays at one tensor's shards."""
+    n_stack = len(group[0].index)
+    inner_shape = tuple(target.shape[n_stack:])
+    inner = _inner_sharding(sharding, n_stack, len(target.shape))
+    stack = jax.jit(lambda: jnp.zeros(target.shape, np_dtype), out_shardings=sharding)()
+    write = _layer_writer(sharding)
+    for s in group:
+        piece = _from_callback(reader, [dataclasses.replace(s, index=())], inner_shape, inner, np_dtype)
+        stack = write(stack, piece, jnp.asarray(s.index, jnp.int32))
+        del piece
+    return jax.block_until_ready(stack)
+
+
+def _on_host(sharding: Any) -> bool:
+    return all(d.platform == "cpu" for d in sharding.device_set)
+
+
+def fill_model(abstract: Any, reader: SafetensorsReader, dtype: Any,
+               place: Callable[[np.ndarray, Any], Any] | None = None,
+               progress: Callable[[int, int], None] | None = None, shardings: Any = None,
+               layer_by_layer: bool | None = None) -> Any:
+    """Fill an abstract model (from `filter_eval_shape`) with the checkpoint's tensors, one leaf at a time.
+
+    Placement, in order of precedence:
+    - `shardings` (a pytree like the model with a `jax.sharding.Sharding` per leaf, e.g. from
+      `g4.sharding.param_shardings`): every device's shard is read from disk on its own (only its rows; equal
+      shards once), through `jax.make_array_from_callback`;
+    - `place(array, abstract_leaf)`: the whole leaf is assembled on the host and handed over;
+    - neither: the leaf goes to the default device.
+    Host buffers are page-aligned, which lets JAX's CPU backend adopt them without a copy, so a model on the CPU
+    costs its own bytes and one read chunk. A stacked decoder leaf that lives on accelerators
+    (`layer_by_layer=None`; force with True/False) is instead allocated on its devices and filled one layer's
+    tensor at a time (in place, the stack donated), so host memory stays near one tensor's shards rather than a
+    whole stacked leaf. Each leaf is finished (`block_until_ready`) before the next is read.
+    `progress(nbytes, ntensors)` is called after each leaf with the on-disk bytes and checkpoint tensors it used.
+    """
+    specs = tensor_specs(abstract)
+    validate(reader, specs, dtype)
+    np_dtype = np.dtype(dtype)
+    if shardings is None and place is None:
+        default = single_device()
+        shardings = jax.tree.map(lambda _: default, abstract)
+    wheres, values = [], []
+    for get, group in _leaf_groups(abstract, specs):
+        target = get(abstract)
+        if shardings is None:
+            value = place(_assemble(reader, group, target.shape, np_dtype), target)
+        else:
+            sharding = get(shardings)
+            by_layer = not _on_host(sharding) if layer_by_layer is None else layer_by_layer
+            if by_layer and group[0].index:
+                value = _stacked_layer_by_layer(reader, group, target, sharding, np_dtype)
+            else:
+                value = _from_callback(reader, group, tuple(target.shape), sharding, np_dtype)
+        values.append(value)
+        wheres.append(get)
+        if progress is not None:
+            progress(sum(reader.nbytes(s.name) for s in group), len(group))
+    return eqx.tree_at(lambda m: tuple(w(m) for w in wheres), abstract, replace=tuple(values))
+
+
+
+PROGRESS_MIN_BYTES = 2**30  # `progress=None` shows a bar only for checkpoints at least this large
+
+
+def _progress_callback(progress: Any, reader: SafetensorsReader,
+                       specs: list[TensorSpec]) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """(callback, close) for `progress`: True/False, None (auto: on from PROGRESS_MIN_BYTES) or a callable."""
+    if callable(progress):
+        return (lambda nbytes, ntensors: progress(nbytes)), (lambda: None)
+    total = sum(reader.nbytes(s.name) for s in specs)
+    if progress is False or (progress is None and total < PROGRESS_MIN_BYTES):
+        return None, (lambda: None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", leave=False)
+    done = [0]
+
+    def update(nbytes: int, ntensors: int) -> None:
+        done[0] += ntensors
+        bar.set_postfix_str(f"{done[0]}/{len(specs)} tensors", refresh=False)
+        bar.update(nbytes)
+
+    return update, bar.close
+
+
+def load_from_folder(folder: str, *, dtype: Any = None, place: Callable[[np.ndarray, Any], Any] | None = None,
+                     progress: Any = None, model_kwargs: dict[str, Any] | None = None, mesh: Any = None,
+                     rules: Any = None, layer_by_layer: bool | None = None, quantize: Any = None) -> Any:
+    """A checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`.
+    A quantized folder (`quantization_config` in config.json), or `quantize=`, goes through `quant.load_folder`."""
+    from ..model.gemma4 import Gemma4
+    from ..quant import modules as quant
+
+    dtype = float_dtype(dtype)
+    warn_leftovers(folder)
+    if quantize is not None or quant.saved_quant_config(folder) is not None:
+        if mesh is not None or place is not None:
+            raise ValueError("mesh: a quantized model loads onto the default device; place it afterwards with "
+                             "g4.sharding.shard_model(model, mesh, g4.quant.sharding_rules(rules))")
+        return quant.load_folder(folder, dtype=dtype, quantize=quantize, model_kwargs=model_kwargs,
+                                 progress=progress)
+    config = Gemma4Config.from_pretrained(folder)
+    reader = SafetensorsReader(folder)
+    model_kwargs = model_kwargs or {}
+    probe = eqx.filter_eval_shape(lambda: Gemma4(config, key=jax.random.key(0), **model_kwargs))
+    specs = tensor_specs(probe)
+    validate(reader, specs, dtype)
+    if dtype is None:
+        dtype = checkpoint_dtype(reader, specs)
+    abstract = eqx.filter_eval_shape(lambda: Gemma4(config, key=jax.random.key(0), dtype=dtype, **model_kwargs))
+    shardings = None
+    if mesh is not None:
+        from ..model import sharding
+
+        shardings = sharding.param_shardings(abstract, mesh, sharding.FSDP_TP if rules is None else rules)
+    elif rules is not None:
+        raise ValueError("rules: given without a mesh; pass mesh=g4.sharding.make_mesh(...) as well")
+    update, close = _progress_callback(progress, reader, specs)
+    try:
+        return fill_model(abstract, reader, dtype, place=place, progress=update, shardings=shardings,
+                          layer_by_layer=layer_by_layer)
+    finally:
+        close()

@@ -1,0 +1,332 @@
+"""Checkpoint writing: a model (with its processor files and generation settings) into a transformers-format
+folder, atomically.
+
+The save protocol (`replace_folder`):
+1. everything is written into a staging folder beside the target, `.NAME.g4-save-<token>` (same file system),
+   each file fsynced as it is closed;
+2. the files of the old folder that this save does not write (a README, recorded references, processor files
+   when no processor is given) are hard-linked in; weights and indexes of the old checkpoint never are;
+3. the staging folder is fsynced, then exchanged with the target in one `renameat2(RENAME_EXCHANGE)` and the
+   parent fsynced: up to the exchange the target is the old checkpoint untouched, from it on the new one whole
+   (weights, config.json and the rest switch together);
+4. the old checkpoint, now under the staging name, is deleted last.
+A crash at any point leaves the target whole (old or new) plus, at worst, a `.NAME.g4-save-*` sibling that
+`load` names in a warning. Where the exchange does not exist (not Linux, or a file system without it) the target
+is renamed aside and the staging folder renamed in; a crash between those two renames leaves no target but the
+complete old checkpoint beside it (`g4.load` points at it).
+
+`FAULT_HOOK`, when set, is called with a label after every file operation: the fault-injection tests kill the
+process or raise there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import math
+import os
+import secrets
+import shutil
+import stat
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from .load import PARTIAL_SUFFIX, SAVE_MARK
+from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, dtype_name, tensor_specs
+from .safetensors import DTYPE_NAMES, write_file
+
+GENERATION_CONFIG = "generation_config.json"
+CONFIG = "config.json"
+# The processor's files (what `Processor.from_pretrained` and transformers' `AutoProcessor` read).
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
+                   "special_tokens_map.json", "preprocessor_config.json")
+
+FAULT_HOOK: Callable[[str], None] | None = None  # tests only: called after every file operation of a save
+
+
+def _done(step: str) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(step)
+
+
+# ---- sizes and tensors ---------------------------------------------------------------------------
+def _parse_size(size: int | str) -> int:
+    """`5GB`, `100KB`, `2GiB` or a number of bytes, as a positive number of bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    problem = f"max_shard_size: expected a positive size such as '5GB', '500MB' or a number of bytes, found {size!r}"
+    if isinstance(size, bool):
+        raise ValueError(problem)
+    if isinstance(size, int):
+        value = size
+    elif isinstance(size, str):
+        s = size.strip().upper()
+        mult = 1
+        for unit, m in sorted(units.items(), key=lambda kv: -len(kv[0])):
+            if s.endswith(unit):
+                s, mult = s[: -len(unit)].strip(), m
+                break
+        try:
+            number = float(s)
+            value = int(number * mult) if math.isfinite(number) else -1
+        except ValueError:
+            raise ValueError(problem) from None
+    else:
+        raise ValueError(problem)
+    if value <= 0:
+        raise ValueError(problem)
+    return value
+
+
+@jax.jit
+def _take_layer(leaf: jax.Array, index: jax.Array) -> jax.Array:
+    """One layer's slice of a stacked leaf, on the leaf's devices (traced indices: one compile per leaf shape)."""
+    n = index.shape[0]
+    start = (*index, *(0,) * (leaf.ndim - n))
+    return jax.lax.dynamic_slice(leaf, start, (1,) * n + leaf.shape[n:]).reshape(leaf.shape[n:])
+
+
+def host_tensors(model: Any, specs: list[TensorSpec] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(on-disk name, `[out, in]` host array) for every tensor, fetched from its devices one tensor at a time.
+
+    A stacked leaf is sliced on its devices first, so a sharded model is gathered one layer's tensor at a time.
+    """
+    for s in specs if specs is not None else tensor_specs(model):
+        leaf = s.leaf(model)
+        t = leaf if not s.index else _take_layer(leaf, np.asarray(s.index, np.int32))
+        t = np.asarray(jax.device_get(t))
+        yield s.name, np.ascontiguousarray(t.T if s.transpose else t)
+
+
+def plan_shards(model: Any, max_shard_size: int | str) -> list[list[tuple[TensorSpec, str]]]:
+    """The tensors of each file, (spec, safetensors dtype name), planned from the shapes alone."""
+    limit = _parse_size(max_shard_size)
+    shards: list[list[tuple[TensorSpec, str]]] = [[]]
+    size = 0
+    for s in tensor_specs(model):
+        dtype = np.dtype(s.leaf(model).dtype)
+        if dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"{s.name}: dtype {dtype} cannot be written to safetensors")
+        nbytes = math.prod(s.shape) * dtype.itemsize
+        if size and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((s, DTYPE_NAMES[dtype]))
+        size += nbytes
+    return shards
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """A JSON file written and fsynced (inside a staging folder: it becomes visible only with the folder)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _done(f"write {os.path.basename(path)}")
+
+
+def write_safetensors(model: Any, folder: str, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write HF-named safetensors into `folder`: one file, or shards plus `model.safetensors.index.json` above
+    the size. Nothing already in `folder` is removed: `save` calls this on a fresh staging folder.
+
+    The layout is planned from the shapes alone; tensors are then fetched and written one at a time, so host
+    memory stays near the largest tensor whatever the model's size or sharding. Each file is fsynced.
+    """
+    from ..quant import modules as quant
+
+    if quant.is_quantized(model):
+        os.makedirs(folder, exist_ok=True)
+        return quant.write_safetensors(model, folder, max_shard_size)
+    shards = plan_shards(model, max_shard_size)
+    os.makedirs(folder, exist_ok=True)
+    files = ([SAFE_SINGLE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for file, shard in zip(files, shards):
+        layout = [(s.name, d, s.shape) for s, d in shard]
+        total += write_file(os.path.join(folder, file), layout, host_tensors(model, [s for s, _ in shard]),
+                            {"format": "pt"}, fsync=True)
+        _done(f"write {file}")
+        weight_map.update({s.name: file for s, _ in shard})
+    if len(shards) > 1:
+        write_json(os.path.join(folder, SAFE_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return files
+
+
+def default_generation_config(config: Any) -> dict[str, Any]:
+    """A generation_config.json for a model saved without one: the config's special ids, eoi/eoa suppressed
+    (docs/spec/processors.md §7.1) and the sampling settings Gemma 4 ships with."""
+    text = config.text
+    return {"bos_token_id": text.bos_token_id, "pad_token_id": text.pad_token_id,
+            "eos_token_id": list(config.eos_token_id or text.eos_token_id),
+            "suppress_tokens": [config.eoa_token_id, config.eoi_token_id],
+            "do_sample": True, "temperature": 1.0, "top_k": 64, "top_p": 0.95}
+
+
+# ---- the atomic switch ---------------------------------------------------------------------------
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith((".safetensors", PARTIAL_SUFFIX)) or name in (SAFE_INDEX, SAFE_SINGLE)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry_over(old: str, staging: str) -> None:
+    """Hard-link into `staging` every entry of `old` the save did not write, except old weights and indexes."""
+    written = set(os.listdir(staging))
+    for name in sorted(os.listdir(old)):
+        if name in written or _is_weights(name):
+            continue
+        src, dst = os.path.join(old, name), os.path.join(staging, name)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+        _done(f"carry {name}")
+
+
+def replace_folder(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Run `write(staging_folder)`, then make `target` hold exactly what it wrote (plus the old folder's
+    non-checkpoint files) in one atomic switch; see the module docstring. On failure `target` is untouched."""
+    target = os.path.realpath(os.path.abspath(os.fspath(target)))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise CheckpointError(f"{target}: exists and is not a folder; expected a checkpoint folder to write")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}{SAVE_MARK}{secrets.token_hex(4)}")
+    os.mkdir(staging)
+    switched = False
+    try:
+        _done("mkdir staging")
+        write(staging)
+        existed = os.path.isdir(target)
+        if existed:
+            _carry_over(target, staging)
+            os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
+        _fsync_path(staging)
+        _done("fsync staging")
+        if not existed:
+            os.rename(staging, target)
+            switched = True
+            _done("rename staging")
+            _fsync_path(parent)
+            _done("fsync parent")
+            return
+        if _exchange(staging, target):
+            switched = True
+            _done("exchange")
+        else:  # no atomic exchange here: rename aside, then in (a crash between leaves the old one beside)
+            os.rename(target, staging + "-old")
+            _done("rename target aside")
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                os.rename(staging + "-old", target)
+                raise
+            switched = True
+            os.rename(staging + "-old", staging)
+            _done("rename staging in")
+        _fsync_path(parent)
+        _done("fsync parent")
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)  # before the switch the new files, after it the old ones
+        if not switched and isinstance(e, OSError):
+            raise OSError(e.errno, f"{target}: the save failed ({e}); the folder keeps its previous contents") from e
+        raise
+    try:
+        shutil.rmtree(staging)  # the old checkpoint
+        _done("remove old")
+    except OSError as e:
+        warnings.warn(f"{target}: saved, but the previous checkpoint at {staging} could not be removed ({e})",
+                      stacklevel=3)
+
+
+def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB", processor: Any = None,
+         generation_config: dict[str, Any] | None = None, extra_files: Sequence[str | os.PathLike] = ()) -> None:
+    """Write a complete transformers-format folder atomically (see the module docstring): HF-named safetensors,
+    `config.json`, `generation_config.json` (the one given; else the folder's existing one is kept; else
+    `default_generation_config`), the processor's files when `processor` is given (`processor.save_pretrained`)
+    and copies of `extra_files` (e.g. a source folder's tokenizer files).
+
+    Works on a model sharded over a mesh too: each tensor is gathered to the host on its own as it is written.
+    """
+    from ..quant import modules as quant
+
+    folder = os.fspath(folder)
+    (quant.plan_shards if quant.is_quantized(model) else plan_shards)(model, max_shard_size)  # fail on an unsavable model or a bad size before anything is written
+    if processor is not None and not hasattr(processor, "save_pretrained"):
+        raise TypeError(f"processor: expected an object with save_pretrained(folder) (a g4.Processor), found "
+                        f"{type(processor).__name__}")
+    if generation_config is not None and not isinstance(generation_config, dict):
+        raise TypeError(f"generation_config: expected a dict, found {type(generation_config).__name__}")
+    extra = [os.fspath(p) for p in extra_files]
+    for path in extra:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: not a file (listed to be copied into {folder})")
+    old_generation = os.path.join(folder, GENERATION_CONFIG)
+
+    def write(staging: str) -> None:
+        if processor is not None:
+            before = set(os.listdir(staging))
+            processor.save_pretrained(staging)
+            for name in sorted(set(os.listdir(staging)) - before):
+                if os.path.isfile(os.path.join(staging, name)):
+                    _fsync_path(os.path.join(staging, name))
+            _done("write processor files")
+        for path in extra:
+            dst = os.path.join(staging, os.path.basename(path))
+            shutil.copyfile(path, dst)
+            _fsync_path(dst)
+            _done(f"copy {os.path.basename(path)}")
+        write_safetensors(model, staging, max_shard_size)
+        config = model.config.to_hf_dict()
+        config["dtype"] = dtype_name(model.dtype)
+        qc = quant.quant_config_of(model)
+        if qc is not None:
+            config["quantization_config"] = qc.to_json()
+        write_json(os.path.join(staging, CONFIG), config)
+        if generation_config is not None:
+            write_json(os.path.join(staging, GENERATION_CONFIG), generation_config)
+        elif not os.path.isfile(os.path.join(staging, GENERATION_CONFIG)) and not os.path.isfile(old_generation):
+            write_json(os.path.join(staging, GENERATION_CONFIG), default_generation_config(model.config))
+
+    replace_folder(folder, write)

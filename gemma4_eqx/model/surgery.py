@@ -1,0 +1,333 @@
+"""Model surgery on `Gemma4`: swap attention modules, freeze, add low-rank adapters, save what has no HF name.
+
+Everything is built on `eqx.tree_at`; every result is an ordinary `Gemma4` pytree that jits, vmaps and grads.
+
+Where things live. The decoder keeps its layers *stacked* per run of the repeating pattern
+(`model.layers.runs[j]`, every array with leading axes `[repeats, run_length]`; `model.layers.locate(i)` maps a
+flat layer index to `(run, repeat, slot)`). For the 12B the runs are `(5 sliding, 1 full) x 8`, so
+`model.layers.runs[1].self_attn` *is* the attention of the 8 global layers, stacked `[8, 1, ...]`.
+
+How an edit is applied (`map_layers`, which `replace_attention` and `add_lora` use):
+- the chosen layers cover whole runs (e.g. `layers="full"`): the new per-layer modules are stacked into that run
+  in place; nothing else moves and the KV-cache layout is unchanged;
+- they cover part of a run (e.g. `layers=[5]` of the 12B, or `[2]`): the decoder is *regrouped*: layers are
+  gathered, and stacked again into the shortest repeating pattern of layer kinds (a kind = a pytree structure
+  plus shapes). `[2, 8, 14, ...]` (the same slot in every period) keeps 8 repeats with a run split in three;
+  an irregular set unrolls the repeats (one period of 48 layers: more scan bodies, a longer compile). The
+  weights are copied once.
+Either way the result is an ordinary `DecoderStack`; a regrouped one carries `cache_slots`, where each of its
+layers sits in the stock KV-cache layout, so `g4.generate` keeps working. Replacement attentions implement
+`g4.layers.attention.AbstractAttention` (`__call__` and `with_cache`).
+
+Saving. `g4.save` writes transformers' names, and only the stock modules have them: for a model holding a
+replacement attention or `LoRALinear` it raises instead of writing a checkpoint that silently lacks the new
+parameters. Use `merge_lora` first (the result is stock again), or `save` / `load` below (Equinox's
+`tree_serialise_leaves` plus config.json; loading re-runs your surgery on an abstract model to get the skeleton).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+
+from ..io.checkpoint import dtype_name
+from ..config.gemma4 import FULL, SLIDING, Gemma4Config
+from ..layers.attention import AbstractAttention, Attention
+from ..layers.decoder import DecoderStack, kind_ids, slice_layer, stack_modules
+from ..layers.linear import Linear
+# The example replacement lives with the other layers; re-exported so `g4.surgery.LinearAttention` keeps working.
+from ..layers.linear_attention import LinearAttention, linear_attention  # noqa: F401
+from ..layers.numerics import compute_dtype
+from ..layers.policy import Numerics
+from .gemma4 import Gemma4
+
+Layers = str | int | Sequence[int]
+
+
+# ---- which layers --------------------------------------------------------------------------------
+def layer_indices(model: Gemma4, layers: Layers = "full") -> tuple[int, ...]:
+    """`"all"`, `"full"` (global layers), `"sliding"`, one index or a sequence of flat HF layer indices."""
+    types = model.config.text.layer_types
+    if isinstance(layers, str):
+        if layers == "all":
+            return tuple(range(len(types)))
+        if layers in ("full", "sliding"):
+            want = FULL if layers == "full" else SLIDING
+            return tuple(i for i, t in enumerate(types) if t == want)
+        raise ValueError(f"layers: expected 'all', 'full', 'sliding' or layer indices, found {layers!r}")
+    picked = (layers,) if isinstance(layers, int) else tuple(layers)
+    for i in picked:
+        if not isinstance(i, int) or not 0 <= i < len(types):
+            raise ValueError(f"layers: {i!r} is not a layer index in [0, {len(types)})")
+    if not picked:
+        raise ValueError("layers: no layer selected")
+    return tuple(sorted(set(picked)))
+
+
+# ---- stacking ------------------------------------------------------------------------------------
+def _stock_slots(stack: DecoderStack) -> tuple[tuple[int, int, int], ...]:
+    if stack.cache_slots is not None:
+        return stack.cache_slots
+    return tuple(stack.locate(i) for i in range(stack.num_layers))
+
+
+def _restacked(stack: DecoderStack, runs, pattern, repeats: int, slots) -> DecoderStack:
+    """A stack of `runs`; `cache_slots` only where the layout differs from the stock one."""
+    new = DecoderStack(runs=tuple(runs), remat=stack.remat, pattern=tuple(pattern), num_repeats=repeats,
+                       unroll=stack.unroll, cache_slots=None)
+    if slots is not None and tuple(new.locate(i) for i in range(new.num_layers)) != tuple(slots):
+        new = DecoderStack(runs=tuple(runs), remat=stack.remat, pattern=tuple(pattern), num_repeats=repeats,
+                           unroll=stack.unroll, cache_slots=tuple(slots))
+    return new
+
+
+def _regroup(stack: DecoderStack, layers: list) -> DecoderStack:
+    """Stack per-layer modules into the shortest repeating pattern of layer kinds."""
+    n = len(layers)
+    kinds = kind_ids(layers)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)))
+    runs_at: list[list[int]] = []  # [start, length] within the period
+    for off in range(period):
+        if runs_at and kinds[off] == kinds[runs_at[-1][0]]:
+            runs_at[-1][1] += 1
+        else:
+            runs_at.append([off, 1])
+    repeats = n // period
+    runs = [stack_modules([layers[r * period + start + s] for r in range(repeats) for s in range(length)],
+                          (repeats, length), f"layers of run {start}..{start + length - 1}")
+            for start, length in runs_at]
+    pattern = tuple((layers[start].kind, length) for start, length in runs_at)
+    return _restacked(stack, runs, pattern, repeats, _stock_slots(stack))
+
+
+def map_layers(model: Gemma4, fn: Callable[[Any, int], Any], layers: Layers = "all",
+               where: Callable[[Any], Any] = lambda layer: layer) -> Gemma4:
+    """Replace `where(layer)` by `fn(where(layer), i)` in every chosen layer `i` (one unstacked layer at a time).
+
+    `fn` sees one layer's subtree (e.g. its `self_attn`) and its flat index, and returns the new subtree; the
+    results are stacked back (see the module docstring for whole vs partial runs).
+    """
+    idx = layer_indices(model, layers)
+    stack = model.layers
+    by_run: dict[int, list[int]] = {}
+    for i in idx:
+        by_run.setdefault(stack.locate(i)[0], []).append(i)
+    whole = all(len(members) == stack.num_repeats * stack.pattern[j][1] for j, members in by_run.items())
+    if whole:
+        runs = list(stack.runs)
+        for j, members in by_run.items():
+            new = [fn(slice_layer(where(runs[j]), *stack.locate(i)[1:]), i) for i in members]  # in (r, s) order
+            lead = (stack.num_repeats, stack.pattern[j][1])
+            runs[j] = eqx.tree_at(where, runs[j], stack_modules(new, lead, f"replacements of layers {members}"))
+        new_stack = _restacked(stack, runs, stack.pattern, stack.num_repeats, stack.cache_slots)
+    else:
+        views = [stack.layer(i) for i in range(stack.num_layers)]
+        for i in idx:
+            views[i] = eqx.tree_at(where, views[i], fn(where(views[i]), i))
+        new_stack = _regroup(stack, views)
+    return eqx.tree_at(lambda m: m.layers, model, new_stack)
+
+
+def replace_attention(model: Gemma4, replacement: Callable[[Attention, int], eqx.Module] | eqx.Module,
+                      layers: Layers = "full") -> Gemma4:
+    """Swap the attention of the chosen layers (default: the global ones) for a module of the same interface.
+
+    `replacement(old_attention, layer_index) -> module` (or `replacement(old_attention)`, e.g. a class such as
+    `LinearAttention`) is called once per layer with that layer's current attention (unstacked, so it can reuse
+    the pretrained projections); a ready module is copied to every layer.
+    The module must implement `g4.layers.attention.AbstractAttention`: `__call__(x [seq, hidden], positions [seq],
+    mask [seq, seq], band=None) -> [seq, hidden]` and `with_cache(x, positions, kv, ctx) -> (out, kv)` (see
+    `Attention.with_cache` and `LinearAttention.with_cache`: `kv.update(...)` reads and writes the layer's cache).
+    """
+    if isinstance(replacement, eqx.Module) or not callable(replacement):
+        make = lambda old, i: replacement
+    else:
+        try:
+            inspect.signature(replacement).bind(None, 0)
+            make = replacement
+        except TypeError:  # a one-argument factory, e.g. the class LinearAttention
+            make = lambda old, i: replacement(old)
+
+    def checked(old, i):
+        new = make(old, i)
+        if not isinstance(new, AbstractAttention):
+            raise TypeError(f"replacement for layer {i}: {type(new).__name__} is not a "
+                            "g4.layers.attention.AbstractAttention; subclass it and implement __call__(x, positions, "
+                            "mask, band=None) and with_cache(x, positions, kv, ctx) (the cached path of "
+                            "g4.generate / prefill / decode_step)")
+        return new
+
+    return map_layers(model, checked, layers, where=lambda layer: layer.self_attn)
+
+
+# ---- low-rank adapters -----------------------------------------------------------------------------
+class LoRALinear(eqx.Module):
+    """`base(x) + scale * (x @ lora_a) @ lora_b`; `lora_b` starts at zero, so the wrapped model is unchanged."""
+
+    base: Linear
+    lora_a: Float[Array, "in_features rank"]
+    lora_b: Float[Array, "rank out_features"]
+    numerics: Numerics  # the adapters' products; the base holds its own
+    scale: float = eqx.field(static=True)
+
+    def __init__(self, base: Linear, rank: int, *, key: PRNGKeyArray, alpha: float | None = None):
+        dtype = base.weight.dtype
+        self.base = base
+        self.lora_a = (jax.random.normal(key, (base.in_features, rank), jnp.float32)
+                       / jnp.sqrt(base.in_features)).astype(dtype)
+        self.lora_b = jnp.zeros((rank, base.out_features), dtype)
+        self.scale = float(alpha if alpha is not None else rank) / rank
+        self.numerics = base.numerics
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self):
+        raise AttributeError("LoRALinear has no single weight: fold the adapters in with "
+                             "g4.surgery.merge_lora(model) first (g4.save writes plain Linear weights), or save with "
+                             "g4.surgery.save")
+
+    def __call__(self, x: Float[Array, "*batch in_features"]) -> Float[Array, "*batch out_features"]:
+        low = self.numerics.matmul(self.numerics.matmul(x, self.lora_a.astype(x.dtype)), self.lora_b.astype(x.dtype))
+        return self.base(x) + (self.scale * low).astype(x.dtype)
+
+    def merged(self) -> Linear:
+        dt = compute_dtype(self.base.weight.dtype)
+        delta = self.scale * jnp.matmul(self.lora_a.astype(dt), self.lora_b.astype(dt))  # broadcasts stacked axes
+        return eqx.tree_at(lambda l: l.weight, self.base, (self.base.weight.astype(dt) + delta).astype(
+            self.base.weight.dtype))
+
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model: Gemma4, *, key: PRNGKeyArray, rank: int = 8, alpha: float | None = None,
+             targets: Sequence[str] = ("q_proj", "v_proj"), layers: Layers = "all") -> Gemma4:
+    """Wrap the named projections (`q_proj` ... `o_proj`, `gate_proj` ... `down_proj`) of the chosen layers in
+    `LoRALinear`. Projections a layer lacks (the global layers' `v_proj` when keys are values) are skipped."""
+    unknown = set(targets) - set(ATTENTION_PROJECTIONS + MLP_PROJECTIONS)
+    if unknown:
+        raise ValueError(f"targets: unknown projection(s) {sorted(unknown)}; expected names from "
+                         f"{ATTENTION_PROJECTIONS + MLP_PROJECTIONS}")
+
+    def wrap(layer, i):
+        for k, name in enumerate(targets):
+            owner = (lambda l: l.self_attn) if name in ATTENTION_PROJECTIONS else (lambda l: l.mlp)
+            base = getattr(owner(layer), name, None)
+            if isinstance(base, Linear):
+                lora = LoRALinear(base, rank, key=jax.random.fold_in(key, i * 16 + k), alpha=alpha)
+                layer = eqx.tree_at(lambda l: getattr(owner(l), name), layer, lora)
+        return layer
+
+    return map_layers(model, wrap, layers)
+
+
+def merge_lora(model: PyTree) -> PyTree:
+    """Fold every `LoRALinear` into a plain `Linear` (`W + scale * A @ B`, in fp32 then cast back)."""
+    is_lora = lambda x: isinstance(x, LoRALinear)
+    return jax.tree.map(lambda x: x.merged() if is_lora(x) else x, model, is_leaf=is_lora)
+
+
+# ---- freezing: filter specs for eqx.partition ------------------------------------------------------
+def trainable(model: PyTree, *wheres: Callable[[Any], Any]) -> PyTree[bool]:
+    """A filter spec: True on the floating arrays under any `where(model)` (a node or a tuple/list of nodes)."""
+    spec = jax.tree.map(lambda _: False, model)
+    for where in wheres:
+        nodes = lambda s: tuple(n for n in _as_tuple(where(s)) if n is not None)
+        spec = eqx.tree_at(nodes, spec, replace_fn=lambda sub: jax.tree.map(lambda _: True, sub))
+    return jax.tree.map(lambda keep, x: bool(keep) and eqx.is_inexact_array(x), spec, model)
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _whole_runs(model: Gemma4, layers: Layers) -> tuple[int, ...]:
+    stack = model.layers
+    idx = set(layer_indices(model, layers))
+    runs = sorted({stack.locate(i)[0] for i in idx})
+    for j in runs:
+        members = {i for i in range(stack.num_layers) if stack.locate(i)[0] == j}
+        if not members <= idx:
+            raise ValueError(f"layers: {sorted(idx & members)} share stacked arrays with layers {sorted(members - idx)}"
+                             f" (run {j}); a filter spec selects whole arrays. Select the whole run, or regroup first "
+                             "(e.g. replace those layers' attention with g4.surgery.replace_attention)")
+    return tuple(runs)
+
+
+def only_layers(model: Gemma4, layers: Layers = "full",
+                where: Callable[[Any], Any] = lambda layer: layer) -> PyTree[bool]:
+    """Train `where(layer)` of the chosen layers only (whole stacked runs)."""
+    runs = _whole_runs(model, layers)
+    return trainable(model, lambda m: tuple(where(m.layers.runs[j]) for j in runs))
+
+
+def only_attention(model: Gemma4, layers: Layers = "full") -> PyTree[bool]:
+    """Train only the attention modules (stock or replaced) of the chosen layers."""
+    return only_layers(model, layers, lambda layer: layer.self_attn)
+
+
+def only_full_attention(model: Gemma4) -> PyTree[bool]:
+    """Train only the attention of the global (full) layers: the swap point of linear-attention surgery."""
+    return only_attention(model, "full")
+
+
+def only_embedders(model: Gemma4, *, tokens: bool = False) -> PyTree[bool]:
+    """Train only the vision and audio embedders (and the tied token embedding with `tokens=True`)."""
+    return trainable(model, lambda m: (m.embed_vision, m.embed_audio) + ((m.embed_tokens,) if tokens else ()))
+
+
+def only_lora(model: PyTree) -> PyTree[bool]:
+    """Train only the adapters (`lora_a`, `lora_b`) of every `LoRALinear`."""
+    is_lora = lambda x: isinstance(x, LoRALinear)
+    loras = lambda m: [x for x in jax.tree.leaves(m, is_leaf=is_lora) if is_lora(x)]
+    return trainable(model, lambda m: tuple(a for x in loras(m) for a in (x.lora_a, x.lora_b)))
+
+
+def union(*specs: PyTree[bool]) -> PyTree[bool]:
+    return jax.tree.map(lambda *xs: any(xs), *specs)
+
+
+# ---- saving what has no checkpoint name ------------------------------------------------------------
+LEAVES_FILE = "model.eqx"
+
+
+def save(model: Gemma4, folder: str | os.PathLike) -> None:
+    """config.json (with the dtype) + every leaf in `model.eqx` (`eqx.tree_serialise_leaves`)."""
+    os.makedirs(folder, exist_ok=True)
+    model.config.save_pretrained(folder, dtype=dtype_name(model.dtype))
+    eqx.tree_serialise_leaves(os.path.join(folder, LEAVES_FILE), model)
+
+
+def load(folder: str | os.PathLike, surgery: Callable[[Gemma4], Gemma4], *, dtype=None) -> Gemma4:
+    """Load what `save` wrote. `surgery(stock_model) -> edited_model` must redo the edits (it runs abstractly,
+    on shapes only, to build the skeleton the leaves are read into)."""
+    config = Gemma4Config.from_pretrained(folder)
+    if dtype is None:
+        with open(os.path.join(folder, "config.json")) as f:
+            dtype = jnp.dtype(json.load(f).get("dtype", "float32"))
+    like = eqx.filter_eval_shape(lambda: surgery(Gemma4(config, key=jax.random.key(0), dtype=dtype)))
+    try:
+        model = eqx.tree_deserialise_leaves(os.path.join(folder, LEAVES_FILE), like)
+    except RuntimeError as e:  # a shape that differs from the skeleton
+        raise ValueError(f"{folder}: {e}; `surgery` must rebuild the structure that was saved") from e
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(like), jax.tree.leaves(model)):
+        if (want.shape, want.dtype) != (got.shape, got.dtype):
+            raise ValueError(f"{jax.tree_util.keystr(path)}: the surgery builds {want.shape} {want.dtype}, "
+                             f"the file holds {got.shape} {got.dtype}")
+    return model
