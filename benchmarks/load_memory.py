@@ -64,7 +64,7 @@ def write_checkpoint(folder: str, dtype_name: str, max_shard_size: str = "5GB") 
     specs = checkpoint.tensor_specs(abstract)
     dtype = DTYPES[dtype_name]
     block = (0.02 * np.random.default_rng(0).standard_normal(2**22, np.float32)).astype(dtype)
-    limit = checkpoint._parse_size(max_shard_size)
+    limit = checkpoint.parse_size(max_shard_size)
     shards, size = [[]], 0
     for s in specs:
         nbytes = math.prod(s.shape) * dtype.itemsize

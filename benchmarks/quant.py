@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gemma4_eqx as g4
-from gemma4_eqx.quant import modules as quant
+from gemma4_eqx import quant
 
 SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=4,
              num_key_value_heads=2, head_dim=64, global_head_dim=128, sliding_window=128, mm_embed_dim=64)

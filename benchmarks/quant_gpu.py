@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gemma4_eqx as g4
-from gemma4_eqx.quant import modules as quant
+from gemma4_eqx import quant
 
 
 def copy_rate() -> float:

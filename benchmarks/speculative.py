@@ -74,7 +74,7 @@ def gpu_12b(out_dir: str, k: int, new: int) -> None:
 
     import jax.numpy as jnp
 
-    from gemma4_eqx.model.assistant import random_assistant
+    from gemma4_eqx.testing import random_assistant
 
     report = {"device": str(jax.devices()[0]), "jax": jax.__version__, "k": k, "new": new}
 

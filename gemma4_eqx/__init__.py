@@ -18,18 +18,19 @@ if typecheck.requested():
 import importlib as _importlib
 
 from . import assets
-from .config import AudioConfig, ConfigError, Gemma4Config, GenerationConfig, TextConfig, VisionConfig, small_config
+from .config import AssistantConfig, AudioConfig, ConfigError, Gemma4Config, GenerationConfig, TextConfig, VisionConfig, small_config
 from .generate.chat import ChatSession, Reply
 from .generate.generation import GenerationResult, generate
 from .generate.scoring import ScoreResult, score
-from .generate.speculative import PromptLookupDrafter
 from .generate.streaming import TextStreamer
 from .io.checkpoint import CheckpointError
 from .io.hub import load, save
 from .layers.policy import (XLA, AutoKernel, CuDNNKernel, Invariant, PolicyError, Remat, TorchCPU, XLAKernel,
                             with_policy)
-from .model.assistant import Assistant, AssistantConfig, load_assistant, save_assistant
+from .io.assistant import load_assistant, save_assistant
+from .model.assistant import Assistant
 from .model.cache import KVCache
+from .model.drafter import PromptLookupDrafter
 from .model.gemma4 import Gemma4, count_parameters
 from .model.media import Media
 from .model.serving import serving_layout

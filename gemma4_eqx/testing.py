@@ -15,6 +15,7 @@ near 1 a random network is chaotic, and with a large embedding it only repeats i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import equinox as eqx
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from .config.gemma4 import Gemma4Config
+from .config import FULL, SLIDING, AssistantConfig, Gemma4Config
+from .model.assistant import Assistant
 from .model.gemma4 import Gemma4
 
 _NORM_GAINS = {"post_attention_layernorm": 3.6, "post_feedforward_layernorm": 3.6, "q_norm": 0.4, "k_norm": 0.4}
@@ -100,3 +102,18 @@ def counting_compilations() -> Iterator[list[float]]:
         yield seen
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def random_assistant(target, *, key: PRNGKeyArray, hidden_size: int = 32, intermediate_size: int = 64,
+                     num_attention_heads: int | None = None, use_ordered_embeddings: bool = False,
+                     num_centroids: int = 16, top_k: int = 4, dtype=jnp.float32) -> Assistant:
+    """A random drafter whose geometry fits `target` (4 layers: 3 sliding + 1 full), for tests and training."""
+    t = target.config.text
+    heads = num_attention_heads or t.num_attention_heads
+    text = dataclasses.replace(t, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                               num_hidden_layers=4, num_attention_heads=heads,
+                               layer_types=(SLIDING, SLIDING, SLIDING, FULL))
+    cfg = AssistantConfig(text=text, backbone_hidden_size=t.hidden_size,
+                          use_ordered_embeddings=use_ordered_embeddings, num_centroids=num_centroids,
+                          centroid_intermediate_top_k=top_k)
+    return Assistant(cfg, key=key, dtype=dtype)

@@ -28,7 +28,9 @@ import numpy as np
 import optax
 
 import gemma4_eqx as g4
-from gemma4_eqx.model.assistant import SharedKV, random_assistant, save_assistant, shared_kv
+from gemma4_eqx.io.assistant import save_assistant
+from gemma4_eqx.model.assistant import SharedKV, shared_kv
+from gemma4_eqx.testing import random_assistant
 from gemma4_eqx.model.cache import KVCache
 from gemma4_eqx.model.decode import forward_with_cache
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.model.assistant import AssistantConfig, load_assistant, save_assistant
+from gemma4_eqx.config import AssistantConfig
+from gemma4_eqx.io.assistant import load_assistant, save_assistant
 from gemma4_eqx.model.cache import KVCache
 from gemma4_eqx.model.decode import forward_with_cache
 from gemma4_eqx.io.safetensors import SafetensorsFile

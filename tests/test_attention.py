@@ -12,7 +12,7 @@ import pytest
 
 import gemma4_eqx as g4
 from gemma4_eqx.assets import TINY_CHECKPOINT
-from gemma4_eqx.layers import attention as attn
+from gemma4_eqx.layers import kernels as attn
 from gemma4_eqx.layers import kernels, policy
 
 

@@ -59,7 +59,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.layers.attention import dot_product_attention
+from gemma4_eqx.layers.kernels import dot_product_attention
 from gemma4_eqx.layers.numerics import gelu_tanh_torch_cpu
 from gemma4_eqx.layers.rope import apply_rope
 

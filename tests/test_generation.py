@@ -11,7 +11,7 @@ import pytest
 import gemma4_eqx as g4
 from gemma4_eqx.generate.batching import split_batch, stack_samples
 from gemma4_eqx.model.cache import cache_bytes
-from gemma4_eqx.generate.generation import top_k_mask, top_p_mask
+from gemma4_eqx.generate.sampling import top_k_mask, top_p_mask
 from gemma4_eqx.generate.sampling import ordered_log_softmax
 
 import hf_reference as ref

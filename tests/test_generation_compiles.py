@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.generate.generation import PREFILL_CHUNKS, cache_bucket, prompt_bucket
+from gemma4_eqx.generate.inputs import PREFILL_CHUNKS, cache_bucket, prompt_bucket
 from gemma4_eqx.testing import counting_compilations
 
 

@@ -7,6 +7,7 @@ import re
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ gguf = pytest.importorskip("gguf")
 
 import gemma4_eqx as g4  # noqa: E402
 from gemma4_eqx.io import gguf as gguf_io
-from gemma4_eqx.quant import modules as quant  # noqa: E402
+from gemma4_eqx import quant  # noqa: E402
 from gemma4_eqx.io.names import TEXT_PREFIX, tensor_specs  # noqa: E402
 from gemma4_eqx.config import Gemma4Config  # noqa: E402
 
@@ -49,7 +50,7 @@ def test_q4_0_blocks_equal_gguf_dequantization_bit_for_bit(tmp_path):
         assert codes.min() >= -8 and codes.max() <= 7
         theirs = gguf.quants.dequantize(np.asarray(t.data), Q4_0).reshape(shape)
         # our int4 layout ([in, out] codes, [groups, out] scales), dequantized as the model does
-        ours = quant.dequantize(jnp.asarray(codes.T.astype(quant.ml_dtypes.int4)), jnp.asarray(scales.T))
+        ours = quant.dequantize(jnp.asarray(codes.T.astype(ml_dtypes.int4)), jnp.asarray(scales.T))
         np.testing.assert_array_equal(np.asarray(ours).T.view(np.uint32), theirs.astype(np.float32).view(np.uint32))
     first = gguf_io.q4_0_codes(np.asarray(reader.tensors[0].data), (48, 96))[0]
     assert first.min() == -8

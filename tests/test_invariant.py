@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.layers.attention import banded_attention, dot_product_attention, ordered_attention
-from gemma4_eqx.layers.linear import rowwise_matmul
+from gemma4_eqx.layers.kernels import banded_attention, dot_product_attention, ordered_attention
+from gemma4_eqx.layers.numerics import rowwise_matmul
 
 import hf_reference as ref
 from test_generation import _greedy_with_cache, _samples, model

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
-from gemma4_eqx.quant import modules as quant
+from gemma4_eqx import quant
 
 SMALL = g4.assets.SMALL_CHECKPOINT
 RECORD = json.loads((SMALL / "training.json").read_text())
@@ -94,16 +94,16 @@ def test_quantize_dequantize_error_is_within_half_a_step(model, mode, scale_dtyp
         q, s = quant.quantize_array(w, bits=qc.bits, group_size=qc.group_size, scale_dtype=qc.scale_dtype)
         assert q.dtype == (jnp.int8 if mode == "int8" else jnp.int4) and s.dtype == jnp.dtype(qc.scale_dtype)
         codes = np.asarray(q).astype(np.int32)
-        assert codes.max() <= quant._QMAX[qc.bits] and codes.min() >= -quant._QMAX[qc.bits] - (qc.bits == 4)
+        assert codes.max() <= quant.QMAX[qc.bits] and codes.min() >= -quant.QMAX[qc.bits] - (qc.bits == 4)
         err = np.abs(np.asarray(quant.dequantize(q, s)) - np.asarray(w))
         step = np.repeat(np.asarray(s, np.float32), w.shape[-2] // s.shape[-2], axis=-2)
         # half a step, plus the fp32 rounding of w / scale and of q * scale (an ulp of |w| <= qmax * step)
-        slack = quant._QMAX[qc.bits] * 2.0**-23
+        slack = quant.QMAX[qc.bits] * 2.0**-23
         assert np.all(err <= step * (0.5 + slack)), (mode, w.shape, float(np.max(err / step)))
         assert float(np.max(err / step)) > 0.4  # the bound is nearly reached: rounding, not a looser format
         # the format's relative error: a step is max|w|/127 (int8) or max|w| of 32 inputs / 7 (int4)
         amax = np.max(np.abs(np.asarray(w)), axis=-2)
-        assert np.max(err) <= np.max(amax) / (2 * quant._QMAX[qc.bits]) * 1.01
+        assert np.max(err) <= np.max(amax) / (2 * quant.QMAX[qc.bits]) * 1.01
 
 
 def _agreement(ref, out, mask):

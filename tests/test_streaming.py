@@ -111,7 +111,7 @@ def test_without_a_streamer_ctrl_c_raises_keyboard_interrupt():
     calls = []
 
     def step(m, state, params):  # a swapped-in step that presses Ctrl-C while tracing the first chunk
-        from gemma4_eqx.generate.generation import sample_step
+        from gemma4_eqx.generate.loop import sample_step
 
         if not calls:
             calls.append(1)

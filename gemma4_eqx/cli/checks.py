@@ -58,10 +58,10 @@ def float_in(lo: float, hi: float | None = None, lo_open: bool = False) -> Calla
 
 
 def shard_size(text: str) -> str:
-    from ..io.save import _parse_size
+    from ..io.save import parse_size
 
     try:
-        _parse_size(text)
+        parse_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive size such as 5GB, 500MB or a number of bytes, "
                                          f"found {text!r}") from None

@@ -16,8 +16,17 @@ from collections.abc import Callable
 from typing import Any
 
 from ..assets import TINY_CHECKPOINT
-from .checks import (CliError, Parser, check_convert, check_generate, check_info, check_verify, float_in, int_in,
-                     shard_size)
+from .checks import (
+    CliError,
+    Parser,
+    check_convert,
+    check_generate,
+    check_info,
+    check_verify,
+    float_in,
+    int_in,
+    shard_size,
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -42,9 +51,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
+    from ..config.gemma4 import Gemma4Config
     from ..io import hub
     from ..model.cache import cache_bytes
-    from ..config.gemma4 import Gemma4Config
     from ..model.gemma4 import Gemma4, count_parameters
 
     name = _resolve_model(args.model)
@@ -152,10 +161,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from ..io import hub
     from ..generate.generation import generate
-    from ..processing import Processor, load_audio
     from ..generate.streaming import TextStreamer
+    from ..io import hub
+    from ..processing import Processor, load_audio
 
     name = _resolve_model(args.model)
     folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
@@ -209,10 +218,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     import jax
 
-    from ..io import hub
     from ..generate.chat import ChatSession
-    from ..processing import Processor
     from ..generate.streaming import TextStreamer
+    from ..io import hub
+    from ..processing import Processor
 
     name = _resolve_model(args.model)
     folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
@@ -276,9 +285,9 @@ def _verify_against_transformers(args: argparse.Namespace) -> int:
     state is within the tolerance, 1 when one is not, 2 when no Python with transformers is found."""
     import jax.numpy as jnp
 
-    from ..io import hub
     from .. import reference
     from ..config.gemma4 import Gemma4Config
+    from ..io import hub
 
     try:
         python = reference.find_reference_python(args.reference_python)
@@ -306,9 +315,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import numpy as np
     from flax import nnx
 
-    from ..io import hub
     from .. import nnx as g4nnx
     from ..generate.batching import split_batch, stack_samples
+    from ..io import hub
 
     folder = hub.resolve(_resolve_model(args.model))
     model = hub.load(folder, dtype=jnp.float32)

@@ -3,10 +3,21 @@
 The lowest layer above `utils`: nothing here imports JAX models, I/O or generation.
 """
 
+from .assistant import AssistantConfig
 from .fields import ConfigError
-from .gemma4 import (FULL, LAYER_TYPES, SLIDING, AudioConfig, Gemma4Config, LayerGeometry, RopeConfig, TextConfig,
-                     VisionConfig, small_config)
+from .gemma4 import (
+                     FULL,
+                     LAYER_TYPES,
+                     SLIDING,
+                     AudioConfig,
+                     Gemma4Config,
+                     LayerGeometry,
+                     RopeConfig,
+                     TextConfig,
+                     VisionConfig,
+                     small_config,
+)
 from .generation import GenerationConfig
 
-__all__ = ["FULL", "LAYER_TYPES", "SLIDING", "AudioConfig", "ConfigError", "Gemma4Config", "GenerationConfig",
+__all__ = ["AssistantConfig", "FULL", "LAYER_TYPES", "SLIDING", "AudioConfig", "ConfigError", "Gemma4Config", "GenerationConfig",
            "LayerGeometry", "RopeConfig", "TextConfig", "VisionConfig", "small_config"]

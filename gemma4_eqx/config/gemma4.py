@@ -14,8 +14,23 @@ import os
 import warnings
 from typing import Any, Literal
 
-from .fields import (MAX_LAYERS, REQUIRED, ConfigError, read_json_file, _bool, _choice, _default, _fail, _float,
-                     _int, _is_int, _number, _section, _short, _token_ids)
+from .fields import (
+    MAX_LAYERS,
+    REQUIRED,
+    ConfigError,
+    as_number,
+    fail,
+    field_default,
+    is_int,
+    read_bool,
+    read_choice,
+    read_float,
+    read_int,
+    read_json_file,
+    read_section,
+    short,
+    token_ids,
+)
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -33,22 +48,22 @@ class RopeConfig:
 
     def __post_init__(self) -> None:
         if self.rope_type not in ("default", "proportional"):
-            _fail("rope_type", f"expected 'default' or 'proportional', found {self.rope_type!r}")
-        if _number(self.rope_theta) is None or self.rope_theta <= 0:
-            _fail("rope_theta", f"expected a finite number > 0, found {self.rope_theta!r}")
-        if _number(self.partial_rotary_factor) is None or not 0.0 < self.partial_rotary_factor <= 1.0:
-            _fail("partial_rotary_factor", f"expected a value in (0, 1], found {self.partial_rotary_factor!r}")
+            fail("rope_type", f"expected 'default' or 'proportional', found {self.rope_type!r}")
+        if as_number(self.rope_theta) is None or self.rope_theta <= 0:
+            fail("rope_theta", f"expected a finite number > 0, found {self.rope_theta!r}")
+        if as_number(self.partial_rotary_factor) is None or not 0.0 < self.partial_rotary_factor <= 1.0:
+            fail("partial_rotary_factor", f"expected a value in (0, 1], found {self.partial_rotary_factor!r}")
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], field: str) -> RopeConfig:
-        rope_type = _choice(d, "rope_type", field, ("default", "proportional"))
+        rope_type = read_choice(d, "rope_type", field, ("default", "proportional"))
         factor = d.get("factor")
-        if factor is not None and (_number(factor) is None or factor != 1.0):
-            _fail(f"{field}.factor", f"RoPE scaling is not used by Gemma 4; expected 1.0 or null, found {_short(factor)}")
+        if factor is not None and (as_number(factor) is None or factor != 1.0):
+            fail(f"{field}.factor", f"RoPE scaling is not used by Gemma 4; expected 1.0 or null, found {short(factor)}")
         # proportional RoPE rotates only a fraction of the dims: that fraction is never assumed
-        prf = _float(d, "partial_rotary_factor", field, REQUIRED if rope_type == "proportional" else 1.0,
+        prf = read_float(d, "partial_rotary_factor", field, REQUIRED if rope_type == "proportional" else 1.0,
                      maximum=1.0)
-        return cls(rope_type=rope_type, rope_theta=_float(d, "rope_theta", field), partial_rotary_factor=prf)
+        return cls(rope_type=rope_type, rope_theta=read_float(d, "rope_theta", field), partial_rotary_factor=prf)
 
     def to_hf_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
@@ -92,37 +107,37 @@ def _per_type_geometry(d: dict[str, Any], p: str, layer_types: list[str], head_d
     """
     if "per_layer_config" not in d:
         if FULL in layer_types and file_global_head_dim is None:
-            _fail(f"{p}.global_head_dim", "missing; expected a positive integer here or as per_layer_config's "
+            fail(f"{p}.global_head_dim", "missing; expected a positive integer here or as per_layer_config's "
                   "head_dim (the real config.json always carries one of them)")
         if k_eq_v and FULL in layer_types and "num_global_key_value_heads" not in d:
-            _fail(f"{p}.num_global_key_value_heads", "missing; expected a positive integer here or as "
+            fail(f"{p}.num_global_key_value_heads", "missing; expected a positive integer here or as "
                   "per_layer_config's num_key_value_heads (attention_k_eq_v is true)")
         full_kv = file_global_kv if k_eq_v and file_global_kv is not None else num_kv
         full_hd = head_dim if file_global_head_dim is None else file_global_head_dim
         return (head_dim, num_kv), (full_hd, full_kv)
-    per_layer = _section(d, "per_layer_config", p, None) or {}
+    per_layer = read_section(d, "per_layer_config", p, None) or {}
     resolved: dict[int, tuple[int, int]] = {}
     keys: dict[int, str] = {}
     for key, value in per_layer.items():
         where = f"{p}.per_layer_config[{key!r}]"
         if not key.isascii() or not key.isdigit():
-            _fail(where, "expected a layer index as key")
+            fail(where, "expected a layer index as key")
         idx = int(key)
         if not 0 <= idx < len(layer_types):
-            _fail(where, f"layer index outside [0, {len(layer_types)})")
+            fail(where, f"layer index outside [0, {len(layer_types)})")
         if idx in keys:
-            _fail(where, f"layer {idx} is given twice (also as {keys[idx]!r})")
+            fail(where, f"layer {idx} is given twice (also as {keys[idx]!r})")
         if not isinstance(value, dict):
-            _fail(where, f"expected an object, found {_short(value)}")
+            fail(where, f"expected an object, found {short(value)}")
         for name, override in value.items():
             if name in PER_LAYER_FIELDS or (name == "skip" and override in ([], None)):
                 continue
             if name in d and d[name] == override:  # transformers drops an override equal to the global value
                 continue
-            _fail(f"{where}.{name}", f"only {' and '.join(PER_LAYER_FIELDS)} may differ per layer in gemma4_unified, "
-                  f"found {name} = {_short(override)}")
+            fail(f"{where}.{name}", f"only {' and '.join(PER_LAYER_FIELDS)} may differ per layer in gemma4_unified, "
+                  f"found {name} = {short(override)}")
         keys[idx] = key
-        resolved[idx] = (_int(value, "head_dim", where, head_dim), _int(value, "num_key_value_heads", where, num_kv))
+        resolved[idx] = (read_int(value, "head_dim", where, head_dim), read_int(value, "num_key_value_heads", where, num_kv))
     types = {}
     for layer_type in LAYER_TYPES:
         layers = [i for i, t in enumerate(layer_types) if t == layer_type]
@@ -136,16 +151,16 @@ def _per_type_geometry(d: dict[str, Any], p: str, layer_types: list[str], head_d
                 odd = i if i in keys else layers[0]
                 other = layers[0] if odd != layers[0] else i
                 where = f"{p}.per_layer_config[{keys[odd]!r}]"
-                _fail(where, f"gives {layer_type} layer {odd} head_dim {geometries[odd][0]} and num_key_value_heads "
+                fail(where, f"gives {layer_type} layer {odd} head_dim {geometries[odd][0]} and num_key_value_heads "
                       f"{geometries[odd][1]}, but {layer_type} layer {other} has {geometries[other][0]} and "
                       f"{geometries[other][1]}; transformers needs one geometry per layer type")
         types[layer_type] = first
     full_hd, full_kv = types[FULL]
     if file_global_head_dim is not None and FULL in layer_types and file_global_head_dim != full_hd:
-        _fail(f"{p}.global_head_dim", f"{file_global_head_dim} contradicts per_layer_config: the full layers' "
+        fail(f"{p}.global_head_dim", f"{file_global_head_dim} contradicts per_layer_config: the full layers' "
               f"head_dim is {full_hd} there")
     if file_global_kv is not None and k_eq_v and FULL in layer_types and file_global_kv != full_kv:
-        _fail(f"{p}.num_global_key_value_heads", f"{file_global_kv} contradicts per_layer_config: the full layers' "
+        fail(f"{p}.num_global_key_value_heads", f"{file_global_kv} contradicts per_layer_config: the full layers' "
               f"num_key_value_heads is {full_kv} there")
     return types[SLIDING], types[FULL]
 
@@ -190,53 +205,53 @@ class TextConfig:
                      "sliding_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                _fail(f"text_config.{name}", f"expected a positive integer, found {value!r}")
-        if self.num_global_key_value_heads is not None and (not _is_int(self.num_global_key_value_heads)
+                fail(f"text_config.{name}", f"expected a positive integer, found {value!r}")
+        if self.num_global_key_value_heads is not None and (not is_int(self.num_global_key_value_heads)
                                                             or self.num_global_key_value_heads <= 0):
-            _fail("text_config.num_global_key_value_heads",
+            fail("text_config.num_global_key_value_heads",
                   f"expected a positive integer or null, found {self.num_global_key_value_heads!r}")
         if not isinstance(self.attention_k_eq_v, bool):
-            _fail("text_config.attention_k_eq_v", f"expected true or false, found {self.attention_k_eq_v!r}")
+            fail("text_config.attention_k_eq_v", f"expected true or false, found {self.attention_k_eq_v!r}")
         if len(self.layer_types) != self.num_hidden_layers:
-            _fail("text_config.layer_types",
+            fail("text_config.layer_types",
                   f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
         for i, t in enumerate(self.layer_types):
             if t not in LAYER_TYPES:
-                _fail(f"text_config.layer_types[{i}]", f"expected one of {LAYER_TYPES}, found {t!r}")
+                fail(f"text_config.layer_types[{i}]", f"expected one of {LAYER_TYPES}, found {t!r}")
         for t in set(self.layer_types):
             g = self.layer_geometry_for_type(t)
             if self.num_attention_heads % g.num_key_value_heads:
                 field = "num_key_value_heads" if t == SLIDING else "num_global_key_value_heads"
-                _fail(f"text_config.{field}", f"{g.num_key_value_heads} does not divide "
+                fail(f"text_config.{field}", f"{g.num_key_value_heads} does not divide "
                       f"num_attention_heads={self.num_attention_heads}")
             if g.head_dim % 2:
-                _fail("text_config.head_dim" if t == SLIDING else "text_config.global_head_dim",
+                fail("text_config.head_dim" if t == SLIDING else "text_config.global_head_dim",
                       f"RoPE needs an even head dimension, found {g.head_dim}")
         if self.hidden_activation not in ("gelu_pytorch_tanh",):
-            _fail("text_config.hidden_activation",
+            fail("text_config.hidden_activation",
                   f"expected 'gelu_pytorch_tanh', found {self.hidden_activation!r}")
         if self.use_bidirectional_attention not in (None, "vision"):
-            _fail("text_config.use_bidirectional_attention",
+            fail("text_config.use_bidirectional_attention",
                   f"expected 'vision' or null, found {self.use_bidirectional_attention!r}"
                   " ('all' is a different model family and is not supported)")
         if not self.tie_word_embeddings:
-            _fail("text_config.tie_word_embeddings", "Gemma 4 ties the lm head to the embedding; found false")
-        if self.final_logit_softcapping is not None and (_number(self.final_logit_softcapping) is None
+            fail("text_config.tie_word_embeddings", "Gemma 4 ties the lm head to the embedding; found false")
+        if self.final_logit_softcapping is not None and (as_number(self.final_logit_softcapping) is None
                                                          or self.final_logit_softcapping <= 0):
-            _fail("text_config.final_logit_softcapping",
+            fail("text_config.final_logit_softcapping",
                   f"expected a positive number or null, found {self.final_logit_softcapping}")
-        if _number(self.rms_norm_eps) is None or self.rms_norm_eps <= 0:
-            _fail("text_config.rms_norm_eps", f"expected a finite number > 0, found {self.rms_norm_eps!r}")
-        if _number(self.initializer_range) is None or self.initializer_range < 0:
-            _fail("text_config.initializer_range", f"expected a finite number >= 0, found {self.initializer_range!r}")
-        if not _is_int(self.max_position_embeddings) or self.max_position_embeddings <= 0:
-            _fail("text_config.max_position_embeddings",
+        if as_number(self.rms_norm_eps) is None or self.rms_norm_eps <= 0:
+            fail("text_config.rms_norm_eps", f"expected a finite number > 0, found {self.rms_norm_eps!r}")
+        if as_number(self.initializer_range) is None or self.initializer_range < 0:
+            fail("text_config.initializer_range", f"expected a finite number >= 0, found {self.initializer_range!r}")
+        if not is_int(self.max_position_embeddings) or self.max_position_embeddings <= 0:
+            fail("text_config.max_position_embeddings",
                   f"expected a positive integer, found {self.max_position_embeddings!r}")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
-            if not _is_int(value) or not 0 <= value < self.vocab_size:
-                _fail(f"text_config.{name}", f"{value!r} is outside the vocabulary [0, {self.vocab_size})")
-        _token_ids(self.eos_token_id, "text_config.eos_token_id", self.vocab_size)
+            if not is_int(value) or not 0 <= value < self.vocab_size:
+                fail(f"text_config.{name}", f"{value!r} is outside the vocabulary [0, {self.vocab_size})")
+        token_ids(self.eos_token_id, "text_config.eos_token_id", self.vocab_size)
 
     # ---- derived geometry -------------------------------------------------------------------
     def layer_geometry_for_type(self, layer_type: str) -> LayerGeometry:
@@ -260,38 +275,38 @@ class TextConfig:
         config.json always carries (sizes, heads, window, RoPE, soft cap, eps, ...). Raises `ConfigError`."""
         p = "text_config"
         if not isinstance(d, dict):
-            _fail(p, f"expected an object, found {_short(d)}")
-        _choice(d, "model_type", p, ("gemma4_unified_text", "gemma4_text"), "gemma4_unified_text")
-        if _bool(d, "enable_moe_block", p, False):
-            _fail(f"{p}.enable_moe_block", "mixture-of-experts Gemma 4 variants are not supported")
-        if _int(d, "num_kv_shared_layers", p, 0, minimum=0) != 0:
-            _fail(f"{p}.num_kv_shared_layers", f"expected 0 (the 12B shares no KV), found {d['num_kv_shared_layers']}")
-        if _int(d, "hidden_size_per_layer_input", p, 0, minimum=0, nullable=True):
-            _fail(f"{p}.hidden_size_per_layer_input", "per-layer inputs are not part of gemma4_unified")
-        if _bool(d, "attention_bias", p, False):
-            _fail(f"{p}.attention_bias", "expected false: Gemma 4 attention has no biases")
-        if _bool(d, "use_double_wide_mlp", p, False):
-            _fail(f"{p}.use_double_wide_mlp", "expected false (only KV-shared layers use it)")
-        n_layers = _int(d, "num_hidden_layers", p, maximum=MAX_LAYERS)
+            fail(p, f"expected an object, found {short(d)}")
+        read_choice(d, "model_type", p, ("gemma4_unified_text", "gemma4_text"), "gemma4_unified_text")
+        if read_bool(d, "enable_moe_block", p, False):
+            fail(f"{p}.enable_moe_block", "mixture-of-experts Gemma 4 variants are not supported")
+        if read_int(d, "num_kv_shared_layers", p, 0, minimum=0) != 0:
+            fail(f"{p}.num_kv_shared_layers", f"expected 0 (the 12B shares no KV), found {d['num_kv_shared_layers']}")
+        if read_int(d, "hidden_size_per_layer_input", p, 0, minimum=0, nullable=True):
+            fail(f"{p}.hidden_size_per_layer_input", "per-layer inputs are not part of gemma4_unified")
+        if read_bool(d, "attention_bias", p, False):
+            fail(f"{p}.attention_bias", "expected false: Gemma 4 attention has no biases")
+        if read_bool(d, "use_double_wide_mlp", p, False):
+            fail(f"{p}.use_double_wide_mlp", "expected false (only KV-shared layers use it)")
+        n_layers = read_int(d, "num_hidden_layers", p, maximum=MAX_LAYERS)
         layer_types = d.get("layer_types")
         if layer_types is None:  # transformers' rule: every 6th layer full, the last forced full
             layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)]
             if layer_types:
                 layer_types[-1] = FULL
         elif not isinstance(layer_types, list):
-            _fail(f"{p}.layer_types", f"expected a list of {LAYER_TYPES}, found {_short(layer_types)}")
+            fail(f"{p}.layer_types", f"expected a list of {LAYER_TYPES}, found {short(layer_types)}")
         for i, t in enumerate(layer_types):
             if not isinstance(t, str) or t not in LAYER_TYPES:
-                _fail(f"{p}.layer_types[{i}]", f"expected one of {LAYER_TYPES}, found {_short(t)}")
+                fail(f"{p}.layer_types[{i}]", f"expected one of {LAYER_TYPES}, found {short(t)}")
         if layer_types and layer_types[-1] != FULL:  # transformers forces it too (with a warning), so do we
             warnings.warn(f"{p}.layer_types: the last layer is {layer_types[-1]!r}; transformers forces the last "
                           f"layer to {FULL!r} and so does gemma4-eqx", stacklevel=3)
             layer_types = [*layer_types[:-1], FULL]
-        k_eq_v = _bool(d, "attention_k_eq_v", p)
-        head_dim = _int(d, "head_dim", p)
-        num_kv = _int(d, "num_key_value_heads", p)
-        file_global_head_dim = _int(d, "global_head_dim", p, None)
-        file_global_kv = _int(d, "num_global_key_value_heads", p, None, nullable=True)
+        k_eq_v = read_bool(d, "attention_k_eq_v", p)
+        head_dim = read_int(d, "head_dim", p)
+        num_kv = read_int(d, "num_key_value_heads", p)
+        file_global_head_dim = read_int(d, "global_head_dim", p, None)
+        file_global_kv = read_int(d, "num_global_key_value_heads", p, None, nullable=True)
         sliding_geo, full_geo = _per_type_geometry(d, p, layer_types, head_dim, num_kv, k_eq_v,
                                                    file_global_head_dim, file_global_kv)
         head_dim, num_kv = sliding_geo
@@ -299,41 +314,41 @@ class TextConfig:
         # the field keeps the file's spelling where it means the same: null / absent when full layers have
         # num_key_value_heads (so a config written from one built with None reads back equal)
         num_global_kv = None if full_kv == num_kv and file_global_kv is None else full_kv
-        rope = _section(d, "rope_parameters", p)
-        rope_sliding = RopeConfig.from_hf_dict(_section(rope, SLIDING, f"{p}.rope_parameters"),
+        rope = read_section(d, "rope_parameters", p)
+        rope_sliding = RopeConfig.from_hf_dict(read_section(rope, SLIDING, f"{p}.rope_parameters"),
                                                f"{p}.rope_parameters.{SLIDING}")
-        rope_full = RopeConfig.from_hf_dict(_section(rope, FULL, f"{p}.rope_parameters"),
+        rope_full = RopeConfig.from_hf_dict(read_section(rope, FULL, f"{p}.rope_parameters"),
                                             f"{p}.rope_parameters.{FULL}")
         eos = d.get("eos_token_id")
         for key in ("pad_token_id", "bos_token_id"):
             if d.get(key) is not None:
-                _int(d, key, p, minimum=0)
+                read_int(d, key, p, minimum=0)
         return cls(
-            vocab_size=_int(d, "vocab_size", p),
-            hidden_size=_int(d, "hidden_size", p),
-            intermediate_size=_int(d, "intermediate_size", p),
+            vocab_size=read_int(d, "vocab_size", p),
+            hidden_size=read_int(d, "hidden_size", p),
+            intermediate_size=read_int(d, "intermediate_size", p),
             num_hidden_layers=n_layers,
-            num_attention_heads=_int(d, "num_attention_heads", p),
+            num_attention_heads=read_int(d, "num_attention_heads", p),
             num_key_value_heads=num_kv,
             head_dim=head_dim,
             global_head_dim=global_head_dim,
             num_global_key_value_heads=num_global_kv,
             attention_k_eq_v=k_eq_v,
-            sliding_window=_int(d, "sliding_window", p),
+            sliding_window=read_int(d, "sliding_window", p),
             layer_types=tuple(layer_types),
             rope_sliding=rope_sliding,
             rope_full=rope_full,
-            final_logit_softcapping=_float(d, "final_logit_softcapping", p, nullable=True),
-            rms_norm_eps=_float(d, "rms_norm_eps", p, maximum=1.0),
-            hidden_activation=_choice(d, "hidden_activation", p, ("gelu_pytorch_tanh",),
-                                      _default(cls, "hidden_activation")),
-            tie_word_embeddings=_bool(d, "tie_word_embeddings", p, _default(cls, "tie_word_embeddings")),
-            use_bidirectional_attention=_choice(d, "use_bidirectional_attention", p, ("vision", None)),
-            max_position_embeddings=_int(d, "max_position_embeddings", p, _default(cls, "max_position_embeddings")),
-            pad_token_id=_default(cls, "pad_token_id") if d.get("pad_token_id") is None else d["pad_token_id"],
-            bos_token_id=_default(cls, "bos_token_id") if d.get("bos_token_id") is None else d["bos_token_id"],
-            eos_token_id=_default(cls, "eos_token_id") if eos is None else _token_ids(eos, f"{p}.eos_token_id"),
-            initializer_range=_float(d, "initializer_range", p, _default(cls, "initializer_range"), positive=False),
+            final_logit_softcapping=read_float(d, "final_logit_softcapping", p, nullable=True),
+            rms_norm_eps=read_float(d, "rms_norm_eps", p, maximum=1.0),
+            hidden_activation=read_choice(d, "hidden_activation", p, ("gelu_pytorch_tanh",),
+                                      field_default(cls, "hidden_activation")),
+            tie_word_embeddings=read_bool(d, "tie_word_embeddings", p, field_default(cls, "tie_word_embeddings")),
+            use_bidirectional_attention=read_choice(d, "use_bidirectional_attention", p, ("vision", None)),
+            max_position_embeddings=read_int(d, "max_position_embeddings", p, field_default(cls, "max_position_embeddings")),
+            pad_token_id=field_default(cls, "pad_token_id") if d.get("pad_token_id") is None else d["pad_token_id"],
+            bos_token_id=field_default(cls, "bos_token_id") if d.get("bos_token_id") is None else d["bos_token_id"],
+            eos_token_id=field_default(cls, "eos_token_id") if eos is None else token_ids(eos, f"{p}.eos_token_id"),
+            initializer_range=read_float(d, "initializer_range", p, field_default(cls, "initializer_range"), positive=False),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -388,14 +403,14 @@ class VisionConfig:
     def __post_init__(self) -> None:
         for name in ("patch_size", "pooling_kernel_size", "mm_embed_dim", "mm_posemb_size", "output_proj_dims"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                _fail(f"vision_config.{name}", f"expected a positive integer, found {value!r}")
+            if not is_int(value) or value <= 0:
+                fail(f"vision_config.{name}", f"expected a positive integer, found {value!r}")
         for name in ("rms_norm_eps", "layer_norm_eps"):
             value = getattr(self, name)
-            if _number(value) is None or value <= 0:
-                _fail(f"vision_config.{name}", f"expected a finite number > 0, found {value!r}")
+            if as_number(value) is None or value <= 0:
+                fail(f"vision_config.{name}", f"expected a finite number > 0, found {value!r}")
         if self.mm_embed_dim != self.output_proj_dims:
-            _fail("vision_config.output_proj_dims", f"must equal mm_embed_dim={self.mm_embed_dim} "
+            fail("vision_config.output_proj_dims", f"must equal mm_embed_dim={self.mm_embed_dim} "
                   f"(the pre-projection norm runs over the patch embedding), found {self.output_proj_dims}")
 
     @property
@@ -409,18 +424,18 @@ class VisionConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> VisionConfig:
         p = "vision_config"
-        _choice(d, "model_type", p, ("gemma4_unified_vision",), "gemma4_unified_vision")
-        patch_size = _int(d, "patch_size", p)
-        pooling = _int(d, "pooling_kernel_size", p)
-        if "model_patch_size" in d and _int(d, "model_patch_size", p) != patch_size * pooling:
-            _fail(f"{p}.model_patch_size",
+        read_choice(d, "model_type", p, ("gemma4_unified_vision",), "gemma4_unified_vision")
+        patch_size = read_int(d, "patch_size", p)
+        pooling = read_int(d, "pooling_kernel_size", p)
+        if "model_patch_size" in d and read_int(d, "model_patch_size", p) != patch_size * pooling:
+            fail(f"{p}.model_patch_size",
                   f"expected patch_size*pooling_kernel_size = {patch_size * pooling}, found {d['model_patch_size']}")
-        mm_embed_dim = _int(d, "mm_embed_dim", p)
+        mm_embed_dim = read_int(d, "mm_embed_dim", p)
         return cls(patch_size=patch_size, pooling_kernel_size=pooling, mm_embed_dim=mm_embed_dim,
-                   mm_posemb_size=_int(d, "mm_posemb_size", p),
-                   output_proj_dims=_int(d, "output_proj_dims", p, mm_embed_dim),
-                   rms_norm_eps=_float(d, "rms_norm_eps", p, maximum=1.0),
-                   initializer_range=_float(d, "initializer_range", p, _default(cls, "initializer_range"),
+                   mm_posemb_size=read_int(d, "mm_posemb_size", p),
+                   output_proj_dims=read_int(d, "output_proj_dims", p, mm_embed_dim),
+                   rms_norm_eps=read_float(d, "rms_norm_eps", p, maximum=1.0),
+                   initializer_range=read_float(d, "initializer_range", p, field_default(cls, "initializer_range"),
                                             positive=False))
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -437,10 +452,10 @@ class AudioConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
-        if not _is_int(self.audio_embed_dim) or self.audio_embed_dim <= 0:
-            _fail("audio_config.audio_embed_dim", f"expected a positive integer, found {self.audio_embed_dim!r}")
-        if _number(self.rms_norm_eps) is None or self.rms_norm_eps <= 0:
-            _fail("audio_config.rms_norm_eps", f"expected a finite number > 0, found {self.rms_norm_eps!r}")
+        if not is_int(self.audio_embed_dim) or self.audio_embed_dim <= 0:
+            fail("audio_config.audio_embed_dim", f"expected a positive integer, found {self.audio_embed_dim!r}")
+        if as_number(self.rms_norm_eps) is None or self.rms_norm_eps <= 0:
+            fail("audio_config.rms_norm_eps", f"expected a finite number > 0, found {self.rms_norm_eps!r}")
 
     @property
     def samples_per_token(self) -> int:
@@ -449,14 +464,14 @@ class AudioConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> AudioConfig:
         p = "audio_config"
-        _choice(d, "model_type", p, ("gemma4_unified_audio",), "gemma4_unified_audio")
+        read_choice(d, "model_type", p, ("gemma4_unified_audio",), "gemma4_unified_audio")
         key = "audio_embed_dim" if "audio_embed_dim" in d or "hidden_size" not in d else "hidden_size"
-        dim = _int(d, key, p)
+        dim = read_int(d, key, p)
         for alias in ("hidden_size", "output_proj_dims", "audio_samples_per_token"):
-            if alias in d and _int(d, alias, p) != dim:
-                _fail(f"{p}.{alias}", f"must equal audio_embed_dim={dim}, found {d[alias]}")
-        return cls(audio_embed_dim=dim, rms_norm_eps=_float(d, "rms_norm_eps", p, maximum=1.0),
-                   initializer_range=_float(d, "initializer_range", p, _default(cls, "initializer_range"),
+            if alias in d and read_int(d, alias, p) != dim:
+                fail(f"{p}.{alias}", f"must equal audio_embed_dim={dim}, found {d[alias]}")
+        return cls(audio_embed_dim=dim, rms_norm_eps=read_float(d, "rms_norm_eps", p, maximum=1.0),
+                   initializer_range=read_float(d, "initializer_range", p, field_default(cls, "initializer_range"),
                                             positive=False))
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -482,15 +497,15 @@ class Gemma4Config:
         for name in ("image_token_id", "audio_token_id", "video_token_id", "boi_token_id",
                      "eoi_token_id", "boa_token_id", "eoa_token_id"):
             value = getattr(self, name)
-            if not _is_int(value) or not 0 <= value < self.text.vocab_size:
+            if not is_int(value) or not 0 <= value < self.text.vocab_size:
                 hf = "eoa_token_index" if name == "eoa_token_id" else name
-                _fail(hf, f"{value} is outside the vocabulary [0, {self.text.vocab_size})")
+                fail(hf, f"{value} is outside the vocabulary [0, {self.text.vocab_size})")
         if self.eos_token_id is not None:
-            object.__setattr__(self, "eos_token_id", _token_ids(self.eos_token_id, "eos_token_id",
+            object.__setattr__(self, "eos_token_id", token_ids(self.eos_token_id, "eos_token_id",
                                                                  self.text.vocab_size))
         placeholders = (self.image_token_id, self.audio_token_id, self.video_token_id)
         if len(set(placeholders)) != 3:
-            _fail("image_token_id", f"image/audio/video placeholder ids must differ, found {placeholders}")
+            fail("image_token_id", f"image/audio/video placeholder ids must differ, found {placeholders}")
 
     @property
     def placeholder_ids(self) -> tuple[int, int, int]:
@@ -506,30 +521,30 @@ class Gemma4Config:
         """A transformers `config.json` (as a dict) read strictly; any problem raises `ConfigError` naming the
         field, the value found and what was expected."""
         if not isinstance(d, dict):
-            _fail("config", f"expected a JSON object, found {_short(d)}")
+            fail("config", f"expected a JSON object, found {short(d)}")
         model_type = d.get("model_type")
         if model_type != "gemma4_unified":
-            _fail("model_type", f"expected 'gemma4_unified', found {_short(model_type)}")
+            fail("model_type", f"expected 'gemma4_unified', found {short(model_type)}")
         if d.get("text_config") is None:
-            _fail("text_config", "missing")
-        text = TextConfig.from_hf_dict(_section(d, "text_config"))
-        vision = _section(d, "vision_config", default=None)
-        audio = _section(d, "audio_config", default=None)
+            fail("text_config", "missing")
+        text = TextConfig.from_hf_dict(read_section(d, "text_config"))
+        vision = read_section(d, "vision_config", default=None)
+        audio = read_section(d, "audio_config", default=None)
         vision = VisionConfig.from_hf_dict(vision) if vision else None
         audio = AudioConfig.from_hf_dict(audio) if audio else None
-        if not _bool(d, "tie_word_embeddings", "", True):
-            _fail("tie_word_embeddings", "Gemma 4 ties the lm head to the embedding; found false")
-        ids = {name: _int(d, name, "", minimum=0) for name in
+        if not read_bool(d, "tie_word_embeddings", "", True):
+            fail("tie_word_embeddings", "Gemma 4 ties the lm head to the embedding; found false")
+        ids = {name: read_int(d, name, "", minimum=0) for name in
                ("image_token_id", "audio_token_id", "video_token_id", "boi_token_id", "eoi_token_id", "boa_token_id")}
         if "eoa_token_index" in d or "eoa_token_id" not in d:
-            eoa = _int(d, "eoa_token_index", "", minimum=0)
+            eoa = read_int(d, "eoa_token_index", "", minimum=0)
             if "eoa_token_id" in d and d["eoa_token_id"] != eoa:
-                _fail("eoa_token_index", f"{eoa} contradicts eoa_token_id {_short(d['eoa_token_id'])}")
+                fail("eoa_token_index", f"{eoa} contradicts eoa_token_id {short(d['eoa_token_id'])}")
         else:
-            eoa = _int(d, "eoa_token_id", "", minimum=0)
+            eoa = read_int(d, "eoa_token_id", "", minimum=0)
         eos = d.get("eos_token_id")
         return cls(text=text, vision=vision, audio=audio, eoa_token_id=eoa, **ids,
-                   eos_token_id=None if eos is None else _token_ids(eos, "eos_token_id", text.vocab_size))
+                   eos_token_id=None if eos is None else token_ids(eos, "eos_token_id", text.vocab_size))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Gemma4Config:

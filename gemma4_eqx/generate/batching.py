@@ -23,7 +23,7 @@ MEDIA = (  # (placeholder attribute, per-item arrays, how an item's soft-token c
 )
 
 
-def _soft_tokens(field: str, item: np.ndarray) -> int:
+def soft_tokens(field: str, item: np.ndarray) -> int:
     if field.endswith("position_ids"):
         return int(np.all(item != -1, axis=-1).sum())
     return int(item.sum())
@@ -41,7 +41,7 @@ def split_batch(batch: dict[str, Any], config: Gemma4Config) -> list[dict[str, n
         if fields[0] not in batch:
             continue
         items = {f: np.asarray(batch[f]) for f in fields}
-        counts = [_soft_tokens(count_field, it) for it in items[count_field]]
+        counts = [soft_tokens(count_field, it) for it in items[count_field]]
         token = getattr(config, token_attr)
         cursor = 0
         for b, sample in enumerate(samples):

@@ -32,13 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .batching import MEDIA, _soft_tokens
-from ..model.cache import KVCache
-from .generation import PREFILL_CHUNKS, _prefill, run_decode, sample_step
 from ..config.generation import GenerationConfig
-from ..processing import parse_response
-from .sampling import SamplingParams
+from ..model.cache import KVCache
 from ..model.sharding import commit_like
+from ..processing import parse_response
+from .batching import MEDIA, soft_tokens
+from .inputs import PREFILL_CHUNKS
+from .loop import prefill_rows, run_decode, sample_step
+from .sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _media_after(batch: dict, prefix: int, config) -> dict:
         if batch.get(fields[0]) is None:
             continue
         done = int((ids[:prefix] == getattr(config, token_attr)).sum())
-        counts = [_soft_tokens(count_field, item) for item in np.asarray(batch[count_field])]
+        counts = [soft_tokens(count_field, item) for item in np.asarray(batch[count_field])]
         cum = np.concatenate([[0], np.cumsum(counts)])
         skip = int(np.searchsorted(cum, done))
         if skip >= len(cum) or cum[skip] != done:
@@ -169,7 +170,7 @@ class ChatSession:
             if vision[keep:].any():
                 part["mm_token_type_ids"] = types[None, keep:].astype(np.int32)
             part.update({k: v[None] for k, v in media.items()})
-            state, first = _prefill(self.model, self.cache, jax.device_put(part), np.int32(0), np.int32(max_new),
+            state, first = prefill_rows(self.model, self.cache, jax.device_put(part), np.int32(0), np.int32(max_new),
                                     sub, self.params, chunk=None, bounds=((0, new),), **common)
         else:
             # Text: chunks of a fixed size over a row as long as the cache, padded on the right and rolled back
@@ -179,7 +180,7 @@ class ChatSession:
             row = np.full((1, self.max_context), int(self.params.pad_id), np.int32)
             row[0, :new] = ids[keep:]
             part = {"input_ids": row, "attention_mask": np.arange(self.max_context)[None] < new}
-            state, first = _prefill(self.model, self.cache, jax.device_put(part), np.int32(-(-new // chunk)),
+            state, first = prefill_rows(self.model, self.cache, jax.device_put(part), np.int32(-(-new // chunk)),
                                     np.int32(max_new), sub, self.params, np.int32(new), chunk=chunk, bounds=None,
                                     **common)
         result, state = run_decode(self.model, state, first, self.params, max_new_tokens=max_new, streamer=streamer,

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .batching import MEDIA as _MEDIA_SPECS, _soft_tokens, split_batch, stack_samples
-from .generation import MEDIA_FIELDS, _ordered, _pad_rows, next_pow2, prompt_bucket
 from ..model.masks import MASK_MODES
+from .batching import MEDIA as _MEDIA_SPECS
+from .batching import soft_tokens, split_batch, stack_samples
+from .inputs import MEDIA_FIELDS, is_ordered, next_pow2, pad_rows, prompt_bucket
 from .sampling import ordered_log_softmax
 
 # dimensions of one item of each medium ([patches, patch_dim] per image, ...), and what the arrays hold
@@ -175,7 +176,7 @@ def _row_media(n: int, ids: list[np.ndarray], media: dict[str, Any], config) -> 
             if (values in row) != (where in row):
                 missing = where if values in row else values
                 raise ValueError(f"{missing}: row {i} has {values if values in row else where} but not {missing}")
-            have = 0 if values not in row else sum(_soft_tokens(where, item) for item in row[where])
+            have = 0 if values not in row else sum(soft_tokens(where, item) for item in row[where])
             if need != have:
                 raise ValueError(f"{values}: prompt {i} holds {need} placeholder tokens but its media give {have} "
                                  "soft tokens" + (" (pass the processor's media arrays)" if not have else ""))
@@ -196,7 +197,7 @@ def _pad_axis1(arrays: list[np.ndarray], field: str) -> list[np.ndarray]:
 @functools.partial(jax.jit, static_argnames=("width", "mask_mode"))
 def _score_rows(model, batch: dict, *, width: int, mask_mode: str):
     """Log-probs and argmax flags of the last `width` tokens of every (left-padded) row."""
-    ordered = _ordered(model)
+    ordered = is_ordered(model)
 
     def one(row):
         row = dict(row)
@@ -306,7 +307,7 @@ def score(
                 for (j, _), a in zip(have, _pad_axis1([a for _, a in have], k)):
                     samples[j][k] = a
             batch.update(stack_samples(samples))
-        batch = _pad_rows(batch, p, pad_id, vision)
+        batch = pad_rows(batch, p, pad_id, vision)
         lp, hit = _score_rows(model, jax.device_put(batch), width=width, mask_mode=mask_mode)
         lp, hit = np.asarray(lp), np.asarray(hit)
         for k, i in enumerate(members):

@@ -15,8 +15,8 @@ rejection the replacement is drawn from max(0, p - q) renormalised; after k acce
 p. The output then has the target's distribution. Greedy decoding (temperature 0) is the same rule with one-hot p
 and q: a draft is kept exactly when it is the target's argmax, so the tokens equal the target's greedy tokens.
 
-Drafters (the `assistant=` argument):
-- `g4.Assistant` (the Gemma 4 MTP drafter, `gemma4_eqx.assistant`): k steps from the target's hidden state and KV;
+Drafters (the `assistant=` argument, `model.drafter.AbstractDrafter`):
+- `g4.Assistant` (the Gemma 4 MTP drafter, `model.assistant`): k steps from the target's hidden state and KV;
   drafts drawn from its own processed distribution (argmax when greedy).
 - `PromptLookupDrafter(ngram=n)`: the continuation of the latest earlier occurrence of the context's last n (then
   n - 1, ..., 1) tokens; q is one-hot at the proposal.
@@ -35,37 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..model.assistant import Assistant
 from ..model.cache import KVCache
 from ..model.decode import forward_with_cache
+from ..model.drafter import AbstractDrafter, PromptLookupDrafter
+from .batching import TOKEN_FIELDS
+from .loop import prefill_row
 from .sampling import SamplingParams, choose, processed_logits
-
-
-class PromptLookupDrafter(eqx.Module):
-    """Prompt-lookup decoding: propose the tokens that followed the latest earlier occurrence of the context's
-    last `ngram` tokens (falling back to shorter n-grams; without any match, the pending token repeated)."""
-
-    ngram: int = eqx.field(static=True, default=3)
-
-    def __post_init__(self):
-        if not isinstance(self.ngram, int) or self.ngram < 1:
-            raise ValueError(f"ngram: expected a positive integer, found {self.ngram!r}")
-
-    def propose(self, history: Int[Array, " buf"], end: Int[Array, ""], steps: int) -> Int[Array, " steps"]:
-        """`history[:end + 1]` is the context, `history[end]` the pending token."""
-        buf = history.shape[0]
-        idx = jnp.arange(buf)
-        best = jnp.full((), -1, jnp.int32)
-        for n in range(self.ngram, 0, -1):  # longest n-gram first
-            match = (idx >= n - 1) & (idx < end)
-            for i in range(n):
-                shifted = jnp.roll(history, i)  # shifted[j] = history[j - i]
-                match &= shifted == history[jnp.maximum(end - i, 0)]
-            latest = jnp.max(jnp.where(match, idx, -1))
-            best = jnp.where((best < 0) & (latest >= 0) & (end >= n - 1), latest, best)
-        picks = best + 1 + jnp.arange(steps)
-        known = (best >= 0) & (picks <= end)
-        return jnp.where(known, history[jnp.clip(picks, 0, buf - 1)], history[end]).astype(jnp.int32)
 
 
 class SpecState(eqx.Module):
@@ -92,16 +67,13 @@ def _target_probs(logits: Float[Array, "n vocab"], params: SamplingParams) -> Fl
 
 def _draft_one(model, drafter, params: SamplingParams, cache: KVCache, token, hidden, history, steps: int, key):
     """(draft tokens [k], q [k, vocab]: the distribution each was drawn from) for one row."""
-    vocab = model.config.text.vocab_size
-    if isinstance(drafter, PromptLookupDrafter):
-        tokens = drafter.propose(history, cache.length, steps)
-        return tokens, jax.nn.one_hot(tokens, vocab, dtype=jnp.float32)
-
     def pick(logits, k):
         probs = _target_probs(logits[None], params)[0]
         return jax.random.categorical(k, jnp.log(probs)).astype(jnp.int32)
 
-    tokens, logits = drafter.draft(model, cache, token, hidden, steps, key=key, choose=pick)
+    tokens, logits = drafter.propose_drafts(model, cache, token, hidden, history, steps, key=key, choose=pick)
+    if logits is None:  # a deterministic proposal: q is one-hot at it
+        return tokens, jax.nn.one_hot(tokens, model.config.text.vocab_size, dtype=jnp.float32)
     return tokens, _target_probs(logits, params)
 
 
@@ -166,8 +138,6 @@ def _round(model, drafter, params: SamplingParams, max_new, steps: int, s: SpecS
 def _speculative(model, drafter, batch, n_chunks, max_new, key, params, *, chunk, bounds, max_len, steps,
                  mask_mode, cache_dtype, raw_keys):
     """Prefill every row, then draft-verify rounds until every row is done; one program."""
-    from .generation import TOKEN_FIELDS, prefill_row
-
     tokens = {k: v for k, v in batch.items() if k in TOKEN_FIELDS}
     media = {k: v for k, v in batch.items() if k not in TOKEN_FIELDS}
     cfg = model.config
@@ -199,12 +169,12 @@ def _speculative(model, drafter, batch, n_chunks, max_new, key, params, *, chunk
 def speculative_decode(model, drafter, device_batch, *, p: int, chunk, bounds, max_len: int, max_new_tokens: int,
                        key, params: SamplingParams, num_draft_tokens: int, mask_mode, cache_dtype, raw_keys):
     """The generate() hook: (tokens [b, max_new], lengths [b], mean accepted drafts per target call)."""
-    if not isinstance(drafter, (Assistant, PromptLookupDrafter)):
-        raise TypeError(f"assistant: expected a g4.Assistant or g4.PromptLookupDrafter, found {type(drafter).__name__}")
+    if not isinstance(drafter, AbstractDrafter):
+        raise TypeError(f"assistant: expected a drafter (g4.Assistant, g4.PromptLookupDrafter or another "
+                        f"model.drafter.AbstractDrafter), found {type(drafter).__name__}")
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, (int, np.integer)) or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens: expected a positive integer, found {num_draft_tokens!r}")
-    if isinstance(drafter, Assistant):
-        drafter.check_target(model)
+    drafter.check_target(model)
     out, count, accepted, calls = _speculative(
         model, drafter, device_batch, np.int32(p // chunk if chunk else 0), np.int32(max_new_tokens), key, params,
         chunk=chunk, bounds=bounds, max_len=max_len, steps=int(num_draft_tokens), mask_mode=mask_mode,

@@ -27,10 +27,15 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
-from ..quant import modules as quant
-from .names import TEXT_PREFIX, CheckpointError
+from ..config import Gemma4Config
+from ..model.gemma4 import Gemma4
+from ..quant.modules import quantize
+from ..utils.trees import follow
+from .names import TEXT_PREFIX, CheckpointError, tensor_specs
+from .quantized import LeafFiller, entries
 
 _LAYER = {  # our per-layer suffix -> gguf MODEL_TENSOR member name
     "input_layernorm.weight": "ATTN_NORM",
@@ -125,9 +130,6 @@ def load_gguf(path: str | os.PathLike, config: Any, *, dtype: Any = jnp.bfloat16
     config without them, or fill them from the safetensors checkpoint.
     """
     gguf = _gguf()
-    from .names import tensor_specs
-    from ..config.gemma4 import Gemma4Config
-    from ..model.gemma4 import Gemma4
 
     if not isinstance(config, Gemma4Config):
         config = Gemma4Config.from_pretrained(config)
@@ -156,22 +158,11 @@ def load_gguf(path: str | os.PathLike, config: Any, *, dtype: Any = jnp.bfloat16
             raise CheckpointError(f"{table[s.name]} ({s.name}): expected Q4_0, found {t.tensor_type.name}; only Q4_0 "
                                   "projections are read into the int4 layout")
     qabstract = eqx.filter_eval_shape(
-        lambda m: quant.quantize(m, "int4", group_size=32, scale_dtype=jnp.float16,
+        lambda m: quantize(m, "int4", group_size=32, scale_dtype=jnp.float16,
                                  embedding=embed.tensor_type == Q4_0), fabstract)
-    entries = quant._entries(qabstract, fabstract, specs)
-    values: dict[tuple, Any] = {}
-    write = quant._stack_writer()
-
-    def put(target, index, piece):
-        leaf = quant.follow(qabstract, target)
-        if not index:
-            values[target] = jax.device_put(piece)
-            return
-        if target not in values:
-            values[target] = jnp.zeros(leaf.shape, leaf.dtype)
-        values[target] = write(values[target], jnp.asarray(piece), jnp.asarray(index, jnp.int32))
-
-    for e in entries:
+    filler = LeafFiller(qabstract)
+    put = filler.put
+    for e in entries(qabstract, fabstract, specs):
         s = e.source
         t = tensors[table[s.name]]
         if e.part == "scales":
@@ -180,18 +171,16 @@ def load_gguf(path: str | os.PathLike, config: Any, *, dtype: Any = jnp.bfloat16
             codes, scales = q4_0_codes(np.asarray(t.data), s.shape)
             if e.module == "linear":
                 codes, scales = codes.T, scales.T
-            put(e.target, s.index, np.ascontiguousarray(codes).astype(quant.ml_dtypes.int4))
+            put(e.target, s.index, np.ascontiguousarray(codes).astype(ml_dtypes.int4))
             put(e.target[:-1] + (jax.tree_util.GetAttrKey("scales"),), s.index, np.ascontiguousarray(scales))
             continue
         data = np.asarray(t.data)
         if t.tensor_type not in floats:
             data = gguf.quants.dequantize(data, t.tensor_type)
         data = data.reshape(s.shape)
-        leaf = quant.follow(qabstract, e.target)
+        leaf = follow(qabstract, e.target)
         put(e.target, s.index, np.ascontiguousarray(data.T if s.transpose else data).astype(leaf.dtype))
-    targets = list(values)
-    return eqx.tree_at(lambda m: [quant.follow(m, t) for t in targets], qabstract,
-                       replace=[jax.block_until_ready(values[t]) for t in targets])
+    return filler.model()
 
 
 __all__ = ["IGNORED", "gguf_name", "load_gguf", "name_table", "q4_0_codes", "unsupported_tensors"]

@@ -18,19 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, _canonical_name, tensor_specs
+from ..config.fields import read_json_file, short
 from ..config.gemma4 import Gemma4Config
-from ..config.fields import read_json_file
+from ..model.gemma4 import Gemma4
+from ..model.sharding import FSDP_TP, param_shardings, single_device
+from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, canonical_name, tensor_specs
 from .safetensors import SafetensorsFile, aligned_empty
-from ..model.sharding import single_device
 
 SAVE_MARK = ".g4-save-"  # `checkpoint_save` stages a folder `X` as the sibling `.X.g4-save-<token>`
 PARTIAL_SUFFIX = ".partial"  # safetensors_io.write_file's name while a file is being written
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...'"
 
 
 def check_shard_name(name: Any, where: str) -> str:
@@ -38,7 +34,7 @@ def check_shard_name(name: Any, where: str) -> str:
     if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
             or os.path.isabs(name) or os.path.basename(name) != name or not name.endswith(".safetensors")):
         raise CheckpointError(f"{where}: expected a plain file name inside the checkpoint folder ending in "
-                              f".safetensors, found {_short(name)}; shard paths that leave the folder are refused")
+                              f".safetensors, found {short(name, 80)}; shard paths that leave the folder are refused")
     return name
 
 
@@ -53,9 +49,9 @@ def read_index(folder: str) -> dict[str, str]:
     weight_map = index["weight_map"]
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{path}: weight_map: expected a non-empty object of tensor name -> file name, "
-                              f"found {_short(weight_map)}")
+                              f"found {short(weight_map, 80)}")
     for name, file in weight_map.items():
-        check_shard_name(file, f"{path}: weight_map[{_short(name)}]")
+        check_shard_name(file, f"{path}: weight_map[{short(name, 80)}]")
     return weight_map
 
 
@@ -109,8 +105,10 @@ class SafetensorsReader:
     `safetensors_io`), so reading a checkpoint does not leave its pages in this process's resident memory.
     """
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, *, exclude: set[str] | frozenset[str] = frozenset()):
+        """`exclude`: stored names left out of `names()` (read on their own, e.g. an integer buffer)."""
         self.folder = folder
+        self.exclude = frozenset(exclude)
         index_path = os.path.join(folder, SAFE_INDEX)
         single_path = os.path.join(folder, SAFE_SINGLE)
         if os.path.isfile(index_path):
@@ -136,17 +134,17 @@ class SafetensorsReader:
                 if weight_map is not None and weight_map.get(name) != file:
                     raise CheckpointError(f"{name}: found in {path} but {index_path} places it in "
                                           f"{weight_map.get(name)!r}")
-                canonical = _canonical_name(name)
+                canonical = canonical_name(name)
                 if canonical in self.location:
                     raise CheckpointError(f"{canonical}: stored twice ({self.location[canonical][1]!r} and {name!r})")
                 self.location[canonical] = (file, name)
         if weight_map is not None:
-            missing = sorted(set(map(_canonical_name, weight_map)) - set(self.location))
+            missing = sorted(set(map(canonical_name, weight_map)) - set(self.location))
             if missing:
                 raise CheckpointError(f"{missing[0]}: listed in {index_path} but not in its file")
 
     def names(self) -> set[str]:
-        return set(self.location)
+        return set(self.location) - self.exclude
 
     def info(self, name: str) -> tuple[tuple[int, ...], str]:
         file, stored = self.location[name]
@@ -222,7 +220,7 @@ def _leaf_groups(abstract: Any, specs: list[TensorSpec]) -> list[tuple[Callable[
     return list(groups.values())
 
 
-def _assemble(reader: SafetensorsReader, group: list[TensorSpec], shape: tuple[int, ...], dtype: Any,
+def assemble(reader: SafetensorsReader, group: list[TensorSpec], shape: tuple[int, ...], dtype: Any,
               index: tuple[slice, ...] | None = None) -> np.ndarray:
     """The part `index` (model coordinates; default all) of one model leaf, read from its checkpoint tensors.
 
@@ -249,7 +247,7 @@ def _from_callback(reader: SafetensorsReader, group: list[TensorSpec], shape: tu
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((sl.indices(n)[0], sl.indices(n)[1]) for sl, n in zip(index, shape))
         if key not in parts:
-            parts[key] = _assemble(reader, group, shape, np_dtype, index)
+            parts[key] = assemble(reader, group, shape, np_dtype, index)
         return parts[key]
 
     return jax.block_until_ready(jax.make_array_from_callback(shape, sharding, shard, dtype=np_dtype))
@@ -266,7 +264,7 @@ def _inner_sharding(sharding: Any, n_stack: int, ndim: int) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _layer_writer(sharding: Any) -> Callable[..., jax.Array]:
+def layer_writer(sharding: Any) -> Callable[..., jax.Array]:
     """jit: write one layer's slice into a stacked leaf in place (the stack is donated), keeping its sharding."""
 
     def write(stack: jax.Array, piece: jax.Array, index: jax.Array) -> jax.Array:
@@ -283,7 +281,7 @@ def _stacked_layer_by_layer(reader: SafetensorsReader, group: list[TensorSpec], 
     inner_shape = tuple(target.shape[n_stack:])
     inner = _inner_sharding(sharding, n_stack, len(target.shape))
     stack = jax.jit(lambda: jnp.zeros(target.shape, np_dtype), out_shardings=sharding)()
-    write = _layer_writer(sharding)
+    write = layer_writer(sharding)
     for s in group:
         piece = _from_callback(reader, [dataclasses.replace(s, index=())], inner_shape, inner, np_dtype)
         stack = write(stack, piece, jnp.asarray(s.index, jnp.int32))
@@ -324,7 +322,7 @@ def fill_model(abstract: Any, reader: SafetensorsReader, dtype: Any,
     for get, group in _leaf_groups(abstract, specs):
         target = get(abstract)
         if shardings is None:
-            value = place(_assemble(reader, group, target.shape, np_dtype), target)
+            value = place(assemble(reader, group, target.shape, np_dtype), target)
         else:
             sharding = get(shardings)
             by_layer = not _on_host(sharding) if layer_by_layer is None else layer_by_layer
@@ -343,7 +341,7 @@ def fill_model(abstract: Any, reader: SafetensorsReader, dtype: Any,
 PROGRESS_MIN_BYTES = 2**30  # `progress=None` shows a bar only for checkpoints at least this large
 
 
-def _progress_callback(progress: Any, reader: SafetensorsReader,
+def progress_callback(progress: Any, reader: SafetensorsReader,
                        specs: list[TensorSpec]) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
     """(callback, close) for `progress`: True/False, None (auto: on from PROGRESS_MIN_BYTES) or a callable."""
     if callable(progress):
@@ -364,39 +362,36 @@ def _progress_callback(progress: Any, reader: SafetensorsReader,
     return update, bar.close
 
 
-def load_from_folder(folder: str, *, dtype: Any = None, place: Callable[[np.ndarray, Any], Any] | None = None,
-                     progress: Any = None, model_kwargs: dict[str, Any] | None = None, mesh: Any = None,
-                     rules: Any = None, layer_by_layer: bool | None = None, quantize: Any = None) -> Any:
-    """A checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`.
-    A quantized folder (`quantization_config` in config.json), or `quantize=`, goes through `quant.load_folder`."""
-    from ..model.gemma4 import Gemma4
-    from ..quant import modules as quant
+def open_checkpoint(folder: str, build: Callable[[Any], Any], dtype: Any = None, *,
+                    reader: SafetensorsReader | None = None) -> tuple[SafetensorsReader, Any, Any]:
+    """The start every loader shares: (reader, abstract model in its dtype, that dtype).
 
+    `build(dtype)` makes the model (traced abstractly, nothing allocated). The checkpoint's tensors are checked
+    against the model's names and shapes (`validate`) before the dtype is settled: `dtype=None` keeps the
+    checkpoint's own (one float dtype for every tensor), anything else casts on load."""
     dtype = float_dtype(dtype)
-    warn_leftovers(folder)
-    if quantize is not None or quant.saved_quant_config(folder) is not None:
-        if mesh is not None or place is not None:
-            raise ValueError("mesh: a quantized model loads onto the default device; place it afterwards with "
-                             "g4.sharding.shard_model(model, mesh, g4.quant.sharding_rules(rules))")
-        return quant.load_folder(folder, dtype=dtype, quantize=quantize, model_kwargs=model_kwargs,
-                                 progress=progress)
-    config = Gemma4Config.from_pretrained(folder)
-    reader = SafetensorsReader(folder)
-    model_kwargs = model_kwargs or {}
-    probe = eqx.filter_eval_shape(lambda: Gemma4(config, key=jax.random.key(0), **model_kwargs))
-    specs = tensor_specs(probe)
+    reader = SafetensorsReader(folder) if reader is None else reader
+    specs = tensor_specs(eqx.filter_eval_shape(lambda: build(jnp.float32)))
     validate(reader, specs, dtype)
     if dtype is None:
         dtype = checkpoint_dtype(reader, specs)
-    abstract = eqx.filter_eval_shape(lambda: Gemma4(config, key=jax.random.key(0), dtype=dtype, **model_kwargs))
+    return reader, eqx.filter_eval_shape(lambda: build(dtype)), dtype
+
+
+def load_float_folder(folder: str, *, dtype: Any = None, place: Callable[[np.ndarray, Any], Any] | None = None,
+                      progress: Any = None, model_kwargs: dict[str, Any] | None = None, mesh: Any = None,
+                      rules: Any = None, layer_by_layer: bool | None = None) -> Any:
+    """A float checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`."""
+    config = Gemma4Config.from_pretrained(folder)
+    kwargs = model_kwargs or {}
+    reader, abstract, dtype = open_checkpoint(
+        folder, lambda dt: Gemma4(config, key=jax.random.key(0), dtype=dt, **kwargs), dtype)
     shardings = None
     if mesh is not None:
-        from ..model import sharding
-
-        shardings = sharding.param_shardings(abstract, mesh, sharding.FSDP_TP if rules is None else rules)
+        shardings = param_shardings(abstract, mesh, FSDP_TP if rules is None else rules)
     elif rules is not None:
         raise ValueError("rules: given without a mesh; pass mesh=g4.sharding.make_mesh(...) as well")
-    update, close = _progress_callback(progress, reader, specs)
+    update, close = progress_callback(progress, reader, tensor_specs(abstract))
     try:
         return fill_model(abstract, reader, dtype, place=place, progress=update, shardings=shardings,
                           layer_by_layer=layer_by_layer)

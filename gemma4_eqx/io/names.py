@@ -14,12 +14,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
-
 from ..layers.attention import Attention
 from ..layers.linear import Linear
 from ..layers.mlp import MLP, FusedMLP
+from ..model.assistant import Assistant
 
 TEXT_PREFIX = "model.language_model."
 # On-disk names of the multimodal tensors and the names transformers uses after its load-time rename;
@@ -117,7 +115,7 @@ def _check_stock_run(stack: Any, run: int) -> None:
 
 def tensor_specs(model: Any) -> list[TensorSpec]:
     """Every on-disk tensor of `model` (concrete or abstract), in transformers' order."""
-    if getattr(model, "checkpoint_layout", None) == "assistant":
+    if isinstance(model, Assistant):
         return assistant_tensor_specs(model)
     specs: list[TensorSpec] = []
 
@@ -150,7 +148,7 @@ def tensor_specs(model: Any) -> list[TensorSpec]:
     return specs
 
 
-# The assistant (`gemma4_eqx.assistant.Assistant`, transformers' `Gemma4UnifiedAssistantForCausalLM`): its layers
+# The assistant (`model.assistant.Assistant`, transformers' `Gemma4UnifiedAssistantForCausalLM`): its layers
 # are KV-shared, so they hold no k/v projections or k_norm. The integer `masked_embedding.token_ordering` buffer is
 # read and written by `assistant.load_assistant` / `save_assistant` beside these float tensors.
 ASSISTANT_PREFIX = "model."
@@ -188,18 +186,10 @@ def assistant_tensor_specs(model: Any) -> list[TensorSpec]:
     return specs
 
 
-def _canonical_name(name: str) -> str:
+def canonical_name(name: str) -> str:
     """Map transformers' in-memory names (after its load-time rename) to the on-disk ones."""
     if name == VISION_PROJECTION_ALIAS:
         return VISION_PROJECTION
     if name.startswith(VISION_ALIAS_PREFIX) and name != VISION_PROJECTION:
         return VISION_PREFIX + name[len(VISION_ALIAS_PREFIX):]
     return name
-
-
-
-
-def dtype_name(dtype: Any) -> str:
-    """The name transformers writes as `config.json`'s `dtype` ("bfloat16", "float32", ...)."""
-    return {np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float32): "float32",
-            np.dtype(np.float16): "float16"}.get(np.dtype(dtype), str(np.dtype(dtype)))

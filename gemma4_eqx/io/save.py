@@ -31,14 +31,14 @@ import shutil
 import stat
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
 from .load import PARTIAL_SUFFIX, SAVE_MARK
-from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, dtype_name, tensor_specs
+from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, tensor_specs
 from .safetensors import DTYPE_NAMES, write_file
 
 GENERATION_CONFIG = "generation_config.json"
@@ -50,13 +50,13 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 FAULT_HOOK: Callable[[str], None] | None = None  # tests only: called after every file operation of a save
 
 
-def _done(step: str) -> None:
+def mark_done(step: str) -> None:
     if FAULT_HOOK is not None:
         FAULT_HOOK(step)
 
 
 # ---- sizes and tensors ---------------------------------------------------------------------------
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     """`5GB`, `100KB`, `2GiB` or a number of bytes, as a positive number of bytes."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     problem = f"max_shard_size: expected a positive size such as '5GB', '500MB' or a number of bytes, found {size!r}"
@@ -84,7 +84,7 @@ def _parse_size(size: int | str) -> int:
 
 
 @jax.jit
-def _take_layer(leaf: jax.Array, index: jax.Array) -> jax.Array:
+def take_layer(leaf: jax.Array, index: jax.Array) -> jax.Array:
     """One layer's slice of a stacked leaf, on the leaf's devices (traced indices: one compile per leaf shape)."""
     n = index.shape[0]
     start = (*index, *(0,) * (leaf.ndim - n))
@@ -98,14 +98,14 @@ def host_tensors(model: Any, specs: list[TensorSpec] | None = None) -> Iterator[
     """
     for s in specs if specs is not None else tensor_specs(model):
         leaf = s.leaf(model)
-        t = leaf if not s.index else _take_layer(leaf, np.asarray(s.index, np.int32))
+        t = leaf if not s.index else take_layer(leaf, np.asarray(s.index, np.int32))
         t = np.asarray(jax.device_get(t))
         yield s.name, np.ascontiguousarray(t.T if s.transpose else t)
 
 
 def plan_shards(model: Any, max_shard_size: int | str) -> list[list[tuple[TensorSpec, str]]]:
     """The tensors of each file, (spec, safetensors dtype name), planned from the shapes alone."""
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     shards: list[list[tuple[TensorSpec, str]]] = [[]]
     size = 0
     for s in tensor_specs(model):
@@ -121,7 +121,7 @@ def plan_shards(model: Any, max_shard_size: int | str) -> list[list[tuple[Tensor
     return shards
 
 
-def _fsync_path(path: str) -> None:
+def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -136,21 +136,17 @@ def write_json(path: str, obj: Any) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    _done(f"write {os.path.basename(path)}")
+    mark_done(f"write {os.path.basename(path)}")
 
 
-def write_safetensors(model: Any, folder: str, max_shard_size: int | str = "5GB") -> list[str]:
-    """Write HF-named safetensors into `folder`: one file, or shards plus `model.safetensors.index.json` above
-    the size. Nothing already in `folder` is removed: `save` calls this on a fresh staging folder.
+def write_float_safetensors(model: Any, folder: str, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write a float model's HF-named safetensors into `folder`: one file, or shards plus
+    `model.safetensors.index.json` above the size. Nothing already in `folder` is removed: `save` calls this on a
+    fresh staging folder.
 
     The layout is planned from the shapes alone; tensors are then fetched and written one at a time, so host
     memory stays near the largest tensor whatever the model's size or sharding. Each file is fsynced.
     """
-    from ..quant import modules as quant
-
-    if quant.is_quantized(model):
-        os.makedirs(folder, exist_ok=True)
-        return quant.write_safetensors(model, folder, max_shard_size)
     shards = plan_shards(model, max_shard_size)
     os.makedirs(folder, exist_ok=True)
     files = ([SAFE_SINGLE] if len(shards) == 1 else
@@ -160,7 +156,7 @@ def write_safetensors(model: Any, folder: str, max_shard_size: int | str = "5GB"
         layout = [(s.name, d, s.shape) for s, d in shard]
         total += write_file(os.path.join(folder, file), layout, host_tensors(model, [s for s, _ in shard]),
                             {"format": "pt"}, fsync=True)
-        _done(f"write {file}")
+        mark_done(f"write {file}")
         weight_map.update({s.name: file for s, _ in shard})
     if len(shards) > 1:
         write_json(os.path.join(folder, SAFE_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -221,7 +217,7 @@ def _carry_over(old: str, staging: str) -> None:
             shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
         else:
             _link_or_copy(src, dst)
-        _done(f"carry {name}")
+        mark_done(f"carry {name}")
 
 
 def replace_folder(target: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -236,27 +232,27 @@ def replace_folder(target: str | os.PathLike, write: Callable[[str], None]) -> N
     os.mkdir(staging)
     switched = False
     try:
-        _done("mkdir staging")
+        mark_done("mkdir staging")
         write(staging)
         existed = os.path.isdir(target)
         if existed:
             _carry_over(target, staging)
             os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
-        _fsync_path(staging)
-        _done("fsync staging")
+        fsync_path(staging)
+        mark_done("fsync staging")
         if not existed:
             os.rename(staging, target)
             switched = True
-            _done("rename staging")
-            _fsync_path(parent)
-            _done("fsync parent")
+            mark_done("rename staging")
+            fsync_path(parent)
+            mark_done("fsync parent")
             return
         if _exchange(staging, target):
             switched = True
-            _done("exchange")
+            mark_done("exchange")
         else:  # no atomic exchange here: rename aside, then in (a crash between leaves the old one beside)
             os.rename(target, staging + "-old")
-            _done("rename target aside")
+            mark_done("rename target aside")
             try:
                 os.rename(staging, target)
             except BaseException:
@@ -264,9 +260,9 @@ def replace_folder(target: str | os.PathLike, write: Callable[[str], None]) -> N
                 raise
             switched = True
             os.rename(staging + "-old", staging)
-            _done("rename staging in")
-        _fsync_path(parent)
-        _done("fsync parent")
+            mark_done("rename staging in")
+        fsync_path(parent)
+        mark_done("fsync parent")
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)  # before the switch the new files, after it the old ones
         if not switched and isinstance(e, OSError):
@@ -274,59 +270,7 @@ def replace_folder(target: str | os.PathLike, write: Callable[[str], None]) -> N
         raise
     try:
         shutil.rmtree(staging)  # the old checkpoint
-        _done("remove old")
+        mark_done("remove old")
     except OSError as e:
         warnings.warn(f"{target}: saved, but the previous checkpoint at {staging} could not be removed ({e})",
                       stacklevel=3)
-
-
-def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB", processor: Any = None,
-         generation_config: dict[str, Any] | None = None, extra_files: Sequence[str | os.PathLike] = ()) -> None:
-    """Write a complete transformers-format folder atomically (see the module docstring): HF-named safetensors,
-    `config.json`, `generation_config.json` (the one given; else the folder's existing one is kept; else
-    `default_generation_config`), the processor's files when `processor` is given (`processor.save_pretrained`)
-    and copies of `extra_files` (e.g. a source folder's tokenizer files).
-
-    Works on a model sharded over a mesh too: each tensor is gathered to the host on its own as it is written.
-    """
-    from ..quant import modules as quant
-
-    folder = os.fspath(folder)
-    (quant.plan_shards if quant.is_quantized(model) else plan_shards)(model, max_shard_size)  # fail on an unsavable model or a bad size before anything is written
-    if processor is not None and not hasattr(processor, "save_pretrained"):
-        raise TypeError(f"processor: expected an object with save_pretrained(folder) (a g4.Processor), found "
-                        f"{type(processor).__name__}")
-    if generation_config is not None and not isinstance(generation_config, dict):
-        raise TypeError(f"generation_config: expected a dict, found {type(generation_config).__name__}")
-    extra = [os.fspath(p) for p in extra_files]
-    for path in extra:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: not a file (listed to be copied into {folder})")
-    old_generation = os.path.join(folder, GENERATION_CONFIG)
-
-    def write(staging: str) -> None:
-        if processor is not None:
-            before = set(os.listdir(staging))
-            processor.save_pretrained(staging)
-            for name in sorted(set(os.listdir(staging)) - before):
-                if os.path.isfile(os.path.join(staging, name)):
-                    _fsync_path(os.path.join(staging, name))
-            _done("write processor files")
-        for path in extra:
-            dst = os.path.join(staging, os.path.basename(path))
-            shutil.copyfile(path, dst)
-            _fsync_path(dst)
-            _done(f"copy {os.path.basename(path)}")
-        write_safetensors(model, staging, max_shard_size)
-        config = model.config.to_hf_dict()
-        config["dtype"] = dtype_name(model.dtype)
-        qc = quant.quant_config_of(model)
-        if qc is not None:
-            config["quantization_config"] = qc.to_json()
-        write_json(os.path.join(staging, CONFIG), config)
-        if generation_config is not None:
-            write_json(os.path.join(staging, GENERATION_CONFIG), generation_config)
-        elif not os.path.isfile(os.path.join(staging, GENERATION_CONFIG)) and not os.path.isfile(old_generation):
-            write_json(os.path.join(staging, GENERATION_CONFIG), default_generation_config(model.config))
-
-    replace_folder(folder, write)

@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..model.cache import CacheContext, LayerCache
 from ..config.gemma4 import LayerGeometry, RopeConfig
-from .kernels import banded_attention, dot_product_attention, fused_attention, ordered_attention, streamed_attention
+from .cache import CacheContext, LayerCache
 from .linear import Linear
 from .norm import RMSNorm
 from .policy import XLA, AttentionKernel, Numerics, Policy, XLAKernel

@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..model.cache import CacheContext, LayerCache
 from ..config.gemma4 import TextConfig
 from .attention import AbstractAttention, Attention
+from .cache import CacheContext, LayerCache
 from .kinds import LayerKind, layer_pattern, layer_repeats
 from .mlp import MLP, FusedMLP
 from .norm import RMSNorm
-from .policy import REMAT_POLICIES, XLA, AttentionKernel, Numerics, Remat, XLAKernel, as_remat  # noqa: F401
+from .policy import XLA, AttentionKernel, Numerics, Remat, XLAKernel, as_remat  # noqa: F401
 
 # (run, repeat, slot within the run) of a flat layer index
 Location = tuple[int, int, int]

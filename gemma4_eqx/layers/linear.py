@@ -1,17 +1,38 @@
-"""A bias-optional linear layer stored as `[in, out]` (checkpoint tensors are PyTorch `[out, in]`)."""
+"""Linear layers. `AbstractLinear` is what every projection of the model is typed as; its implementations are final:
+`Linear` (a bias-optional `[in, out]` weight; checkpoint tensors are PyTorch `[out, in]`), `layers.lora.LoRALinear`
+(a `Linear` plus low-rank adapters) and `quant.modules.QuantLinear` (int8/int4 codes and scales)."""
 
 from __future__ import annotations
+
+import abc
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .numerics import rowwise_matmul  # noqa: F401  (re-exported: the invariant matmul)
 from .policy import XLA, Numerics
 
 
-class Linear(eqx.Module):
+class AbstractLinear(eqx.Module):
+    """`y = x @ W` for some `[in_features, out_features]` weight held in the implementation's own form."""
+
+    @property
+    @abc.abstractmethod
+    def in_features(self) -> int:
+        """Input width."""
+
+    @property
+    @abc.abstractmethod
+    def out_features(self) -> int:
+        """Output width."""
+
+    @abc.abstractmethod
+    def __call__(self, x: Float[Array, "*batch in_features"]) -> Float[Array, "*batch out_features"]:
+        """The projection of `x`'s last axis."""
+
+
+class Linear(AbstractLinear):
     """`y = x @ weight (+ bias)`; `weight` is `[in_features, out_features]` so the product needs no transpose.
 
     The product is the numerics policy's (`Invariant` multiplies one row at a time, so every row goes through the

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from ..model.cache import CacheContext, LayerCache
 from .attention import AbstractAttention, Attention
+from .cache import CacheContext, LayerCache
 from .numerics import compute_dtype
 from .policy import Invariant, Numerics, Policy
 

@@ -24,10 +24,23 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from .kernels import (backend, banded_attention, cudnn_accepts, fused_attention, in_bands, ordered_attention,
-                      xla_attention)
-from .numerics import (compute_dtype, gelu_tanh_torch_cpu, reciprocal_sqrt, rowwise_matmul, torch_cpu_mean,
-                       warn_if_bf16_rounding_differs)
+from .kernels import (
+    backend,
+    banded_attention,
+    cudnn_accepts,
+    fused_attention,
+    in_bands,
+    ordered_attention,
+    xla_attention,
+)
+from .numerics import (
+    compute_dtype,
+    gelu_tanh_torch_cpu,
+    reciprocal_sqrt,
+    rowwise_matmul,
+    torch_cpu_mean,
+    warn_if_bf16_rounding_differs,
+)
 from .rope import apply_rope, apply_rope_rounded
 
 

@@ -33,119 +33,25 @@ differ slightly.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..io.load import SafetensorsReader
-from .cache import FullKV, KVCache, RawKeyKV, RingKV
-from ..config.gemma4 import FULL, SLIDING, TextConfig
-from ..config.fields import ConfigError, _bool, _fail, _int, _section, _short, read_json_file
-from ..layers.attention import dot_product_attention
+from ..config.assistant import AssistantConfig
+from ..config.gemma4 import FULL, SLIDING
+from ..layers.cache import FullKV, RawKeyKV, RingKV
 from ..layers.decoder import slice_layer
 from ..layers.kinds import LayerKind
-from ..layers.linear import Linear
+from ..layers.linear import AbstractLinear, Linear
 from ..layers.mlp import MLP
 from ..layers.norm import RMSNorm
-from ..layers.rope import apply_rope, inv_frequencies, rope_cos_sin
-
-TOP_LEVEL_KEYS = {"architectures", "model_type", "text_config", "backbone_hidden_size", "use_ordered_embeddings",
-                  "num_centroids", "centroid_intermediate_top_k", "tie_word_embeddings", "transformers_version",
-                  "dtype", "torch_dtype", "initializer_range", "pad_token_id", "bos_token_id", "eos_token_id"}
-
-
-# ---- config ------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class AssistantConfig:
-    """`Gemma4UnifiedAssistantConfig`. Every layer reuses the target's KV (`num_kv_shared_layers` ==
-    `num_hidden_layers`): a layer of kind K reads the target's last layer of kind K (`shared_kv_layer`)."""
-
-    text: TextConfig
-    backbone_hidden_size: int = 3840
-    use_ordered_embeddings: bool = False
-    num_centroids: int = 2048
-    centroid_intermediate_top_k: int = 32
-    use_double_wide_mlp: bool = False
-
-    def __post_init__(self) -> None:
-        if self.use_ordered_embeddings:
-            if self.text.vocab_size % self.num_centroids:
-                _fail("num_centroids", f"{self.num_centroids} does not divide vocab_size {self.text.vocab_size}")
-            if not 0 < self.centroid_intermediate_top_k <= self.num_centroids:
-                _fail("centroid_intermediate_top_k", f"expected 1..num_centroids ({self.num_centroids}), found "
-                      f"{self.centroid_intermediate_top_k}")
-
-    @property
-    def mlp_width(self) -> int:
-        return self.text.intermediate_size * (2 if self.use_double_wide_mlp else 1)
-
-    @property
-    def tokens_per_centroid(self) -> int:
-        return self.text.vocab_size // self.num_centroids
-
-    @staticmethod
-    def shared_kv_layer(target_types: tuple[str, ...], kind: str) -> int:
-        """The target layer whose KV a drafter layer of `kind` reads: the target's last layer of that kind."""
-        idx = [i for i, t in enumerate(target_types) if t == kind]
-        if not idx:
-            raise ValueError(f"the target has no {kind} layer for the drafter's {kind} layers to read")
-        return idx[-1]
-
-    @classmethod
-    def from_hf_dict(cls, d: Any) -> AssistantConfig:
-        """config.json read strictly: unknown top-level keys, a text_config that is not all KV-shared, and every
-        field `TextConfig.from_hf_dict` refuses raise `ConfigError` naming the field."""
-        if not isinstance(d, dict):
-            _fail("config", f"expected a JSON object, found {_short(d)}")
-        if d.get("model_type") != "gemma4_unified_assistant":
-            _fail("model_type", f"expected 'gemma4_unified_assistant', found {_short(d.get('model_type'))}")
-        unknown = sorted(set(d) - TOP_LEVEL_KEYS)
-        if unknown:
-            _fail(unknown[0], f"unknown field for a gemma4_unified_assistant config (known: {sorted(TOP_LEVEL_KEYS)})")
-        text = dict(_section(d, "text_config"))
-        n = _int(text, "num_hidden_layers", "text_config")
-        shared = _int(text, "num_kv_shared_layers", "text_config", n, minimum=0)
-        if shared != n:
-            _fail("text_config.num_kv_shared_layers", f"expected {n} (= num_hidden_layers: every assistant layer "
-                  f"reads the target's KV), found {shared}")
-        double = _bool(text, "use_double_wide_mlp", "text_config", False)
-        text.pop("num_kv_shared_layers", None)
-        text.pop("use_double_wide_mlp", None)
-        if not _bool(d, "tie_word_embeddings", "", True):
-            _fail("tie_word_embeddings", "the assistant ties its lm head to its embedding; found false")
-        return cls(text=TextConfig.from_hf_dict(text),
-                   backbone_hidden_size=_int(d, "backbone_hidden_size", ""),
-                   use_ordered_embeddings=_bool(d, "use_ordered_embeddings", ""),
-                   num_centroids=_int(d, "num_centroids", "", 2048),
-                   centroid_intermediate_top_k=_int(d, "centroid_intermediate_top_k", "", 32),
-                   use_double_wide_mlp=double)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> AssistantConfig:
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            return cls.from_hf_dict(read_json_file(path, ConfigError))
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        text = self.text.to_hf_dict()
-        text["num_kv_shared_layers"] = self.text.num_hidden_layers
-        text["use_double_wide_mlp"] = self.use_double_wide_mlp
-        return {"architectures": ["Gemma4UnifiedAssistantForCausalLM"], "model_type": "gemma4_unified_assistant",
-                "text_config": text, "backbone_hidden_size": self.backbone_hidden_size,
-                "use_ordered_embeddings": self.use_ordered_embeddings, "num_centroids": self.num_centroids,
-                "centroid_intermediate_top_k": self.centroid_intermediate_top_k, "tie_word_embeddings": True}
+from ..layers.policy import XLA, AttentionKernel, Numerics, Policy, XLAKernel
+from ..layers.rope import inv_frequencies, rope_cos_sin
+from .cache import KVCache
+from .drafter import AbstractDrafter
 
 
 # ---- the target's KV as the drafter reads it ---------------------------------------------------------------
@@ -192,36 +98,49 @@ def shared_kv(target, cache: KVCache, window: int) -> SharedKV:
 
 # ---- the module --------------------------------------------------------------------------------------------
 class AssistantLayer(eqx.Module):
-    """One KV-shared decoder layer: queries only, attending over the target's keys and values."""
+    """One KV-shared decoder layer: queries only, attending over the target's keys and values. Its numerics and
+    attention kernel are policies, as the decoder layer's (`g4.with_policy` swaps them through the assistant too)."""
 
-    q_proj: Linear
+    q_proj: AbstractLinear
     q_norm: RMSNorm
-    o_proj: Linear
+    o_proj: AbstractLinear
     mlp: MLP
     input_layernorm: RMSNorm
     post_attention_layernorm: RMSNorm
     pre_feedforward_layernorm: RMSNorm
     post_feedforward_layernorm: RMSNorm
     layer_scalar: Float[Array, "1"]
+    numerics: Numerics
+    kernel: AttentionKernel
     kind: LayerKind = eqx.field(static=True)
     num_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
 
-    def __init__(self, config: AssistantConfig, kind: str, *, key: PRNGKeyArray, dtype=jnp.float32):
+    def __init__(self, config: AssistantConfig, kind: str, *, key: PRNGKeyArray, dtype=jnp.float32,
+                 numerics: Numerics = XLA(), kernel: AttentionKernel = XLAKernel()):
         t = config.text
         g = t.layer_geometry_for_type(kind)
         kq, ko, km = jax.random.split(key, 3)
         d, std, eps = t.hidden_size, t.initializer_range, t.rms_norm_eps
-        self.q_proj = Linear(d, t.num_attention_heads * g.head_dim, key=kq, std=std, dtype=dtype)
-        self.q_norm = RMSNorm(g.head_dim, eps=eps, dtype=dtype)
-        self.o_proj = Linear(t.num_attention_heads * g.head_dim, d, key=ko, std=std, dtype=dtype)
-        self.mlp = MLP(d, config.mlp_width, key=km, std=std, dtype=dtype)
-        norm = lambda: RMSNorm(d, eps=eps, dtype=dtype)
+        self.q_proj = Linear(d, t.num_attention_heads * g.head_dim, key=kq, std=std, dtype=dtype, numerics=numerics)
+        self.q_norm = RMSNorm(g.head_dim, eps=eps, dtype=dtype, numerics=numerics)
+        self.o_proj = Linear(t.num_attention_heads * g.head_dim, d, key=ko, std=std, dtype=dtype, numerics=numerics)
+        self.mlp = MLP(d, config.mlp_width, key=km, std=std, dtype=dtype, numerics=numerics)
+        norm = lambda: RMSNorm(d, eps=eps, dtype=dtype, numerics=numerics)
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
         self.layer_scalar = jnp.ones((1,), dtype)
+        self.numerics, self.kernel = numerics, kernel
         self.kind = LayerKind(kind)
         self.num_heads, self.head_dim = t.num_attention_heads, g.head_dim
+
+    def refuses(self, policy: Policy) -> str | None:
+        """The numerics and kernel policies must agree, as in the decoder's attention."""
+        if isinstance(policy, Numerics):
+            return policy.refuses_kernel(self.kernel)
+        if isinstance(policy, AttentionKernel):
+            return self.numerics.refuses_kernel(policy)
+        return None
 
     def __call__(
         self,
@@ -235,15 +154,15 @@ class AssistantLayer(eqx.Module):
         x = self.input_layernorm(h)
         q = self.q_norm(self.q_proj(x).reshape(1, self.num_heads, self.head_dim))
         cos, sin = rope_cos_sin(position.reshape(1), inv_frequencies(rope, self.head_dim), x.dtype)
-        q = apply_rope(q, cos, sin)
-        a = dot_product_attention(q, k.astype(x.dtype), v.astype(x.dtype), mask[None])
+        q = self.numerics.rope(q, cos, sin)
+        a = self.numerics.attend(q, k.astype(x.dtype), v.astype(x.dtype), mask[None], None, self.kernel)
         a = self.o_proj(a.reshape(1, self.num_heads * self.head_dim))
         h = h + self.post_attention_layernorm(a)
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         return h * self.layer_scalar.astype(h.dtype)
 
 
-class Assistant(eqx.Module):
+class Assistant(AbstractDrafter):
     """`Gemma4UnifiedAssistantForCausalLM` as an immutable pytree (one sequence, one query per call)."""
 
     embed_tokens: Float[Array, "vocab hidden"]
@@ -255,7 +174,6 @@ class Assistant(eqx.Module):
     token_ordering: Int[Array, " vocab"] | None
     config: AssistantConfig = eqx.field(static=True)
     token_ordering_dtype: str = eqx.field(static=True, default="I64")  # as stored on disk (bit-exact save)
-    checkpoint_layout: str = eqx.field(static=True, default="assistant")
 
     def __init__(self, config: AssistantConfig, *, key: PRNGKeyArray, dtype=jnp.float32,
                  token_ordering_dtype: str = "I64"):
@@ -276,7 +194,6 @@ class Assistant(eqx.Module):
         else:
             self.centroids = self.token_ordering = None
         self.token_ordering_dtype = token_ordering_dtype
-        self.checkpoint_layout = "assistant"
 
     @property
     def dtype(self):
@@ -356,104 +273,8 @@ class Assistant(eqx.Module):
         _, (tokens, logits) = jax.lax.scan(body, (jnp.asarray(token, jnp.int32), hidden.astype(self.dtype)), keys)
         return tokens, logits
 
-
-# ---- checkpoint I/O ----------------------------------------------------------------------------------------
-ORDERING = "masked_embedding.token_ordering"
-_INT_DTYPES = {"I64": np.int64, "I32": np.int32}
+    def propose_drafts(self, target, cache, token, hidden, history, steps, *, key, choose):
+        return self.draft(target, cache, token, hidden, steps, key=key, choose=choose)
 
 
-class _Hide(SafetensorsReader):
-    """The same files without some names (the integer `token_ordering`, read on its own)."""
-
-    def __init__(self, reader: SafetensorsReader, hidden: set[str]):  # noqa: super().__init__ would re-read
-        self.__dict__.update(reader.__dict__)
-        self._hidden = set(hidden)
-
-    def names(self) -> set[str]:
-        return super().names() - self._hidden
-
-
-def load_assistant(folder: str | os.PathLike, *, dtype: Any = None) -> Assistant:
-    """A `Gemma4UnifiedAssistantForCausalLM` folder (config.json + safetensors) as an `Assistant`.
-
-    Same rules as `g4.load`: every tensor present with its shape (errors name the tensor), no unexpected one,
-    one float dtype unless `dtype=` casts; `masked_embedding.token_ordering` must be an integer vector of token
-    ids in [0, vocab)."""
-    from ..io.load import checkpoint_dtype, fill_model, float_dtype, validate
-    from ..io.names import CheckpointError, tensor_specs
-
-    folder = os.fspath(folder)
-    dtype = float_dtype(dtype)
-    config = AssistantConfig.from_pretrained(folder)
-    reader = SafetensorsReader(folder)
-    ordering, ordering_dtype = None, "I64"
-    if config.use_ordered_embeddings:
-        if ORDERING not in reader.names():
-            raise CheckpointError(f"{ORDERING}: missing from the checkpoint (use_ordered_embeddings is true)")
-        shape, ordering_dtype = reader.info(ORDERING)
-        if ordering_dtype not in _INT_DTYPES:
-            raise CheckpointError(f"{ORDERING}: expected an integer dtype (I64/I32), found {ordering_dtype}")
-        if shape != (config.text.vocab_size,):
-            raise CheckpointError(f"{ORDERING}: expected shape ({config.text.vocab_size},), found {shape}")
-        ordering = reader.read(ORDERING)
-        if ordering.min() < 0 or ordering.max() >= config.text.vocab_size:
-            raise CheckpointError(f"{ORDERING}: token ids must lie in [0, {config.text.vocab_size}); found "
-                                  f"[{int(ordering.min())}, {int(ordering.max())}]")
-    view = _Hide(reader, {ORDERING} if config.use_ordered_embeddings else set())
-    probe = eqx.filter_eval_shape(lambda: Assistant(config, key=jax.random.key(0)))
-    specs = tensor_specs(probe)
-    validate(view, specs, dtype)
-    if dtype is None:
-        dtype = checkpoint_dtype(view, specs)
-    abstract = eqx.filter_eval_shape(lambda: Assistant(config, key=jax.random.key(0), dtype=dtype,
-                                                       token_ordering_dtype=ordering_dtype))
-    if ordering is not None:
-        abstract = eqx.tree_at(lambda m: m.token_ordering, abstract, jnp.asarray(ordering.astype(np.int32)))
-    return fill_model(abstract, view, dtype)
-
-
-def save_assistant(assistant: Assistant, folder: str | os.PathLike) -> None:
-    """Write `assistant` as a transformers folder (config.json + model.safetensors), atomically as `g4.save`
-    does; the loaded tensors come back bit for bit (`token_ordering` in its stored integer dtype)."""
-    from ..io.names import dtype_name, tensor_specs
-    from ..io.save import CONFIG, host_tensors, replace_folder, write_json
-    from ..io.safetensors import DTYPE_NAMES, write_file
-
-    specs = tensor_specs(assistant)
-    layout = [(s.name, DTYPE_NAMES[np.dtype(s.leaf(assistant).dtype)], s.shape) for s in specs]
-    extra = []
-    if assistant.token_ordering is not None:
-        arr = np.asarray(assistant.token_ordering).astype(_INT_DTYPES[assistant.token_ordering_dtype])
-        layout.append((ORDERING, assistant.token_ordering_dtype, arr.shape))
-        extra.append((ORDERING, arr))
-
-    def tensors():
-        yield from host_tensors(assistant, specs)
-        yield from extra
-
-    def write(staging: str) -> None:
-        write_file(os.path.join(staging, "model.safetensors"), layout, tensors(), {"format": "pt"}, fsync=True)
-        config = assistant.config.to_hf_dict()
-        config["dtype"] = dtype_name(assistant.dtype)
-        write_json(os.path.join(staging, CONFIG), config)
-
-    replace_folder(folder, write)
-
-
-def random_assistant(target, *, key: PRNGKeyArray, hidden_size: int = 32, intermediate_size: int = 64,
-                     num_attention_heads: int | None = None, use_ordered_embeddings: bool = False,
-                     num_centroids: int = 16, top_k: int = 4, dtype=jnp.float32) -> Assistant:
-    """A random drafter whose geometry fits `target` (4 layers: 3 sliding + 1 full), for tests and training."""
-    t = target.config.text
-    heads = num_attention_heads or t.num_attention_heads
-    text = dataclasses.replace(t, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                               num_hidden_layers=4, num_attention_heads=heads,
-                               layer_types=(SLIDING, SLIDING, SLIDING, FULL))
-    cfg = AssistantConfig(text=text, backbone_hidden_size=t.hidden_size,
-                          use_ordered_embeddings=use_ordered_embeddings, num_centroids=num_centroids,
-                          centroid_intermediate_top_k=top_k)
-    return Assistant(cfg, key=key, dtype=dtype)
-
-
-__all__ = ["Assistant", "AssistantConfig", "AssistantLayer", "SharedKV", "load_assistant", "random_assistant",
-           "save_assistant", "shared_kv"]
+__all__ = ["Assistant", "AssistantConfig", "AssistantLayer", "SharedKV", "shared_kv"]

@@ -14,16 +14,24 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..utils.checks import check_shape, check_value, is_concrete
-from .cache import KVCache
 from ..config.gemma4 import Gemma4Config
-from .decode import decode_step_jitted, prefill_jitted
-from .embedders import AudioEmbedder, VisionEmbedder
 from ..layers.decoder import DecoderStack
 from ..layers.norm import RMSNorm
 from ..layers.policy import Numerics, Remat, as_kernel, as_numerics, as_remat, with_policy
-from .masks import (MaskMode, TokenType, checked_segment_ids, layer_masks, segment_positions, token_types,
-                    vision_block_ids, within_segments)
+from ..utils.checks import check_shape, check_value, is_concrete
+from .cache import KVCache
+from .decode import decode_step_jitted, prefill_jitted
+from .embedders import AudioEmbedder, VisionEmbedder
+from .masks import (
+    MaskMode,
+    TokenType,
+    checked_segment_ids,
+    layer_masks,
+    segment_positions,
+    token_types,
+    vision_block_ids,
+    within_segments,
+)
 from .media import InputArray, Media
 from .taps import TapResult, Taps
 from .taps import run as run_with_taps

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
 
-from ..utils.checks import check_value, is_concrete
 from ..config.gemma4 import FULL, SLIDING
+from ..utils.checks import check_value, is_concrete
 
 MaskMode = Literal["intended", "hf_forward"]
 MASK_MODES = ("intended", "hf_forward")

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 
 import equinox as eqx
 import jax
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 FSDP_AXIS, TP_AXIS = "fsdp", "tp"  # mesh axis names
 AXES = (FSDP_AXIS, TP_AXIS)

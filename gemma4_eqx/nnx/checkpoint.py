@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..io import checkpoint as ckpt
 from ..config.gemma4 import Gemma4Config
+from ..io import checkpoint as ckpt
 from .model import Gemma4NNX
 
 _PROJECTIONS = {
