@@ -13,9 +13,11 @@ from ._batch import BatchFeature
 from .audio import AudioFeatureExtractor, load_audio, resample_audio
 from .chat_parser import parse_response
 from .chat_template import builtin_template, render_chat_template
+from .fields import ProcessorConfigError
 from .image import SUPPORTED_SOFT_TOKENS, ImageProcessor, aspect_ratio_preserving_size, load_image
 from .processor import Processor
 from .resize import resize_bicubic_antialias
+from .sandbox import TemplateBudgetError, TemplateLimits
 from .tokenizer import Tokenizer
 from .video import VideoMetadata, VideoProcessor, load_video, sample_frame_indices
 
@@ -24,7 +26,10 @@ __all__ = [
     "BatchFeature",
     "ImageProcessor",
     "Processor",
+    "ProcessorConfigError",
     "SUPPORTED_SOFT_TOKENS",
+    "TemplateBudgetError",
+    "TemplateLimits",
     "Tokenizer",
     "VideoMetadata",
     "VideoProcessor",

@@ -15,9 +15,22 @@ from typing import Any
 
 import numpy as np
 
+from ..utils.files import check_size, open_regular
 from ._batch import BatchFeature, check_return_tensors
+from .fields import ProcessorConfigError, boolean, check_fields, integer, number, one_of
+from .files import MAX_AUDIO_BYTES
 
 SAMPLING_RATE = 16_000
+
+# The checks of every AudioFeatureExtractor field (the 12B: 640, 640, 16000, 0.0, "right", true).
+AUDIO_FIELDS = {
+    "feature_size": integer(1, 1 << 16),
+    "audio_samples_per_token": integer(1, 1 << 16),
+    "sampling_rate": integer(1, 1_000_000),
+    "padding_value": number(-1e6, 1e6),
+    "padding_side": one_of("left", "right"),
+    "return_attention_mask": boolean,
+}
 
 
 @dataclass
@@ -31,10 +44,17 @@ class AudioFeatureExtractor:
     padding_side: str = "right"
     return_attention_mask: bool = True
 
+    def __post_init__(self) -> None:
+        check_audio_fields(vars(self), "AudioFeatureExtractor.")
+
     @classmethod
-    def from_dict(cls, config: dict) -> "AudioFeatureExtractor":
+    def from_dict(cls, config: dict, where: str = "AudioFeatureExtractor.") -> "AudioFeatureExtractor":
+        """The extractor of a config section; each field is checked first, a bad one named with `where` (e.g.
+        ".../processor_config.json: feature_extractor.") as a ProcessorConfigError."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        values = {k: v for k, v in config.items() if k in names}
+        check_audio_fields(values, where)
+        return cls(**values)
 
     def num_frames(self, num_samples: int) -> int:
         return math.ceil(num_samples / self.audio_samples_per_token)
@@ -103,6 +123,14 @@ class AudioFeatureExtractor:
         return BatchFeature(input_features=features, input_features_mask=mask)
 
 
+def check_audio_fields(values: dict, where: str) -> None:
+    check_fields(values, AUDIO_FIELDS, where)
+    size = values.get("feature_size", 640)
+    per_token = values.get("audio_samples_per_token", 640)
+    if size != per_token:  # each frame of audio_samples_per_token raw samples is one feature vector
+        raise ProcessorConfigError(f"{where}feature_size must equal audio_samples_per_token ({per_token}), got {size}")
+
+
 def as_waveform_list(raw_speech: Any) -> list[np.ndarray]:
     """One 1-D waveform, a list of floats, or a list of waveforms -> list of 1-D float32 arrays."""
     if isinstance(raw_speech, np.ndarray):
@@ -147,15 +175,25 @@ def load_audio(
     sampling_rate: int = SAMPLING_RATE,
     resample: bool = False,
     downmix: bool = False,
+    max_bytes: int | None = MAX_AUDIO_BYTES,
 ) -> np.ndarray:
     """Read an audio file (wav, flac, ogg, ... via soundfile) as float32 mono at `sampling_rate`.
 
     A file at another rate raises unless resample=True (then `resample_audio` converts it); a file with
-    several channels raises unless downmix=True (then the channels are averaged).
+    several channels raises unless downmix=True (then the channels are averaged). Only a regular file of at most
+    `max_bytes` is read (else `FileReadError` naming it); a file without samples or that soundfile cannot read is a
+    ValueError naming the file.
     """
     import soundfile
 
-    data, file_rate = soundfile.read(os.fspath(path), dtype="float32", always_2d=True)  # [samples, channels]
+    with open_regular(path, "an audio file") as f:
+        check_size(f, path, max_bytes, "an audio file")
+        try:
+            data, file_rate = soundfile.read(f, dtype="float32", always_2d=True)  # [samples, channels]
+        except (RuntimeError, TypeError, ValueError) as e:  # soundfile.LibsndfileError is a RuntimeError
+            raise ValueError(f"{os.fspath(path)}: not a readable audio file ({e})") from None
+    if data.shape[0] == 0:
+        raise ValueError(f"{os.fspath(path)}: the audio file holds no samples; expected at least one")
     if data.shape[1] > 1:
         if not downmix:
             raise ValueError(

@@ -10,6 +10,11 @@ Templates see `messages`, `tools`, `documents`, `add_generation_prompt`, the spe
 `thinking` / `reasoning` filled from one another); `normalize_conversations` is the processor's stricter
 entry point: it refuses what transformers would drop silently or render into a broken prompt.
 `mark_control_tokens` implements transformers' opt-in `sanitize_control_tokens=True`.
+
+A template is untrusted text: files are read through `gemma4_eqx.utils.files` (regular files, at most
+MAX_TEMPLATE_BYTES, UTF-8; chat_template.json as JSON with a nesting limit) and every render runs in the budgeted
+sandbox of `sandbox.py` (steps, sizes, produced text, wall clock: `TemplateLimits`), so a hostile template ends in a
+`TemplateBudgetError` naming it and the budget within seconds.
 """
 
 from __future__ import annotations
@@ -25,9 +30,14 @@ from typing import Any
 import jinja2
 import jinja2.meta
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..utils.files import FileMissingError, FileReadError, read_json, read_text
+from .files import MAX_CONFIG_BYTES, MAX_TEMPLATE_BYTES
+from . import sandbox
+from .sandbox import BudgetedSandboxedEnvironment, TemplateBudgetError, TemplateLimits, render_within
 
 BUILTIN_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
+BUILTIN_TEMPLATE_NAME = "(the built-in Gemma 4 template)"
 EMPTY_CONVERSATION = "Cannot apply chat template to an empty conversation. Provide at least one message."
 # Content block types the Gemma 4 template renders (image_url / input_audio are OpenAI's spellings).
 BLOCK_TYPES = ("text", "image", "image_url", "audio", "input_audio", "video")
@@ -38,23 +48,60 @@ CONTROL_TOKEN_START = "\U000f0000"
 CONTROL_TOKEN_END = "\U000f0001"
 
 
+@lru_cache(maxsize=1)
 def builtin_template() -> str:
-    return BUILTIN_TEMPLATE_PATH.read_text()
+    return read_text(BUILTIN_TEMPLATE_PATH, MAX_TEMPLATE_BYTES, "a UTF-8 chat template")
 
 
 def find_chat_template(folder: str | Path, tokenizer_config: dict | None = None) -> str | None:
     """The folder's own template, in the order transformers looks for it; None when it has none."""
+    return locate_chat_template(folder, tokenizer_config)[0]
+
+
+def locate_chat_template(folder: str | Path, tokenizer_config: dict | None = None) -> tuple[str | None, str | None]:
+    """(the folder's own template, where it was found) in the order transformers looks for it: chat_template.jinja,
+    chat_template.json, tokenizer_config.json's chat_template; (None, None) when there is none. A file that is no
+    regular file, too large, not UTF-8 or not valid JSON, and a template of the wrong type, are `FileReadError`s
+    naming the file."""
     folder = Path(folder)
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    if (folder / "chat_template.json").is_file():
-        template = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+    try:
+        return read_text(folder / "chat_template.jinja", MAX_TEMPLATE_BYTES, "a UTF-8 chat template"), \
+            str(folder / "chat_template.jinja")
+    except FileMissingError:
+        pass
+    path = folder / "chat_template.json"
+    try:
+        data = read_json(path, MAX_CONFIG_BYTES, expect=dict, what='a JSON object {"chat_template": "..."}')
+    except FileMissingError:
+        data = None
+    if data is not None:
+        template = named_template(data.get("chat_template"), f"{path}: chat_template")
         if template:
-            return template
-    template = (tokenizer_config or {}).get("chat_template")
-    if isinstance(template, list):  # named templates: use "default"
-        template = {t["name"]: t["template"] for t in template}.get("default")
-    return template or None
+            return template, str(path)
+    template = named_template((tokenizer_config or {}).get("chat_template"),
+                              f"{folder / 'tokenizer_config.json'}: chat_template")
+    return (template, str(folder / "tokenizer_config.json")) if template else (None, None)
+
+
+def named_template(value: Any, where: str) -> str | None:
+    """A template given as a string, a {name: template} mapping or a [{"name", "template"}] list (transformers'
+    named templates: "default" is used); None for none; FileReadError naming `where` for anything else."""
+    if value is None or isinstance(value, str):
+        template = value
+    elif isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+        template = value.get("default")
+    elif isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str) and
+                                         isinstance(t.get("template"), str) for t in value):
+        template = {t["name"]: t["template"] for t in value}.get("default")
+    else:
+        from ..utils.files import json_type_name
+
+        raise FileReadError(f"{where} must be a template string, a {{name: template}} object or a list of "
+                            f"{{\"name\", \"template\"}} objects, found {json_type_name(value)}")
+    if template is not None and len(template) > MAX_TEMPLATE_BYTES:
+        raise FileReadError(f"{where}: a template of {len(template):,} characters, more than the limit of "
+                            f"{MAX_TEMPLATE_BYTES:,}")
+    return template
 
 
 def _raise_exception(message: str) -> None:
@@ -69,15 +116,29 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def compile_template(source: str, name: str = "(a template string)") -> jinja2.Template:
+    """The template compiled in the budgeted sandbox (sandbox.py) with transformers' options and helpers; a source
+    longer than the limit, or nested deeper than Python can compile, is a TemplateBudgetError naming `name`."""
+    limit = sandbox.DEFAULT_LIMITS.max_source_chars
+    if not isinstance(source, str):
+        raise TypeError(f"chat template {name}: expected the template text as a string, got {type(source).__name__}")
+    if len(source) > limit:
+        raise TemplateBudgetError(f"chat template {name}: {len(source):,} characters, more than the limit of "
+                                  f"{limit:,} for a template")
+    try:
+        return _compiled(source)
+    except RecursionError:
+        raise TemplateBudgetError(f"chat template {name}: nested deeper than Python can compile") from None
+
+
 @lru_cache(maxsize=16)
-def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
+def _compiled(source: str) -> jinja2.Template:
+    env = BudgetedSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    template = env.from_string(source)
+    env.add_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
+    return template
 
 
 @lru_cache(maxsize=16)
@@ -143,9 +204,15 @@ def render_chat_template(
     tools: list[dict] | None = None,
     documents: list[dict] | None = None,
     special_tokens: dict[str, str] | None = None,
+    template_name: str | None = None,
+    template_limits: TemplateLimits | None = None,
     **kwargs: Any,
 ) -> str:
-    """Render one conversation (a list of {"role", "content"} messages) to the prompt string."""
+    """Render one conversation (a list of {"role", "content"} messages) to the prompt string.
+
+    The render runs under `template_limits` (default `sandbox.DEFAULT_LIMITS`, which may be replaced for every
+    render): a template that runs past a budget raises TemplateBudgetError naming `template_name` (where the template
+    came from) and the budget."""
     if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
         raise TypeError("a conversation must be a list of message dicts with 'role' and 'content'")
     for i, message in enumerate(conversation):
@@ -153,7 +220,9 @@ def render_chat_template(
             raise ValueError(f"message {i} has no 'role': {message}")
     messages = alias_reasoning(plain_template_data([{k: v for k, v in m.items() if v is not None} for m in conversation]))
     variables = plain_template_data({**(special_tokens or {}), **kwargs})
-    return compile_template(template).render(
+    name = template_name or (BUILTIN_TEMPLATE_NAME if template == builtin_template() else "(a template string)")
+    return render_within(
+        compile_template(template, name), template_limits or sandbox.DEFAULT_LIMITS, name,
         messages=messages, tools=plain_template_data(tools), documents=plain_template_data(documents),
         add_generation_prompt=add_generation_prompt, **variables,
     )

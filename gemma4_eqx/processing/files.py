@@ -1,5 +1,9 @@
 """Processor folders: finding one (a folder or a Hub repo id), reading its JSON, writing one back.
 
+Every file of processing/ is read through `gemma4_eqx.utils.files` (regular files only, a size limit per kind of
+file below, UTF-8, JSON with a nesting limit): a FIFO, device or directory in place of a file, a file larger than
+its limit, invalid UTF-8 or JSON each raise `FileReadError` (a ValueError) naming the file.
+
 `save_processor` writes what transformers' Gemma4UnifiedProcessor reads (tokenizer.json, tokenizer_config.json,
 chat_template.jinja, processor_config.json), each file under a temporary name renamed into place.
 """
@@ -12,6 +16,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..utils.files import FileMissingError, read_json as read_json_file
+
+# Size limits of what a processor folder or a caller hands us (the real files are far smaller: the 12B's
+# tokenizer.json ~32 MB, tokenizer_config.json and processor_config.json a few kB, its chat template 15 kB).
+MAX_CONFIG_BYTES = 8 << 20      # processor_config.json, preprocessor_config.json, tokenizer_config.json, chat_template.json
+MAX_TOKENIZER_BYTES = 128 << 20  # tokenizer.json
+MAX_TEMPLATE_BYTES = 1 << 20     # chat_template.jinja (and a template's length in characters, wherever it comes from)
+MAX_IMAGE_BYTES = 256 << 20      # an image file (PIL also refuses decompression bombs by pixel count)
+MAX_AUDIO_BYTES = 1 << 30        # an audio file (read whole, as float32 samples)
+MAX_VIDEO_BYTES = 16 << 30       # a video file (decoded frame by frame; only the sampled frames are kept)
 # Folders already warned about falling back to the built-in chat template (the warning is once per folder).
 WARNED_BUILTIN: set[str] = set()
 # What a processor may read from a Hub repo.
@@ -31,7 +45,7 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, revision: str | None = No
                                  "processor_config.json, chat_template.jinja) or a Hub repo id, found a file")
     folder = Path(hub.resolve(path, revision=revision, token=token, local_files_only=local_files_only,
                               allow_patterns=PROCESSOR_FILES))
-    if not (folder / "tokenizer.json").is_file():
+    if not os.path.lexists(folder / "tokenizer.json"):  # one that is there but no regular file is refused when read
         raise FileNotFoundError(f"{folder}: no tokenizer.json, so this is no processor folder (expected tokenizer.json, "
                                 "tokenizer_config.json, processor_config.json and chat_template.jinja)")
     return folder
@@ -43,17 +57,13 @@ def component_config(component: Any, type_key: str, type_name: str) -> dict:
     return {type_key: type_name, **{k: v for k, v in values.items() if v is not None or k == "num_frames"}}
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object file; {} when there is none, a ValueError naming the file when it is not valid."""
-    if not path.is_file():
-        return {}
+def read_json(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """An optional JSON object file of a processor folder: {} when there is none; `FileReadError` naming the file
+    when it is no regular file, larger than `max_bytes`, not UTF-8, not valid JSON, too deeply nested or no object."""
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+        return read_json_file(path, max_bytes, expect=dict, what="a JSON object file")
+    except FileMissingError:
+        return {}
 
 
 def processor_config(proc: Any) -> dict:

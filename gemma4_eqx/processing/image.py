@@ -19,16 +19,35 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from ..utils.files import check_size, open_regular
 from ._batch import BatchFeature, check_return_tensors, stack_or_empty
+from .fields import boolean, check_fields, integer, number, numbers_list, one_of
+from .files import MAX_IMAGE_BYTES
 from .resize import resize_bicubic_antialias
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 ImageLike = Any  # PIL.Image.Image | np.ndarray [H, W, C] uint8 | str | os.PathLike
 
+# The checks of every ImageProcessor field (VideoProcessor adds its own): the 12B's values are 16, 3, 280, 1/255.
+# patch_size * pooling_kernel_size is the side of one soft token's patch; the bounds keep one image's pixel_values
+# (max_soft_tokens x 3 x that side squared float32) under half a GB.
+IMAGE_FIELDS = {
+    "patch_size": integer(1, 32),
+    "pooling_kernel_size": integer(1, 6),
+    "max_soft_tokens": one_of(*SUPPORTED_SOFT_TOKENS),
+    "do_convert_rgb": boolean,
+    "do_resize": boolean,
+    "do_rescale": boolean,
+    "rescale_factor": number(0, 1, lo_open=True),
+    "do_normalize": boolean,
+    "image_mean": numbers_list(3, -1e3, 1e3),
+    "image_std": numbers_list(3, 0, 1e3, lo_open=True),
+    "resample": one_of(3, note=" (3 is bicubic, the only mode implemented)"),
+}
+
 
 def check_max_soft_tokens(max_soft_tokens: int) -> None:
-    if max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
-        raise ValueError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}, got {max_soft_tokens!r}")
+    check_fields({"max_soft_tokens": max_soft_tokens}, {"max_soft_tokens": IMAGE_FIELDS["max_soft_tokens"]}, "")
 
 
 def aspect_ratio_preserving_size(
@@ -106,11 +125,21 @@ def array_to_rgb(array: np.ndarray, what: str = "image") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def load_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an image file upright (EXIF orientation applied), as transformers' `load_image` does."""
-    image = PIL.Image.open(path)
-    image = PIL.ImageOps.exif_transpose(image)
-    return image.convert("RGB")
+def load_image(path: str | os.PathLike, max_bytes: int | None = MAX_IMAGE_BYTES) -> PIL.Image.Image:
+    """Open an image file upright (EXIF orientation applied), as transformers' `load_image` does.
+
+    Only a regular file (or a symlink to one) of at most `max_bytes` is read: a directory, FIFO or device is refused
+    with `FileReadError` naming it and what it is; a file PIL cannot read is a ValueError naming the file."""
+    with open_regular(path, "an image file") as f:
+        check_size(f, path, max_bytes, "an image file")
+        try:
+            image = PIL.Image.open(f)
+            image = PIL.ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+        except PIL.Image.DecompressionBombError as e:
+            raise ValueError(f"{os.fspath(path)}: {e}") from None
+        except (PIL.UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"{os.fspath(path)}: not a readable image ({e})") from None
 
 
 def to_rgb_array(image: ImageLike, what: str = "image") -> np.ndarray:
@@ -199,14 +228,16 @@ class ImageProcessor:
     resample: int = 3  # PIL BICUBIC; the only mode implemented
 
     def __post_init__(self) -> None:
-        check_max_soft_tokens(self.max_soft_tokens)
-        if self.resample != 3:
-            raise ValueError(f"resample={self.resample}: only bicubic (3) is implemented")
+        check_fields(vars(self), IMAGE_FIELDS, "ImageProcessor.")
 
     @classmethod
-    def from_dict(cls, config: dict) -> "ImageProcessor":
+    def from_dict(cls, config: dict, where: str = "ImageProcessor.") -> "ImageProcessor":
+        """The processor of a config section; each field is checked first, a bad one named with `where` (e.g.
+        ".../processor_config.json: image_processor.") as a ProcessorConfigError."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        values = {k: v for k, v in config.items() if k in names}
+        check_fields(values, IMAGE_FIELDS, where)
+        return cls(**values)
 
     @property
     def model_patch_size(self) -> int:

@@ -19,9 +19,11 @@ import numpy as np
 from ..model.masks import TokenType
 from ._batch import BatchFeature, check_return_tensors
 from .audio import AudioFeatureExtractor, load_audio
-from .chat_template import (CONTROL_TOKEN_END, CONTROL_TOKEN_START, builtin_template, control_token_patterns,
-                            control_tokens, extract_media, find_chat_template, mark_control_tokens,
-                            normalize_conversations, render_chat_template, template_variables)
+from .chat_template import (BUILTIN_TEMPLATE_NAME, CONTROL_TOKEN_END, CONTROL_TOKEN_START, builtin_template, control_token_patterns,
+                            control_tokens, extract_media, locate_chat_template, mark_control_tokens,
+                            compile_template, normalize_conversations, render_chat_template, template_variables)
+from .sandbox import TemplateLimits
+from .fields import check_fields, integer, section
 from .files import WARNED_BUILTIN, processor_config, read_json, resolve_folder, save_processor
 from .image import ImageProcessor, flatten_images
 from .tokenizer import Tokenizer
@@ -33,6 +35,9 @@ _AUDIO_KEYS = {"padding", "max_length", "truncation", "sampling_rate", "return_a
 _IMAGE_KEYS = {"max_soft_tokens", "patch_size", "pooling_kernel_size", "do_resize", "do_rescale", "rescale_factor",
                "do_normalize", "image_mean", "image_std", "do_convert_rgb", "resample"}
 _VIDEO_KEYS = _IMAGE_KEYS | {"num_frames", "fps", "do_sample_frames"}
+# processor_config.json's own fields (kept for reference: the expansion of a media item is data dependent).
+PROCESSOR_FIELDS = {"image_seq_length": integer(1, 1 << 20), "audio_seq_length": integer(1, 1 << 20),
+                    "audio_ms_per_token": integer(1, 1 << 20)}
 
 
 def _nest_images(images: Any) -> list[list[Any]] | None:
@@ -67,6 +72,8 @@ class Processor:
         self.video_processor = video_processor or VideoProcessor()
         self.feature_extractor = feature_extractor or AudioFeatureExtractor()
         self.chat_template = chat_template or builtin_template()
+        # Where the template came from, for the errors of a template that fails or runs past its render budget.
+        self.chat_template_name = "(the chat_template given to Processor)" if chat_template else BUILTIN_TEMPLATE_NAME
         self.image_seq_length = image_seq_length  # kept for reference: expansion is data dependent (§1.5)
         self.audio_seq_length = audio_seq_length
         self.audio_ms_per_token = audio_ms_per_token
@@ -88,27 +95,41 @@ class Processor:
         """
         folder = resolve_folder(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only)
         tokenizer = Tokenizer.from_pretrained(folder)
-        config = read_json(folder / "processor_config.json")
-        image_cfg = config.get("image_processor") or read_json(folder / "preprocessor_config.json")
-        video_cfg = config.get("video_processor") or read_json(folder / "video_preprocessor_config.json")
-        audio_cfg = config.get("feature_extractor") or {}
-        if not audio_cfg and "audio_samples_per_token" in read_json(folder / "preprocessor_config.json"):
-            audio_cfg = read_json(folder / "preprocessor_config.json")
-        template = find_chat_template(folder, tokenizer.config)
+        config_path = folder / "processor_config.json"
+        config = read_json(config_path)
+        check_fields(config, PROCESSOR_FIELDS, f"{config_path}: ")
+        sources = {}  # section -> (its settings, where they were read, for messages)
+        for key, fallback in (("image_processor", "preprocessor_config.json"),
+                              ("video_processor", "video_preprocessor_config.json"), ("feature_extractor", None)):
+            found = section(config, key, str(config_path))
+            if found is not None:
+                sources[key] = (found, f"{config_path}: {key}.")
+            elif fallback is not None:
+                sources[key] = (read_json(folder / fallback), f"{folder / fallback}: ")
+            else:
+                sources[key] = ({}, f"{config_path}: {key}.")
+        if not sources["feature_extractor"][0]:
+            legacy = read_json(folder / "preprocessor_config.json")
+            if "audio_samples_per_token" in legacy:
+                sources["feature_extractor"] = (legacy, f"{folder / 'preprocessor_config.json'}: ")
+        template, template_origin = locate_chat_template(folder, tokenizer.config)
         if template is None and str(folder) not in WARNED_BUILTIN:
             WARNED_BUILTIN.add(str(folder))
             warnings.warn(f"{folder} has no chat template (chat_template.jinja, chat_template.json or a chat_template "
                           "in tokenizer_config.json): using gemma4_eqx's built-in Gemma 4 template, which renders as "
                           "google/gemma-4-12B-it's (transformers would refuse to apply a chat template here)",
                           UserWarning, stacklevel=2)
-        return cls(
+        proc = cls(
             tokenizer,
-            ImageProcessor.from_dict(image_cfg),
-            VideoProcessor.from_dict(video_cfg),
-            AudioFeatureExtractor.from_dict(audio_cfg),
+            ImageProcessor.from_dict(*sources["image_processor"]),
+            VideoProcessor.from_dict(*sources["video_processor"]),
+            AudioFeatureExtractor.from_dict(*sources["feature_extractor"]),
             chat_template=template,
-            **{k: config[k] for k in ("image_seq_length", "audio_seq_length", "audio_ms_per_token") if k in config},
+            **{k: config[k] for k in PROCESSOR_FIELDS if k in config},
         )
+        if template_origin is not None:
+            proc.chat_template_name = template_origin
+        return proc
 
     # ------------------------------------------------------------------ prompt expansion
     def image_replacement(self, num_soft_tokens: int) -> str:
@@ -285,6 +306,7 @@ class Processor:
         return_tensors: str | None = "np",
         processor_kwargs: dict | None = None,
         sanitize_control_tokens: bool = False,
+        template_limits: TemplateLimits | None = None,
         **kwargs: Any,
     ) -> str | list[str] | np.ndarray | BatchFeature:
         """Render conversation(s) with the chat template; with tokenize=True also run `__call__` on the
@@ -300,10 +322,16 @@ class Processor:
         those the template writes itself become control tokens (a `<|image|>` typed by the user then asks for no image).
         A role holding a control token or a line break is always refused, as are content given as a dict and content
         blocks of an unknown type.
+
+        The template renders under `template_limits` (default `gemma4_eqx.processing.sandbox.DEFAULT_LIMITS`: steps,
+        sizes, text produced, wall clock); one that runs past a budget raises TemplateBudgetError naming the template
+        (its file) and the budget.
         """
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
         template = chat_template or self.chat_template
+        template_name = "(the chat_template argument)" if chat_template else self.chat_template_name
+        compile_template(template, template_name)  # a template too long or too deeply nested: an error naming it
         controls = control_tokens(self.tokenizer.added_tokens(), template)
         conversations, batched = normalize_conversations(conversation, controls)
         render_kwargs = kwargs
@@ -319,7 +347,8 @@ class Processor:
         for conv in conversations:
             prompt = render_chat_template(
                 template, conv, add_generation_prompt=add_generation_prompt, tools=tools, documents=documents,
-                special_tokens=self.tokenizer.special_tokens_map, **render_kwargs,
+                special_tokens=self.tokenizer.special_tokens_map, template_name=template_name,
+                template_limits=template_limits, **render_kwargs,
             )
             if continue_final_message:
                 prompt = _cut_after_final_message(prompt, conv[-1])
@@ -382,7 +411,8 @@ def _count_markers(text: str, marker: str) -> int:
 
 def _looks_like_text(images: Any) -> bool:
     candidates = [images] if isinstance(images, str) else images if isinstance(images, list) else []
-    return bool(candidates) and all(isinstance(c, str) and not os.path.isfile(c) for c in candidates)
+    # A path that is there (a file, or a FIFO or device the image loader will refuse by name) is no text.
+    return bool(candidates) and all(isinstance(c, str) and not os.path.lexists(c) for c in candidates)
 
 
 def _audio_list(audio: Any) -> list:

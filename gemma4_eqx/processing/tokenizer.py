@@ -7,7 +7,6 @@ Whether `<bos>` is added comes from tokenizer.json's post-processor, as in trans
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer as _BackendTokenizer
 
+from ..utils.files import FileMissingError, read_text
 from ._batch import BatchFeature, check_return_tensors
+from .files import MAX_TOKENIZER_BYTES, read_json
 
 # tokenizer_config.json attribute -> default token string (the real Gemma 4 names, docs/spec/processors.md §4).
 SPECIAL_TOKEN_DEFAULTS = {
@@ -59,21 +60,16 @@ class Tokenizer:
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
         folder = Path(path)
         tokenizer_json = folder / "tokenizer.json"
-        if not tokenizer_json.is_file():
-            raise FileNotFoundError(f"{tokenizer_json} not found (gemma4_eqx needs the tokenizers-format tokenizer.json)")
-        config_path = folder / "tokenizer_config.json"
-        config: dict = {}
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-            if not isinstance(config, dict):
-                raise ValueError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
         try:
-            backend = _BackendTokenizer.from_file(str(tokenizer_json))
+            text = read_text(tokenizer_json, MAX_TOKENIZER_BYTES, "a tokenizers-format tokenizer.json")
+        except FileMissingError:
+            raise FileMissingError(f"{tokenizer_json} not found (gemma4_eqx needs the tokenizers-format "
+                                   "tokenizer.json)") from None
+        config = read_json(folder / "tokenizer_config.json")  # {} when there is none
+        try:
+            backend = _BackendTokenizer.from_str(text)
         except Exception as e:  # the tokenizers library says only e.g. "key must be a string at line 1 column 2"
-            raise ValueError(f"{tokenizer_json}: not a valid tokenizers-format tokenizer.json ({e})") from e
+            raise ValueError(f"{tokenizer_json}: not a valid tokenizers-format tokenizer.json ({str(e)[:300]})") from e
         return cls(backend, config)
 
     def __getattr__(self, name: str) -> Any:

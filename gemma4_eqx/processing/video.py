@@ -13,18 +13,32 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import PIL.Image
 from jaxtyping import UInt8
 
+from ..utils.files import FileMissingError, check_size, open_regular
 from ._batch import BatchFeature, check_return_tensors, stack_or_empty
-from .image import ImageProcessor, array_to_rgb, check_max_soft_tokens
+from .fields import boolean, check_fields, integer, number
+from .files import MAX_VIDEO_BYTES
+from .image import IMAGE_FIELDS, ImageProcessor, array_to_rgb
 
 DEFAULT_FPS = 24.0  # what transformers assumes (with a warning) when the fps is unknown
+MAX_VIDEO_FRAMES = 1_000_000  # frames a video file may have (counted or decoded)
+MAX_KEPT_FRAMES = 10_000  # frames decoded into memory from one video (num_frames is at most this too)
+MAX_FRAME_PIXELS = 89_478_485  # pixels of one frame: PIL's default decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3)
+
+# The checks of every VideoProcessor field: the image ones, and the sampling (the 12B: 32 frames, no fps).
+VIDEO_FIELDS = {
+    **IMAGE_FIELDS,
+    "num_frames": integer(1, MAX_KEPT_FRAMES, nullable=True),
+    "fps": number(0, 1000, lo_open=True, nullable=True),
+    "do_sample_frames": boolean,
+}
 
 
 @dataclass
@@ -93,32 +107,131 @@ def sample_frame_indices(
     return np.arange(num_frames, dtype=np.int64) * total // num_frames
 
 
-def load_video(path: str | os.PathLike) -> tuple[UInt8[np.ndarray, "frames height width 3"], dict]:
-    """Decode every frame of a video file with PyAV (`pip install av`, the `video` extra) to RGB uint8, and the
-    metadata the video processor takes: total_num_frames, the stream's fps, width, height, duration."""
+def load_video(
+    path: str | os.PathLike,
+    sample: Callable[[dict], Any] | None = None,
+    max_bytes: int | None = MAX_VIDEO_BYTES,
+) -> tuple[UInt8[np.ndarray, "frames height width 3"], dict]:
+    """Decode a video file with PyAV (`pip install av`, the `video` extra) to RGB uint8 frames, and the metadata the
+    video processor takes: total_num_frames, the stream's fps, width, height, duration.
+
+    Without `sample`, every frame is decoded and kept (at most MAX_KEPT_FRAMES). With `sample`, a function of that
+    metadata returning the (increasing) indices of the frames to keep, or None for every frame, only those frames
+    are converted and kept, decoding stops after the last of them, and the metadata gains `frames_indices`. The frame
+    count is the container's (as transformers reads it); a container without one has its packets counted (no
+    decoding; at most MAX_VIDEO_FRAMES), and a count found too high while decoding is corrected and the frames
+    sampled again.
+
+    Only a regular file of at most `max_bytes` is read (else `FileReadError` naming it); frames of more than
+    MAX_FRAME_PIXELS pixels are refused before they are converted."""
     try:
         import av
     except ImportError:
         raise ImportError(f"reading the video file {path} needs PyAV: pip install av (or gemma4-eqx[video])") from None
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video file {path} not found")
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path}: the file has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    except av.FFmpegError as e:
-        raise ValueError(f"{path}: PyAV cannot decode it ({e})") from e
-    if not frames:
-        raise ValueError(f"{path}: the video stream has no frames")
-    fps = float(rate) if rate else None
+    name = os.fspath(path)
+    if not os.path.lexists(name):
+        raise FileMissingError(f"video file {name} not found")
+    with open_regular(name, "a video file") as f:
+        check_size(f, name, max_bytes, "a video file")
+        try:
+            with _open_container(av, f, name) as container:
+                stream = container.streams.video[0]
+                rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+                fps = float(rate) if rate else None
+                _check_frame_size(stream.codec_context.width or 0, stream.codec_context.height or 0, name)
+                total = int(stream.frames or 0)
+                if total <= 0:  # Matroska and others store no frame count: count the packets, decoding nothing
+                    total = _count_packets(container, stream, name)
+            for _ in range(2):  # a second pass only when decoding finds fewer frames than the container said
+                meta = {"total_num_frames": total, "fps": fps, "duration": total / fps if fps else None,
+                        "video_backend": "pyav"}
+                wanted = None if sample is None else sample(dict(meta))
+                wanted = None if wanted is None else _check_indices(wanted, total, name)
+                with _open_container(av, f, name) as container:
+                    frames, decoded, ended = _decode(container, container.streams.video[0], wanted, name)
+                if wanted is None:
+                    total = decoded  # every frame was decoded: the count is exact
+                    break
+                if not ended or decoded == total:
+                    break
+                total = decoded
+            else:
+                raise ValueError(f"{name}: the frame count changed between two decodings; expected a stable file")
+        except av.FFmpegError as e:
+            raise ValueError(f"{name}: PyAV cannot decode it ({e})") from e
+    if total == 0 or not frames:
+        raise ValueError(f"{name}: the video stream has no frames")
+    if len({frame.shape for frame in frames}) > 1:
+        raise ValueError(f"{name}: the frames change size ({sorted({fr.shape[:2] for fr in frames})}); expected one "
+                         "size for the whole video")
     video = np.stack(frames)
-    meta = {"total_num_frames": len(frames), "fps": fps, "height": video.shape[1], "width": video.shape[2],
-            "duration": len(frames) / fps if fps else None, "video_backend": "pyav"}
+    meta.update(total_num_frames=total, duration=total / fps if fps else None, height=video.shape[1],
+                width=video.shape[2])
+    if sample is not None:
+        meta["frames_indices"] = list(range(total)) if wanted is None else [int(i) for i in wanted]
     return video, meta
+
+
+def _open_container(av: Any, f: Any, name: str) -> Any:
+    f.seek(0)
+    try:
+        container = av.open(f, mode="r")
+    except av.FFmpegError as e:
+        raise ValueError(f"{name}: PyAV cannot decode it ({e})") from e
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{name}: the file has no video stream")
+    return container
+
+
+def _check_frame_size(width: int, height: int, name: str) -> None:
+    if width * height > MAX_FRAME_PIXELS:
+        raise ValueError(f"{name}: frames of {width}x{height} pixels, more than the limit of {MAX_FRAME_PIXELS:,} "
+                         "pixels per frame (PIL's decompression-bomb limit)")
+
+
+def _count_packets(container: Any, stream: Any, name: str) -> int:
+    count = 0
+    for packet in container.demux(stream):
+        if packet.size:  # the demuxer ends with an empty flush packet
+            count += 1
+            if count > MAX_VIDEO_FRAMES:
+                raise ValueError(f"{name}: more than {MAX_VIDEO_FRAMES:,} frames, the limit of frames in a video file")
+    return count
+
+
+def _check_indices(indices: Any, total: int, name: str) -> np.ndarray:
+    wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if wanted.size and (np.any(np.diff(wanted) <= 0) or wanted[0] < 0 or wanted[-1] >= total):
+        raise ValueError(f"{name}: frame indices to keep must increase within [0, {total}), got {wanted[:8].tolist()}...")
+    if wanted.size > MAX_KEPT_FRAMES:
+        raise ValueError(f"{name}: {wanted.size:,} frames asked for, more than the limit of {MAX_KEPT_FRAMES:,} frames "
+                         "kept from one video; sample fewer (num_frames or fps)")
+    return wanted
+
+
+def _decode(container: Any, stream: Any, wanted: np.ndarray | None, name: str) -> tuple[list[np.ndarray], int, bool]:
+    """The kept frames as RGB arrays, the number of frames decoded, and whether the stream ended (rather than
+    decoding stopping after the last wanted frame)."""
+    position = None if wanted is None else {int(j): k for k, j in enumerate(wanted)}
+    last = None if wanted is None else (int(wanted[-1]) if wanted.size else -1)
+    kept: list[np.ndarray] = []
+    decoded = 0
+    if last == -1:
+        return kept, decoded, False
+    for frame in container.decode(stream):
+        index, decoded = decoded, decoded + 1
+        if position is None or index in position:
+            if len(kept) >= MAX_KEPT_FRAMES:
+                raise ValueError(f"{name}: more than {MAX_KEPT_FRAMES:,} frames, the limit of frames kept from one "
+                                 "video; sample them (num_frames or fps)")
+            _check_frame_size(frame.width, frame.height, name)
+            kept.append(frame.to_ndarray(format="rgb24"))
+        if index == last:
+            return kept, decoded, False
+        if decoded >= MAX_VIDEO_FRAMES:
+            raise ValueError(f"{name}: more than {MAX_VIDEO_FRAMES:,} frames, the limit of frames in a video file")
+    return kept, decoded, True
 
 
 def _video_to_array(video: Any, what: str) -> np.ndarray:
@@ -173,12 +286,18 @@ class VideoProcessor:
     resample: int = 3
 
     def __post_init__(self) -> None:
-        check_max_soft_tokens(self.max_soft_tokens)
+        # num_frames and fps given at call time are checked where frames are sampled (sample_frame_indices).
+        check_fields(vars(self), {k: v for k, v in VIDEO_FIELDS.items() if k not in ("num_frames", "fps")},
+                     "VideoProcessor.")
 
     @classmethod
-    def from_dict(cls, config: dict) -> "VideoProcessor":
+    def from_dict(cls, config: dict, where: str = "VideoProcessor.") -> "VideoProcessor":
+        """The processor of a config section; each field is checked first, a bad one named with `where` (e.g.
+        ".../processor_config.json: video_processor.") as a ProcessorConfigError."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        values = {k: v for k, v in config.items() if k in names}
+        check_fields(values, VIDEO_FIELDS, where)
+        return cls(**values)
 
     def _frame_processor(self) -> ImageProcessor:
         return ImageProcessor(
@@ -202,19 +321,22 @@ class VideoProcessor:
         proc = replace(self, **overrides) if overrides else self
 
         videos = batch_videos(videos)
+        entries = self._metadata_entries(video_metadata, len(videos))
         file_meta: list[dict | None] = [None] * len(videos)
         for i, video in enumerate(videos):
             if isinstance(video, (str, os.PathLike)):
-                videos[i], file_meta[i] = load_video(video)
-        metas = self._metadata_list(videos, video_metadata, file_meta)
+                videos[i], file_meta[i] = proc._load_sampled(video, entries[i], i)
+        metas = self._metadata_list(videos, entries, file_meta)
         frame_proc = proc._frame_processor()
         pixel_values, position_ids, frames_per_video, tokens_per_video, out_meta = [], [], [], [], []
         for v, (video, meta) in enumerate(zip(videos, metas)):
             frames = _video_to_array(video, f"video {v}")
             total = meta.total_num_frames
-            if total != frames.shape[0]:
+            if file_meta[v] is not None:  # decoded from a file: already the sampled frames
+                meta.frames_indices = file_meta[v]["frames_indices"]
+            elif total != frames.shape[0]:
                 raise ValueError(f"video {v}: video_metadata says {total} frames but the array has {frames.shape[0]}")
-            if proc.do_sample_frames:
+            elif proc.do_sample_frames:
                 indices = sample_frame_indices(total, proc.num_frames, proc.fps, meta.fps)
                 frames = frames[indices]
                 meta.frames_indices = [int(i) for i in indices]
@@ -242,21 +364,47 @@ class VideoProcessor:
 
     preprocess = __call__
 
+    def _load_sampled(self, path: str | os.PathLike, entry: Any, index: int) -> tuple[np.ndarray, dict]:
+        """Decode only the frames this processor samples from a video file (indices from the file's frame count and
+        the fps, the caller's `entry` of video_metadata overriding the file's); the file's metadata, frames_indices
+        included."""
+
+        def choose(found: dict) -> Any:
+            meta = self._merged_metadata(entry, found, found["total_num_frames"])
+            if meta.total_num_frames != found["total_num_frames"]:
+                raise ValueError(f"video {index}: video_metadata says {meta.total_num_frames} frames but the file "
+                                 f"{os.fspath(path)} has {found['total_num_frames']}")
+            if not self.do_sample_frames:
+                return meta.frames_indices
+            return sample_frame_indices(meta.total_num_frames, self.num_frames, self.fps, meta.fps)
+
+        return load_video(path, sample=choose)
+
+    @staticmethod
+    def _metadata_entries(video_metadata: Any, count: int) -> list:
+        if video_metadata is None:
+            video_metadata = [{} for _ in range(count)]
+        elif isinstance(video_metadata, (dict, VideoMetadata)):
+            video_metadata = [video_metadata]
+        if len(video_metadata) != count:
+            raise ValueError(f"received {count} videos but {len(video_metadata)} video_metadata entries")
+        return list(video_metadata)
+
+    @staticmethod
+    def _merged_metadata(meta: Any, found: dict | None, length: int) -> VideoMetadata:
+        """The caller's metadata of one video; for a decoded file, the file's values fill what the caller left out."""
+        if isinstance(meta, dict):
+            given = {k: v for k, v in meta.items() if v is not None} if found else meta
+            found = {k: v for k, v in (found or {}).items() if k != "frames_indices"}
+            meta = {"total_num_frames": length, **found, **given}
+        return VideoMetadata.from_any(meta)
+
     @staticmethod
     def _metadata_list(videos: list, video_metadata: Any, file_meta: list[dict | None] | None = None) -> list[VideoMetadata]:
         """The caller's metadata per video; for a decoded file, the file's values fill what the caller left out."""
-        if video_metadata is None:
-            video_metadata = [{} for _ in videos]
-        elif isinstance(video_metadata, (dict, VideoMetadata)):
-            video_metadata = [video_metadata]
-        if len(video_metadata) != len(videos):
-            raise ValueError(f"received {len(videos)} videos but {len(video_metadata)} video_metadata entries")
-        metas = []
-        for video, meta, found in zip(videos, video_metadata, file_meta or [None] * len(videos)):
-            if isinstance(meta, dict):
-                given = {k: v for k, v in meta.items() if v is not None} if found else meta
-                meta = {"total_num_frames": len(video), **(found or {}), **given}
-            metas.append(VideoMetadata.from_any(meta))
+        entries = VideoProcessor._metadata_entries(video_metadata, len(videos))
+        metas = [VideoProcessor._merged_metadata(meta, found, len(video))
+                 for video, meta, found in zip(videos, entries, file_meta or [None] * len(videos))]
         for i, meta in enumerate(metas):
             if meta.fps is None:
                 warnings.warn(

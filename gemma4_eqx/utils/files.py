@@ -22,7 +22,7 @@ import io
 import json
 import os
 import stat
-from typing import Any, BinaryIO
+from typing import Any
 
 __all__ = ["FileReadError", "FileMissingError", "open_regular", "file_size", "read_bytes", "read_text", "read_json",
            "json_depth", "describe_mode", "MAX_JSON_DEPTH"]
@@ -55,7 +55,7 @@ def _refuse_kind(path: str, mode: int, what: str) -> FileReadError:
     return FileReadError(f"{path}: not a regular file, it is {describe_mode(mode)}; expected {what}")
 
 
-def open_regular(path: str | os.PathLike, what: str = "a regular file") -> BinaryIO:
+def open_regular(path: str | os.PathLike, what: str = "a regular file") -> io.BufferedReader:
     """Open `path` for binary reading if it is a regular file (or a symlink to one); else FileReadError naming the
     file and what it is (FileMissingError when it does not exist). `what` completes "expected ..." in messages,
     e.g. "an image file". The caller closes the returned file object (use it in a `with` block)."""
@@ -93,7 +93,7 @@ def open_regular(path: str | os.PathLike, what: str = "a regular file") -> Binar
         raise
 
 
-def file_size(f: BinaryIO) -> int:
+def file_size(f: Any) -> int:
     """The size in bytes of an open file (from `os.fstat` of its descriptor)."""
     return os.fstat(f.fileno()).st_size
 
@@ -102,7 +102,7 @@ def _size_text(n: int) -> str:
     return f"{n:,} bytes" + (f" ({n / 2**20:,.1f} MiB)" if n >= 2**20 else "")
 
 
-def check_size(f: BinaryIO, path: str | os.PathLike, max_bytes: int | None, what: str = "a file") -> int:
+def check_size(f: Any, path: str | os.PathLike, max_bytes: int | None, what: str = "a file") -> int:
     """The size of the open file `f`; FileReadError naming the file, its size and the limit when it is larger than
     `max_bytes` (None: no limit)."""
     size = file_size(f)
