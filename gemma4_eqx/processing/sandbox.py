@@ -57,7 +57,7 @@ class TemplateLimits:
     max_output_chars: int = 8 << 20  # characters of the rendered text
     max_produced_chars: int = 64 << 20  # characters written in all, macros and {% set %} blocks included
     int_bits: int = 1 << 16  # bits of any integer computed
-    seconds: float = 4.0  # wall clock of one render
+    seconds: float | int = 4.0  # wall clock of one render
     max_source_chars: int = 1 << 20  # characters of the template source
 
 
