@@ -16,11 +16,11 @@ import warnings
 from fractions import Fraction
 
 import numpy as np
-import PIL.Image
 import pytest
 from processing_reference import TINY_TOKENIZER, processing
 
-from gemma4_eqx.processing import chat_parser, video as video_module
+from gemma4_eqx.processing import chat_parser
+from gemma4_eqx.processing import video as video_module
 from gemma4_eqx.processing.fields import ProcessorConfigError
 from gemma4_eqx.processing.sandbox import TemplateBudgetError, TemplateLimits
 from gemma4_eqx.utils import files
@@ -518,7 +518,7 @@ def test_videos_decode_only_the_sampled_frames(tmp_path, codec, suffix, monkeypa
 def test_a_frame_count_found_too_high_is_corrected(tmp_path, monkeypatch):
     """A container that claims more frames than it has: decoding finds the end, and the frames are sampled again
     from the true count (so the result is that of decoding everything)."""
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     path = tmp_path / "v.mkv"
     write_video(path, FRAMES[:50])
     real = video_module._count_packets

@@ -32,8 +32,8 @@ import jinja2.meta
 import numpy as np
 
 from ..utils.files import FileMissingError, FileReadError, read_json, read_text
-from .files import MAX_CONFIG_BYTES, MAX_TEMPLATE_BYTES
 from . import sandbox
+from .files import MAX_CONFIG_BYTES, MAX_TEMPLATE_BYTES
 from .sandbox import BudgetedSandboxedEnvironment, TemplateBudgetError, TemplateLimits, render_within
 
 BUILTIN_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import operator
 import re
 import string
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jinja2
@@ -67,7 +66,7 @@ DEFAULT_LIMITS = TemplateLimits()
 class _Budget:
     """The running counts of one render."""
 
-    __slots__ = ("limits", "name", "steps", "produced", "deadline")
+    __slots__ = ("deadline", "limits", "name", "produced", "steps")
 
     def __init__(self, limits: TemplateLimits, name: str):
         self.limits, self.name = limits, name
@@ -315,6 +314,15 @@ def _check_str_method(subject: str, name: str, args: Any, kwargs: Any) -> None:
             _check_chars(size * max(longest, 1), "str.translate")
     elif name in ("encode",):
         _check_chars(4 * size, "str.encode")
+    elif name in ("split", "rsplit", "splitlines"):
+        sep = args[0] if args and name != "splitlines" else kwargs.get("sep")
+        pieces = subject.count(sep) + 1 if isinstance(sep, str) and sep else size // 2 + 1
+        if name == "splitlines":
+            pieces = _count_lines(subject) + subject.count("\r")
+        maxsplit = args[1] if len(args) > 1 else kwargs.get("maxsplit", -1)
+        if _is_int(maxsplit) and maxsplit >= 0 and name != "splitlines":
+            pieces = min(pieces, maxsplit + 1)
+        _check_items(pieces, f"str.{name}")
 
 
 # Filters that run a Python loop over their input's items: their input is held to the item limit.
@@ -424,7 +432,7 @@ def _budget_range(*args: Any) -> range:
 class _CountingIterator:
     """An iterator that takes a budget step per item."""
 
-    __slots__ = ("_it", "_budget")
+    __slots__ = ("_budget", "_it")
 
     def __init__(self, iterable: Any, budget: Any):
         self._it, self._budget = iter(iterable), budget
@@ -487,7 +495,7 @@ class BudgetedSandboxedEnvironment(ImmutableSandboxedEnvironment):
         check_binop(operator_, left, right)
         return check_result(self.binop_table[operator_](left, right), f"the {operator_} operator")
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         _tick()
         budget = _BUDGET.get()
         if isinstance(__obj, LoopContext) and args and budget is not None:  # a recursive loop's next level
@@ -575,4 +583,3 @@ def compile_budgeted(source: str, limits: TemplateLimits | None = None, name: st
 
 __all__ = ["BudgetedSandboxedEnvironment", "DEFAULT_LIMITS", "TemplateBudgetError", "TemplateLimits",
            "compile_budgeted", "render_within", "text_size"]
-_ = operator  # the default binop table (operator.mul, ...) is jinja2's own
