@@ -19,13 +19,14 @@ import numpy as np
 from ..model.masks import TokenType
 from ._batch import BatchFeature, check_return_tensors
 from .audio import AudioFeatureExtractor, load_audio
-from .chat_template import (BUILTIN_TEMPLATE_NAME, CONTROL_TOKEN_END, CONTROL_TOKEN_START, builtin_template, control_token_patterns,
-                            control_tokens, extract_media, locate_chat_template, mark_control_tokens,
-                            compile_template, normalize_conversations, render_chat_template, template_variables)
-from .sandbox import TemplateLimits
+from .chat_template import (BUILTIN_TEMPLATE_NAME, CONTROL_TOKEN_END, CONTROL_TOKEN_START, builtin_template,
+                            compile_template, control_token_patterns, control_tokens, extract_media,
+                            locate_chat_template, mark_control_tokens, normalize_conversations, render_chat_template,
+                            template_variables)
 from .fields import check_fields, integer, section
 from .files import WARNED_BUILTIN, processor_config, read_json, resolve_folder, save_processor
 from .image import ImageProcessor, flatten_images
+from .sandbox import TemplateLimits
 from .tokenizer import Tokenizer
 from .video import VideoMetadata, VideoProcessor, batch_videos, timestamp_strings
 
