@@ -12,7 +12,8 @@ import pytest
 
 import gemma4_eqx as g4
 from gemma4_eqx.assets import TINY_CHECKPOINT
-from gemma4_eqx.layers import kernels as attn
+from gemma4_eqx.layers import attention as attn
+from gemma4_eqx.layers import kernels
 from gemma4_eqx.layers import kernels, policy
 
 
@@ -35,10 +36,10 @@ def _inputs(heads, kv_heads, head_dim, t=24, s=24, dtype=jnp.float32, seed=0):
 
 
 # The kernels compared below, compiled once per shape (eagerly, each of their primitives compiles on its own).
-_dense = jax.jit(attn.dot_product_attention)
-_banded = jax.jit(attn.banded_attention, static_argnums=4)
-_streamed = jax.jit(attn.streamed_attention, static_argnums=4)
-_fused = jax.jit(attn.fused_attention, static_argnames="implementation")
+_dense = jax.jit(kernels.dot_product_attention)
+_banded = jax.jit(kernels.banded_attention, static_argnums=4)
+_streamed = jax.jit(kernels.streamed_attention, static_argnums=4)
+_fused = jax.jit(kernels.fused_attention, static_argnames="implementation")
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (4, 1, 32), (8, 8, 8)])
@@ -57,7 +58,7 @@ def test_fused_call_equals_ours_in_float32(heads, kv_heads, head_dim):
 
 def test_fused_call_in_bf16_differs_only_by_rounding():
     q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
-    ours = np.asarray(attn.dot_product_attention(q, k, v, mask)).astype(np.float32)
+    ours = np.asarray(kernels.dot_product_attention(q, k, v, mask)).astype(np.float32)
     fused = np.asarray(_fused(q, k, v, mask, implementation="xla")).astype(np.float32)
     exact = np.asarray(_dense(*(np.asarray(x).astype(np.float32) for x in (q, k, v)), mask))
     valid = np.asarray(mask).any(-1)
@@ -71,7 +72,7 @@ def test_auto_is_our_xla_path_on_cpu():
     q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
     assert jax.default_backend() == "cpu"
     same = policy.AutoKernel().attend(q, k, v, mask, None)
-    assert np.array_equal(np.asarray(same), np.asarray(attn.dot_product_attention(q, k, v, mask)))
+    assert np.array_equal(np.asarray(same), np.asarray(kernels.dot_product_attention(q, k, v, mask)))
 
 
 def test_cudnn_without_a_gpu_is_a_clear_error():
@@ -147,7 +148,7 @@ def test_auto_falls_back_to_ours_when_cudnn_declines(monkeypatch):
     monkeypatch.setattr(policy, "fused_attention", declined)
     q, k, v, mask = _inputs(4, 2, 16, dtype=jnp.bfloat16)
     assert np.array_equal(np.asarray(policy.AutoKernel().attend(q, k, v, mask, None)),
-                          np.asarray(attn.dot_product_attention(q, k, v, mask)))
+                          np.asarray(kernels.dot_product_attention(q, k, v, mask)))
     with pytest.raises(RuntimeError, match="unsupported configuration"):  # an explicit "cudnn" does not hide it
         policy.CuDNNKernel().attend(q, k, v, mask, None)
 

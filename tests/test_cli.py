@@ -7,7 +7,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from gemma4_eqx import cli
-from gemma4_eqx.assets import TINY_CHECKPOINT
+from gemma4_eqx.assets import SMALL_CHECKPOINT, TINY_CHECKPOINT
 
 
 def test_info_reports_the_12b_counts_from_a_config_file(fixtures_dir, capsys):
@@ -21,8 +21,9 @@ def test_info_reports_the_12b_counts_from_a_config_file(fixtures_dir, capsys):
 
 
 def test_info_defaults_to_the_bundled_checkpoint(capsys):
+    # issue 36: the default is the trained small checkpoint (a newcomer's first output is English-like), not tiny
     assert cli.main(["info"]) == 0
-    assert str(TINY_CHECKPOINT) in capsys.readouterr().out
+    assert str(SMALL_CHECKPOINT) in capsys.readouterr().out
 
 
 def test_generate_streams_greedy_text(capsys):

@@ -120,7 +120,9 @@ def test_vmap_over_a_multimodal_batch_equals_a_loop():
     for b, s in enumerate(samples):
         one, one_loss = forward(m, as_jax(s))  # the sample's own media, unpadded
         real = s["attention_mask"]
-        np.testing.assert_allclose(logits[b][real], one[real], atol=2e-5, rtol=1e-5)
+        # fp32, kernels chosen per shape: 2.1e-5 measured on an Intel Xeon with AVX512-BF16 (2026-12-07, at the
+        # commit before as well), <= 2e-5 on the AMD EPYC hosts
+        np.testing.assert_allclose(logits[b][real], one[real], atol=4e-5, rtol=1e-5)
         np.testing.assert_allclose(losses[b], one_loss, rtol=1e-5)
 
 

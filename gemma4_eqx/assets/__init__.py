@@ -1,11 +1,13 @@
 """Files shipped with the package.
 
-- `tiny/`: a small random checkpoint (577 K parameters) for the CLI default, the README and the tests; its
-  output is noise (scripts/make_bundled_checkpoint.py).
-- `small/`: a small *trained* checkpoint (1.8 M parameters, the same structure at larger toy sizes) trained on
-  license texts for a few CPU-minutes (scripts/train_small_checkpoint.py): its greedy output is legal English,
-  so sampling, chat and decoding changes can be judged on it. `small/heldout.txt` is text it never saw and
-  `small/training.json` records how it was made.
+- `small/` (`SMALL_CHECKPOINT`): a small *trained* checkpoint (1.7 M parameters, the real structure at toy sizes)
+  trained on license texts for a few CPU-minutes (scripts/train_small_checkpoint.py): its greedy output is
+  English-like, so sampling, chat and decoding are judged on it; the CLI's default. `small/heldout.txt` is text it
+  never saw and `small/training.json` records how it was made.
+- `small-drafter/` (`SMALL_DRAFTER`): an assistant (MTP drafter) distilled for `small/`
+  (scripts/train_small_drafter.py).
+- `tiny/` (`TINY_CHECKPOINT`): a *random* checkpoint (577 K parameters) with vision and audio embedders: its output
+  is noise; it is fast, so most tests use it (scripts/make_bundled_checkpoint.py).
 """
 
 import pathlib
@@ -13,3 +15,4 @@ import pathlib
 ASSETS = pathlib.Path(__file__).parent
 TINY_CHECKPOINT = ASSETS / "tiny"
 SMALL_CHECKPOINT = ASSETS / "small"
+SMALL_DRAFTER = ASSETS / "small-drafter"

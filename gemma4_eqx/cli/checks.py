@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..assets import TINY_CHECKPOINT
+from ..assets import SMALL_CHECKPOINT
 
 SAMPLING_RATE = 16_000  # what the audio feature extractor takes
 
@@ -80,7 +80,7 @@ def _check_model(name: str | None, flag: str = "--model", config_file_ok: bool =
     from ..config.gemma4 import Gemma4Config
 
     if name is None:
-        return Gemma4Config.from_pretrained(TINY_CHECKPOINT)
+        return Gemma4Config.from_pretrained(SMALL_CHECKPOINT)
     if not _looks_local(name):
         return None
     path = os.path.expanduser(name)
@@ -155,6 +155,13 @@ def check_verify(args: argparse.Namespace) -> None:
 
 def check_convert(args: argparse.Namespace) -> None:
     _check_model(args.model)
+    from ..io.names import CheckpointError
+    from ..io.save import check_target
+
+    try:  # "", /, system folders, home / working directory, files of others it would delete (see io.save)
+        check_target(args.out, getattr(args, "overwrite", False), what="--out")
+    except CheckpointError as e:
+        raise CliError(str(e) if str(e).startswith("--out") else f"--out {args.out}: {e}") from None
     out = os.path.expanduser(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise CliError(f"--out {args.out}: exists and is not a folder")

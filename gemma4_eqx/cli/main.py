@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..assets import TINY_CHECKPOINT
+from ..assets import SMALL_CHECKPOINT
 from .checks import (
     CliError,
     Parser,
@@ -33,11 +33,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint folder or Hub repo id (default: the small checkpoint bundled in the package)")
+                   help="checkpoint folder or Hub repo id (default: the small trained checkpoint bundled in the "
+                        "package, g4.assets.SMALL_CHECKPOINT)")
 
 
 def _resolve_model(name: str | None) -> str:
-    return os.fspath(TINY_CHECKPOINT) if name is None else name
+    return os.fspath(SMALL_CHECKPOINT) if name is None else name
 
 
 def _jnp_dtype(name: str | None) -> Any:
@@ -83,12 +84,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         "parameters (vision + audio)": f"{mm:,}",
         f"weights in {jnp.dtype(dtype).name}": f"{total * itemsize / 2**30:.2f} GiB",
     }
-    from ..quant.modules import weight_memory
+    from ..quant.format import QuantError
+    from ..quant.modules import quantize, weight_bytes
 
-    mem = weight_memory(abstract)
     for mode, what in (("int8", "per channel"), ("int4", "groups of 32, fp16 scales")):
-        info[f"weights in {mode} ({what}; embedding {mode} / {jnp.dtype(dtype).name})"] = (
-            f"{mem[mode + '+embedding'] / 2**30:.2f} GiB / {mem[mode] / 2**30:.2f} GiB")
+        try:  # a mode the config's shapes do not allow (e.g. 48 input features in groups of 32) is "n/a: why"
+            mem = [weight_bytes(eqx.filter_eval_shape(lambda m: quantize(m, mode, embedding=emb), abstract))
+                   for emb in (True, False)]
+            value = f"{mem[0] / 2**30:.2f} GiB / {mem[1] / 2**30:.2f} GiB"
+        except QuantError as e:
+            value = f"n/a: {str(e).split(': ', 1)[-1].split('; ')[0]}"
+        info[f"weights in {mode} ({what}; embedding {mode} / {jnp.dtype(dtype).name})"] = value
     for ctx in args.context:
         raw, separate = (cache_bytes(cfg, ctx, dtype, raw_keys=r) / 2**30 for r in (True, False))
         label = f"KV cache at {ctx:,} tokens (batch 1, {jnp.dtype(dtype).name})"
@@ -107,14 +113,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _generation_defaults(folder: str) -> dict[str, Any]:
     """stop ids, suppressed ids and sampling defaults from the checkpoint's generation_config.json, if any; each
     value checked (a NaN temperature or a string id there is an error naming the file and the field)."""
+    from ..config.fields import read_config_file
+    from ..utils.files import FileMissingError
+
     path = os.path.join(folder, "generation_config.json")
-    if not os.path.isfile(path):
+    try:  # through utils.files: a regular file of at most 8 MiB, the folder's symlink rule
+        g, path = read_config_file(folder, CliError, name="generation_config.json")
+    except FileMissingError:
         return {}
-    try:
-        with open(path, "rb") as f:
-            g = json.loads(f.read())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CliError(f"{path}: cannot be read as JSON ({e})") from None
     if not isinstance(g, dict):
         raise CliError(f"{path}: expected a JSON object")
 
@@ -253,10 +259,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("\n[interrupted]", file=sys.stderr)
             return 130
         streamer.end()
+        print(flush=True)  # each reply on its own line of stdout (piped output keeps the turns apart)
         dt = time.perf_counter() - streamer.start
         ttft, n = streamer.time_to_first_token, streamer.tokens
         rate = f"{(n - 1) / (dt - ttft):.1f} tokens/s" if n > 1 and dt > ttft else "- tokens/s"
-        print(f"\n[{n} tokens; prefilled {reply.prefilled}, reused {reply.reused} from the cache; time to first "
+        print(f"[{n} tokens; prefilled {reply.prefilled}, reused {reply.reused} from the cache; time to first "
               f"token {ttft:.2f} s; decode {rate}]", file=sys.stderr)
 
 
@@ -355,7 +362,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     extra = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
     missing = [n for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
                            checkpoint.GENERATION_CONFIG) if not os.path.isfile(os.path.join(folder, n))]
-    checkpoint.save(model, args.out, max_shard_size=args.max_shard_size, extra_files=extra)
+    checkpoint.save(model, args.out, max_shard_size=args.max_shard_size, extra_files=extra, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     if missing:
         print(f"note: {folder} has no {', '.join(missing)}; the converted folder lacks them too"
@@ -434,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("convert", "load a checkpoint and write a complete folder (e.g. in another dtype or sharding)",
                 cmd_convert, check_convert)
     _model_arg(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the folder to write (replaced atomically; its other files are kept)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete files in --out that the save did not write (another model's or an adapter's "
+                        "*.safetensors); without it such a folder is refused, naming them")
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--max-shard-size", type=shard_size, default="5GB")
     return parser

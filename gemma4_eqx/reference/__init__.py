@@ -28,8 +28,10 @@ import numpy as np
 ENV_VAR = "GEMMA4_EQX_REFERENCE_PYTHON"
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_layers.py")
 MIN_TRANSFORMERS = (5, 24)
-INSTALL_HINT = ("e.g. `python3.11 -m venv .venv-hf && .venv-hf/bin/pip install torch 'transformers>=5.24' "
-                "safetensors numpy`, then --reference-python .venv-hf/bin/python (or set " + ENV_VAR + ")")
+INSTALL_HINT = ("e.g. `python3.11 -m venv .venv-hf && .venv-hf/bin/pip install --index-url "
+                "https://download.pytorch.org/whl/cpu torch==2.13.0 && .venv-hf/bin/pip install transformers==5.24.0 "
+                "safetensors numpy` (the CPU build of torch: a plain `pip install torch` downloads a multi-GB CUDA "
+                "build), then --reference-python .venv-hf/bin/python (or set " + ENV_VAR + ")")
 
 
 class ReferenceUnavailable(RuntimeError):
