@@ -41,10 +41,12 @@ EXAMPLES = 280  # the issue asks for at least 200 accepted ones per run; the tes
 
 class Oracle:
     def __init__(self, python: str):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the oracle's own site-packages only
         self.proc = subprocess.Popen([python, str(ROOT / "scripts" / "hf_config_oracle.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
-        ready = json.loads(self.proc.stdout.readline())
-        self.version = ready["ready"]
+                                     stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+        line = self.proc.stdout.readline()
+        assert line.startswith("{"), f"the transformers oracle ({python}) did not start: {line!r}"
+        self.version = json.loads(line)["ready"]
 
     def ask(self, text_config: dict, folder: str) -> dict:
         self.proc.stdin.write(json.dumps({"text_config": text_config, "folder": folder}) + "\n")
