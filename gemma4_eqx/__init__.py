@@ -23,6 +23,7 @@ from .generate.chat import ChatSession, Reply
 from .generate.generation import GenerationResult, generate
 from .generate.scoring import ScoreResult, score
 from .generate.streaming import TextStreamer
+from .io.adapters import load_adapters, save_adapters
 from .io.checkpoint import CheckpointError
 from .io.hub import load, save
 from .layers.policy import (XLA, AutoKernel, CuDNNKernel, Invariant, PolicyError, Remat, TorchCPU, XLAKernel,
@@ -42,18 +43,18 @@ __all__ = ["Assistant", "AssistantConfig", "AudioConfig", "AutoKernel", "ChatSes
            "ConfigError", "CuDNNKernel", "Gemma4", "Gemma4Config", "GenerationConfig", "GenerationResult", "Invariant",
            "KVCache", "Media", "PolicyError", "Processor", "PromptLookupDrafter", "Remat", "Reply", "ScoreResult",
            "TapResult", "Taps", "TextConfig", "TextStreamer", "TorchCPU", "VisionConfig", "XLA", "XLAKernel",
-           "batching", "bridge", "count_parameters", "generate", "load", "load_assistant", "losses", "nnx", "quant",
-           "quantize", "save", "save_assistant", "score", "serving_layout", "sharding", "small_config", "surgery",
-           "taps", "train", "typecheck", "with_policy"]
+           "adapters", "batching", "bridge", "count_parameters", "generate", "load", "load_adapters", "load_assistant",
+           "losses", "nnx", "quant", "quantize", "save", "save_adapters", "save_assistant", "score", "serving_layout",
+           "sharding", "small_config", "surgery", "taps", "train", "typecheck", "with_policy"]
 __version__ = "0.1.0"
 
 # Modules users reach as `g4.<name>` (their names from before the package was layered), imported on first use:
 # bridge, nnx, losses, sharding, surgery and train import flax or optax-facing code that plain inference never needs.
 MODULES = {
-    "batching": "generate.batching", "bridge": "bridge", "cache": "model.cache", "checkpoint": "io.checkpoint",
-    "cli": "cli", "decode": "model.decode", "gguf_io": "io.gguf", "hub": "io.hub", "layers": "layers",
-    "losses": "train.losses", "masks": "model.masks", "nnx": "nnx", "processing": "processing", "quant": "quant",
-    "reference": "reference", "sampling": "generate.sampling", "sharding": "model.sharding",
+    "adapters": "io.adapters", "batching": "generate.batching", "bridge": "bridge", "cache": "model.cache",
+    "checkpoint": "io.checkpoint", "cli": "cli", "decode": "model.decode", "gguf_io": "io.gguf", "hub": "io.hub",
+    "layers": "layers", "losses": "train.losses", "masks": "model.masks", "nnx": "nnx", "processing": "processing",
+    "quant": "quant", "reference": "reference", "sampling": "generate.sampling", "sharding": "model.sharding",
     "surgery": "model.surgery", "taps": "model.taps", "testing": "testing", "train": "train",
 }
 

@@ -18,6 +18,7 @@ from typing import Any
 from ..quant.modules import is_quantized, quant_config_of
 from ..utils.dtypes import dtype_name
 from . import quantized
+from .folders import refuse_non_checkpoint
 from .load import (
     PARTIAL_SUFFIX,
     PROGRESS_MIN_BYTES,
@@ -79,6 +80,7 @@ def load_from_folder(folder: str, *, dtype: Any = None, place: Any = None, progr
     """A checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`.
     A quantized folder (`quantization_config` in config.json), or `quantize=`, loads quantized
     (`quantized.load_quantized_folder`)."""
+    refuse_non_checkpoint(folder)  # an adapter folder or g4.surgery.save's: say what it is and how to load it
     warn_leftovers(folder)
     if quantize is not None or quantized.saved_quant_config(folder) is not None:
         if mesh is not None or place is not None:

@@ -32,6 +32,11 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")  # the shard names `save` writes
 
+# A PEFT adapter folder (`io.adapters`): LoRA tensors named PEFT_PREFIX + the module's path in transformers' model
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model its config describes."""

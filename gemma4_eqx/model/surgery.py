@@ -27,15 +27,17 @@ parameters. Use `merge_lora` first (the result is stock again), or `save` / `loa
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ..config.gemma4 import FULL, SLIDING, Gemma4Config
@@ -46,6 +48,7 @@ from ..layers.linear import Linear
 # The example replacement lives with the other layers; re-exported so `g4.surgery.LinearAttention` keeps working.
 from ..layers.linear_attention import LinearAttention, linear_attention  # noqa: F401  (g4.surgery.LinearAttention)
 from ..layers.lora import LoRALinear
+from ..layers.mlp import MLP
 from ..utils.dtypes import dtype_name
 from .gemma4 import Gemma4
 
@@ -192,6 +195,138 @@ def add_lora(model: Gemma4, *, key: PRNGKeyArray, rank: int = 8, alpha: float | 
         return layer
 
     return map_layers(model, wrap, layers)
+
+
+# ---- given adapters: onto a model and back out (the file format is `g4.io.adapters`') --------------------
+@dataclasses.dataclass(frozen=True)
+class LoRAWeights:
+    """One layer's adapter of one projection: `y = W x + scale * (x @ a) @ b`, `a [in, rank]`, `b [rank, out]`
+    (this package's `[in, out]` orientation; PEFT stores `lora_A = a.T`, `lora_B = b.T`)."""
+
+    a: Any
+    b: Any
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+
+def _owner(layer: Any, name: str) -> Any:
+    return layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp
+
+
+def attach_lora(model: Gemma4, weights: Mapping[tuple[int, str], LoRAWeights]) -> Gemma4:
+    """Wrap the projections named by `weights` (`(flat layer index, "q_proj" ... "down_proj") -> LoRAWeights`) in
+    `LoRALinear` holding exactly those adapters (cast to each projection's dtype).
+
+    Every stacked run that holds an adapted layer is edited as a whole, so the decoder is never regrouped and the
+    KV-cache layout stays. Per run and projection: when every layer of the run has an adapter of the same rank and
+    scaling the result is `add_lora`'s uniform form (static `scale`); otherwise the per-layer form (ranks zero-padded
+    to the run's largest, `lora_scale` / `lora_rank` leaves; layers without an adapter add exact zeros): see
+    `gemma4_eqx.layers.lora`. The projections must be plain `Linear`s (not already adapted, not quantized).
+    """
+    stack = model.layers
+    plan: dict[tuple[int, str], dict[int, LoRAWeights]] = {}
+    for (i, name), w in sorted(weights.items()):
+        if name not in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
+            raise ValueError(f"layer {i}: unknown projection {name!r}; expected one of "
+                             f"{ATTENTION_PROJECTIONS + MLP_PROJECTIONS}")
+        if not isinstance(i, int) or not 0 <= i < stack.num_layers:
+            raise ValueError(f"{name}: {i!r} is not a layer index in [0, {stack.num_layers})")
+        run = stack.locate(i)[0]
+        base = getattr(_owner(stack.runs[run], name), name, None)
+        where = f"layer {i} {name} (model.layers.runs[{run}])"
+        if base is None:
+            raise ValueError(f"{where}: the layer has no such projection (a full layer whose keys are its values has "
+                             "no v_proj: an adapter on its k_proj adapts the values too)")
+        if not isinstance(base, Linear):
+            hint = ("it already holds adapters (fold them in with merge_lora first)" if isinstance(base, LoRALinear)
+                    else "adapters go onto a float model's plain Linear projections")
+            raise ValueError(f"{where}: expected a plain Linear, found {type(base).__name__}; {hint}")
+        a, b = w.a, w.b
+        if a.ndim != 2 or b.ndim != 2 or a.shape != (base.in_features, b.shape[0]) or b.shape[1] != base.out_features:
+            raise ValueError(f"{where}: adapter a {tuple(a.shape)} and b {tuple(b.shape)} do not fit the projection; "
+                             f"expected a [{base.in_features}, r] and b [r, {base.out_features}]")
+        plan.setdefault((run, name), {})[i] = w
+    if not plan:
+        return model
+
+    forms: dict[tuple[int, str], tuple[bool, int]] = {}  # (run, name) -> (uniform, padded rank)
+    for (run, name), members in plan.items():
+        ws = list(members.values())
+        uniform = (len(ws) == len(stack.members(run)) and len({w.rank for w in ws}) == 1
+                   and len({float(w.scale) for w in ws}) == 1)
+        forms[run, name] = (uniform, max(w.rank for w in ws))
+
+    def wrap(layer, i):
+        run = stack.locate(i)[0]
+        for (j, name), members in plan.items():
+            if j != run:
+                continue
+            uniform, rank = forms[j, name]
+            base = getattr(_owner(layer, name), name)
+            w = members.get(i)
+            if uniform:
+                lora = LoRALinear(base, lora_a=jnp.asarray(w.a), lora_b=jnp.asarray(w.b), scale=float(w.scale))
+            else:
+                a = np.zeros((base.in_features, rank), np.dtype(base.weight.dtype))
+                b = np.zeros((rank, base.out_features), np.dtype(base.weight.dtype))
+                if w is not None:
+                    a[:, :w.rank] = np.asarray(w.a, a.dtype)
+                    b[:w.rank] = np.asarray(w.b, b.dtype)
+                lora = LoRALinear(base, lora_a=jnp.asarray(a), lora_b=jnp.asarray(b),
+                                  scale=jnp.asarray(0.0 if w is None else float(w.scale), jnp.float32),
+                                  used_rank=0 if w is None else w.rank)
+            layer = eqx.tree_at(lambda l, name=name: getattr(_owner(l, name), name), layer, lora)
+        return layer
+
+    runs = sorted({run for run, _ in plan})
+    return map_layers(model, wrap, [i for run in runs for i in stack.members(run)])
+
+
+def lora_weights(model: Gemma4) -> dict[tuple[int, str], LoRAWeights]:
+    """Every decoder adapter of `model` as `(flat layer index, projection) -> LoRAWeights` (host numpy arrays, the
+    padding of the per-layer form cut off, layers without an adapter left out): the inverse of `attach_lora`.
+
+    Raises when a `LoRALinear` sits where no decoder projection name reaches it (e.g. in a replaced attention or an
+    embedder), or when the zero padding of a per-layer adapter is not zero any more.
+    """
+    stack = model.layers
+    found: dict[tuple[int, str], LoRAWeights] = {}
+    seen: set[int] = set()
+    for run, layer in enumerate(stack.runs):
+        for name in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
+            owner = _owner(layer, name)
+            lora = getattr(owner, name, None)
+            if not isinstance(lora, LoRALinear):
+                continue
+            if not isinstance(owner, (Attention, MLP)):
+                raise ValueError(f"model.layers.runs[{run}].{'self_attn' if name in ATTENTION_PROJECTIONS else 'mlp'}"
+                                 f".{name}: a LoRALinear inside a {type(owner).__name__}, which has no transformers "
+                                 "name; only the stock attention and MLP projections are named")
+            seen.add(id(lora))
+            a_all, b_all = np.asarray(jax.device_get(lora.lora_a)), np.asarray(jax.device_get(lora.lora_b))
+            scales = None if lora.lora_scale is None else np.asarray(jax.device_get(lora.lora_scale))
+            ranks = None if lora.lora_rank is None else np.asarray(jax.device_get(lora.lora_rank))
+            for i in stack.members(run):
+                _, r, s = stack.locate(i)
+                a, b = a_all[r, s], b_all[r, s]
+                k = a.shape[-1] if ranks is None else int(ranks[r, s])
+                if k == 0:
+                    continue
+                if np.any(a[:, k:]) or np.any(b[k:]):
+                    raise ValueError(f"layer {i} {name}: the adapter's rank is {k} but its zero padding (columns "
+                                     f"{k}.. of lora_a, rows {k}.. of lora_b) holds non-zero values")
+                scale = lora.scale if scales is None else float(scales[r, s])
+                found[i, name] = LoRAWeights(a[:, :k], b[:k], scale)
+    is_lora = lambda x: isinstance(x, LoRALinear)
+    stray = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(model, is_leaf=is_lora)
+             if is_lora(x) and id(x) not in seen]
+    if stray:
+        raise ValueError(f"model{stray[0]}: a LoRALinear outside the decoder's attention and MLP projections; "
+                         "only those have transformers (and PEFT) names")
+    return found
 
 
 def merge_lora(model: PyTree) -> PyTree:
