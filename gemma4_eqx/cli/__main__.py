@@ -4,4 +4,5 @@ import sys
 
 from .main import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not on a plain import (tests/conftest.py imports every module of the package)
+    sys.exit(main())
