@@ -7,7 +7,7 @@ import dataclasses
 import os
 from typing import Any
 
-from .fields import ConfigError, fail, read_bool, read_int, read_json_file, read_section, short
+from .fields import ConfigError, fail, read_bool, read_config_file, read_int, read_section, short
 from .gemma4 import TextConfig
 
 TOP_LEVEL_KEYS = {"architectures", "model_type", "text_config", "backbone_hidden_size", "use_ordered_embeddings",
@@ -82,13 +82,9 @@ class AssistantConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> AssistantConfig:
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json at {path}")
+        d, path = read_config_file(path, ConfigError)
         try:
-            return cls.from_hf_dict(read_json_file(path, ConfigError))
+            return cls.from_hf_dict(d)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 

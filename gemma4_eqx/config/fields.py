@@ -5,24 +5,66 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
+
+from ..utils import files
 
 
 class ConfigError(ValueError):
     """A config.json that does not describe a model this package can build."""
 
 
-def read_json_file(path: str, error: type[Exception]) -> object:
-    """The JSON value in the file at `path`; `error` (naming the file) when it cannot be read or parsed."""
+# Size limit of the small JSON files of a checkpoint folder (config.json, generation_config.json: a few kB each).
+MAX_CONFIG_BYTES = 8 << 20
+
+
+def parse_json_bytes(raw: bytes, path: str, error: type[Exception]) -> object:
+    """The JSON value in `raw` (read from `path`; UTF-8, or UTF-16/32 as json itself detects); `error` naming the
+    file when it is not valid JSON or nested deeper than `utils.files.MAX_JSON_DEPTH`."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise error(f"{path}: cannot be read ({e.strerror or e})") from e
+        text = raw.decode(json.detect_encoding(raw))
+    except (UnicodeDecodeError, LookupError) as e:
+        raise error(f"{path}: not valid JSON (not UTF-8 text: {str(e)[:200]})") from None
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise error(f"{path}: not valid JSON ({str(e)[:200]})") from None
+        return files.parse_json(text, path)
+    except files.FileReadError as e:
+        raise error(str(e)) from None
+
+
+def read_json_file(path: str | os.PathLike, error: type[Exception], max_bytes: int | None = MAX_CONFIG_BYTES,
+                   folder: files.Folder | None = None) -> object:
+    """The JSON value in the file at `path` (with `folder`: the file of that name in the opened folder), read
+    through `utils.files` (a regular file, at most `max_bytes`); `error` naming the file when it cannot be read or
+    parsed, `FileMissingError` (a FileNotFoundError) when it does not exist."""
+    try:
+        if folder is not None:
+            shown = folder.join(os.fspath(path))
+            raw = folder.read_bytes(os.fspath(path), max_bytes, "a JSON file")
+        else:
+            shown = os.fspath(path)
+            raw = files.read_bytes(path, max_bytes, "a JSON file")
+    except files.FileMissingError:
+        raise
+    except files.FileReadError as e:
+        raise error(str(e)) from None
+    return parse_json_bytes(raw, shown, error)
+
+
+def read_config_file(path: str | os.PathLike, error: type[Exception], name: str = "config.json",
+                     max_bytes: int | None = MAX_CONFIG_BYTES) -> tuple[object, str]:
+    """(the JSON value, the file's path) of `name` in the folder `path`, or of the file `path` itself. In a folder
+    the file is opened as `utils.files.Folder` opens one (its symlink rule); a file named directly is the caller's
+    choice and is followed. Missing: `FileMissingError` ("no NAME at PATH")."""
+    path = os.fspath(path)
+    try:
+        if os.path.isdir(path):
+            with files.Folder(path) as folder:
+                return read_json_file(name, error, max_bytes, folder), os.path.join(path, name)
+        return read_json_file(path, error, max_bytes), path
+    except files.FileMissingError:
+        raise files.FileMissingError(f"no {name} at {os.path.join(path, name) if os.path.isdir(path) else path}"
+                                     ) from None
 
 
 def fail(field: str, message: str) -> None:

@@ -26,7 +26,7 @@ from .fields import (
     read_choice,
     read_float,
     read_int,
-    read_json_file,
+    read_config_file,
     read_section,
     short,
     token_ids,
@@ -550,14 +550,10 @@ class Gemma4Config:
     def from_pretrained(cls, path: str | os.PathLike) -> Gemma4Config:
         """Read `config.json` from a folder (or the file itself). Hub ids go through `g4.load`.
 
-        A file that cannot be read or parsed, or that describes no valid model, raises `ConfigError` naming the
-        file (and the field); a missing file raises `FileNotFoundError`."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json at {path}")
-        d = read_json_file(path, ConfigError)
+        A file that cannot be read or parsed (not a regular file, larger than 8 MiB, a symlink out of the folder:
+        `utils.files.Folder`), or that describes no valid model, raises `ConfigError` naming the file (and the
+        field); a missing file raises `FileNotFoundError`."""
+        d, path = read_config_file(path, ConfigError)
         try:
             return cls.from_hf_dict(d)
         except ConfigError as e:

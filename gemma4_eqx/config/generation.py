@@ -15,8 +15,10 @@ top-p 0.95).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+
+from ..utils.files import FileMissingError
+from .fields import ConfigError, read_config_file, short
 
 GEMMA4_SAMPLING = dict(temperature=1.0, top_k=64, top_p=0.95)
 
@@ -50,13 +52,16 @@ class GenerationConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
-        """A checkpoint folder (its `generation_config.json`) or the file itself."""
+        """A checkpoint folder (its `generation_config.json`) or the file itself, read through `utils.files`
+        (a regular file of at most 8 MiB; in a folder, its symlink rule): `ConfigError` naming the file otherwise."""
         path = os.fspath(path)
-        file = os.path.join(path, "generation_config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"generation_config: no generation_config.json at {path}")
-        with open(file) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            g, file = read_config_file(path, ConfigError, name="generation_config.json")
+        except FileNotFoundError:
+            raise FileMissingError(f"generation_config: no generation_config.json at {path}") from None
+        if not isinstance(g, dict):
+            raise ConfigError(f"{file}: expected a JSON object, found {short(g)}")
+        return cls.from_dict(g)
 
     @classmethod
     def from_model_config(cls, config) -> "GenerationConfig":

@@ -23,14 +23,19 @@ from .load import (
     PARTIAL_SUFFIX,
     PROGRESS_MIN_BYTES,
     SAVE_MARK,
+    FolderChangedError,
+    NonFiniteError,
+    OpenedFolder,
     SafetensorsReader,
     check_shard_name,
     checkpoint_dtype,
     fill_model,
     float_dtype,
+    gemma4_config,
     leftovers,
     load_float_folder,
     open_checkpoint,
+    open_folder,
     read_index,
     validate,
     warn_leftovers,
@@ -54,7 +59,10 @@ from .save import (
     CONFIG,
     GENERATION_CONFIG,
     PROCESSOR_FILES,
+    check_target,
     default_generation_config,
+    foreign_dropped,
+    is_ours,
     fsync_path,
     host_tensors,
     mark_done,
@@ -68,28 +76,40 @@ from .save import (
 __all__ = ["AUDIO_PROJECTION", "CONFIG", "GENERATION_CONFIG", "PARTIAL_SUFFIX", "PROCESSOR_FILES",
            "PROGRESS_MIN_BYTES", "SAFE_INDEX", "SAFE_SINGLE", "SAVE_MARK", "SHARD_FILE", "TEXT_PREFIX",
            "VISION_ALIAS_PREFIX", "VISION_PREFIX", "VISION_PROJECTION", "VISION_PROJECTION_ALIAS", "CheckpointError",
-           "SafetensorsReader", "TensorSpec", "canonical_name", "check_shard_name", "checkpoint_dtype",
-           "default_generation_config", "dtype_name", "fill_model", "float_dtype", "host_tensors", "leftovers",
-           "load_from_folder", "open_checkpoint", "parse_size", "plan_shards", "read_index", "replace_folder", "save",
-           "tensor_specs", "validate", "warn_leftovers", "write_safetensors"]
+           "FolderChangedError", "NonFiniteError", "OpenedFolder", "SafetensorsReader", "TensorSpec",
+           "canonical_name", "check_shard_name", "check_target", "checkpoint_dtype", "default_generation_config",
+           "dtype_name", "fill_model", "float_dtype", "foreign_dropped", "host_tensors", "is_ours", "leftovers",
+           "load_from_folder", "open_checkpoint", "open_folder", "parse_size", "plan_shards", "read_index",
+           "replace_folder", "save", "tensor_specs", "validate", "warn_leftovers", "write_safetensors"]
 
 
 def load_from_folder(folder: str, *, dtype: Any = None, place: Any = None, progress: Any = None,
                      model_kwargs: dict[str, Any] | None = None, mesh: Any = None, rules: Any = None,
-                     layer_by_layer: bool | None = None, quantize: Any = None) -> Any:
+                     layer_by_layer: bool | None = None, quantize: Any = None, check_finite: bool = True) -> Any:
     """A checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`.
     A quantized folder (`quantization_config` in config.json), or `quantize=`, loads quantized
-    (`quantized.load_quantized_folder`)."""
+    (`quantized.load_quantized_folder`). config.json and every weight file are opened once, together, before any
+    tensor is read (`load.open_folder`): a save running meanwhile is seen whole or not at all."""
     refuse_non_checkpoint(folder)  # an adapter folder or g4.surgery.save's: say what it is and how to load it
     warn_leftovers(folder)
-    if quantize is not None or quantized.saved_quant_config(folder) is not None:
-        if mesh is not None or place is not None:
-            raise ValueError("mesh: a quantized model loads onto the default device; place it afterwards with "
-                             "g4.sharding.shard_model(model, mesh, g4.quant.sharding_rules(rules))")
-        return quantized.load_quantized_folder(folder, dtype=dtype, quantize=quantize, model_kwargs=model_kwargs,
-                                               progress=progress)
-    return load_float_folder(folder, dtype=dtype, place=place, progress=progress, model_kwargs=model_kwargs,
-                             mesh=mesh, rules=rules, layer_by_layer=layer_by_layer)
+
+    def parse(raw: Any, path: str) -> Any:
+        quantized.quant_config_from(raw, path)  # a foreign or inconsistent quantization_config first
+        return gemma4_config(raw, path)
+
+    opened = open_folder(folder, parse)
+    try:
+        if quantize is not None or quantized.quant_config_from(opened.raw_config, opened.config_path) is not None:
+            if mesh is not None or place is not None:
+                raise ValueError("mesh: a quantized model loads onto the default device; place it afterwards with "
+                                 "g4.sharding.shard_model(model, mesh, g4.quant.sharding_rules(rules))")
+            return quantized.load_quantized_folder(folder, dtype=dtype, quantize=quantize, model_kwargs=model_kwargs,
+                                                   progress=progress, check_finite=check_finite, opened=opened)
+        return load_float_folder(folder, dtype=dtype, place=place, progress=progress, model_kwargs=model_kwargs,
+                                 mesh=mesh, rules=rules, layer_by_layer=layer_by_layer, check_finite=check_finite,
+                                 opened=opened)
+    finally:
+        opened.close()
 
 
 def write_safetensors(model: Any, folder: str, max_shard_size: int | str = "5GB") -> list[str]:
@@ -102,14 +122,19 @@ def write_safetensors(model: Any, folder: str, max_shard_size: int | str = "5GB"
 
 
 def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB", processor: Any = None,
-         generation_config: dict[str, Any] | None = None, extra_files: Sequence[str | os.PathLike] = ()) -> None:
+         generation_config: dict[str, Any] | None = None, extra_files: Sequence[str | os.PathLike] = (),
+         overwrite: bool = False) -> None:
     """Write a complete transformers-format folder atomically (see the module docstring): HF-named safetensors,
     `config.json`, `generation_config.json` (the one given; else the folder's existing one is kept; else
     `default_generation_config`), the processor's files when `processor` is given (`processor.save_pretrained`)
     and copies of `extra_files` (e.g. a source folder's tokenizer files).
 
     Works on a model sharded over a mesh too: each tensor is gathered to the host on its own as it is written.
+    Refused before anything is written (`save.check_target`): "", `/`, system folders, the home or working
+    directory (or a folder holding one), and a folder holding files this save would delete without having
+    written them (another model's `*.safetensors`, an adapter's weights), unless `overwrite=True`.
     """
+    check_target(folder, overwrite)
     folder = os.fspath(folder)
     # fail on an unsavable model or a bad size before anything is written
     (quantized.plan_shards if is_quantized(model) else plan_shards)(model, max_shard_size)
@@ -149,4 +174,4 @@ def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "
         elif not os.path.isfile(os.path.join(staging, GENERATION_CONFIG)) and not os.path.isfile(old_generation):
             write_json(os.path.join(staging, GENERATION_CONFIG), default_generation_config(model.config))
 
-    replace_folder(folder, write)
+    replace_folder(folder, write, overwrite=overwrite)

@@ -33,7 +33,9 @@ import numpy as np
 from ..config import Gemma4Config
 from ..model.gemma4 import Gemma4
 from ..quant.modules import quantize
+from ..utils.files import FileReadError, open_regular
 from ..utils.trees import follow
+from .load import all_finite, nonfinite_error
 from .names import TEXT_PREFIX, CheckpointError, tensor_specs
 from .quantized import LeafFiller, entries
 
@@ -120,7 +122,44 @@ def q4_0_codes(blocks: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, 
     return codes.reshape(rows, cols), scales
 
 
-def load_gguf(path: str | os.PathLike, config: Any, *, dtype: Any = jnp.bfloat16, model_kwargs: dict | None = None):
+def _tensor_shape(t) -> tuple[int, ...]:
+    """A GGUF tensor's shape in PyTorch order (GGUF lists the innermost dimension first)."""
+    return tuple(int(x) for x in reversed(list(t.shape)))
+
+
+def _read_gguf(path: str):
+    """(reader, tensors by name) of the GGUF file at `path`: a regular file only (a FIFO or device is refused,
+    never read), memory-mapped from that one descriptor; any malformed content is a CheckpointError naming the
+    file, not an index or reshape error from inside the gguf package."""
+    gguf = _gguf()
+    try:
+        f = open_regular(path, "a GGUF file")
+    except FileReadError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(str(e)) from None
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise CheckpointError(f"{path}: an empty file; expected a GGUF file")
+        try:
+            reader = gguf.GGUFReader(f)
+            tensors = {}
+            for t in reader.tensors:
+                tensors[t.name] = t
+        except Exception as e:  # ValueError, IndexError, KeyError, OverflowError, ... from a malformed file
+            raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:200]})") from None
+    return reader, tensors
+
+
+def _tensor_data(t, path: str, gname: str) -> np.ndarray:
+    try:
+        return np.asarray(t.data)
+    except Exception as e:
+        raise CheckpointError(f"{path}: {gname}: its data cannot be read ({type(e).__name__}: {e})") from None
+
+
+def load_gguf(path: str | os.PathLike, config: Any, *, dtype: Any = jnp.bfloat16, model_kwargs: dict | None = None,
+              check_finite: bool = True):
     """A text model from a GGUF file: Q4_0 projections as int4 `QuantLinear`s (group 32, fp16 scales, the codes as
     stored); F32 / F16 / BF16 tensors cast to `dtype`; the token embedding kept quantized when it is Q4_0, else
     read as float (other GGML types of non-projection tensors are dequantized with `gguf.quants.dequantize`).
@@ -128,13 +167,17 @@ def load_gguf(path: str | os.PathLike, config: Any, *, dtype: Any = jnp.bfloat16
     `config`: a `Gemma4Config` or a folder / config.json (the GGUF metadata is not turned into a config). The
     model's vision and audio embedders are not in the text GGUF (see `unsupported_tensors`); build the model from a
     config without them, or fill them from the safetensors checkpoint.
+
+    Every tensor is checked before the model is built: its shape against the config's (a transposed or reshaped
+    tensor is refused, naming it), and, with `check_finite`, its values (float tensors) or its Q4_0 block scales
+    finite. Errors are `CheckpointError`s naming the file and the tensor.
     """
     gguf = _gguf()
 
+    path = os.fspath(path)
     if not isinstance(config, Gemma4Config):
         config = Gemma4Config.from_pretrained(config)
-    reader = gguf.GGUFReader(os.fspath(path))
-    tensors = {t.name: t for t in reader.tensors}
+    _, tensors = _read_gguf(path)
     Q4_0 = gguf.GGMLQuantizationType.Q4_0
     floats = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
     kw = model_kwargs or {}
@@ -150,6 +193,12 @@ def load_gguf(path: str | os.PathLike, config: Any, *, dtype: Any = jnp.bfloat16
     extra = sorted(set(tensors) - set(table.values()) - set(IGNORED))
     if extra:
         raise CheckpointError(f"{path}: {extra[0]}: a tensor this model has no parameter for")
+    for s in specs:  # every shape before anything is read: a transposed or reshaped tensor is no silent reshape
+        t = tensors[table[s.name]]
+        found = _tensor_shape(t)
+        if found != tuple(s.shape):
+            raise CheckpointError(f"{path}: {table[s.name]} ({s.name}): expected shape {tuple(s.shape)} (GGUF dims "
+                                  f"{list(reversed(s.shape))}), found {found} (GGUF dims {[int(x) for x in t.shape]})")
     embed = tensors[table[TEXT_PREFIX + "embed_tokens.weight"]]
     projections = [s for s in specs if s.transpose and s.name.startswith(TEXT_PREFIX)]
     for s in projections:
@@ -159,27 +208,44 @@ def load_gguf(path: str | os.PathLike, config: Any, *, dtype: Any = jnp.bfloat16
                                   "projections are read into the int4 layout")
     qabstract = eqx.filter_eval_shape(
         lambda m: quantize(m, "int4", group_size=32, scale_dtype=jnp.float16,
-                                 embedding=embed.tensor_type == Q4_0), fabstract)
+                           embedding=embed.tensor_type == Q4_0), fabstract)
     filler = LeafFiller(qabstract)
     put = filler.put
     for e in entries(qabstract, fabstract, specs):
         s = e.source
-        t = tensors[table[s.name]]
+        gname = table[s.name]
+        t = tensors[gname]
         if e.part == "scales":
             continue  # written with its codes
         if e.part == "qweight":
-            codes, scales = q4_0_codes(np.asarray(t.data), s.shape)
+            if t.tensor_type != Q4_0:
+                raise CheckpointError(f"{path}: {gname} ({s.name}): expected Q4_0, found {t.tensor_type.name}")
+            try:
+                codes, scales = q4_0_codes(_tensor_data(t, path, gname), s.shape)
+            except ValueError as err:
+                raise CheckpointError(f"{path}: {gname} ({s.name}): its Q4_0 blocks do not fill shape "
+                                      f"{tuple(s.shape)} ({err})") from None
+            if check_finite and not all_finite(scales):
+                raise nonfinite_error(scales, f"{gname} ({s.name})", path, extra=" among its Q4_0 block scales")
             if e.module == "linear":
                 codes, scales = codes.T, scales.T
             put(e.target, s.index, np.ascontiguousarray(codes).astype(ml_dtypes.int4))
             put(e.target[:-1] + (jax.tree_util.GetAttrKey("scales"),), s.index, np.ascontiguousarray(scales))
             continue
-        data = np.asarray(t.data)
-        if t.tensor_type not in floats:
-            data = gguf.quants.dequantize(data, t.tensor_type)
-        data = data.reshape(s.shape)
+        data = _tensor_data(t, path, gname)
+        try:
+            if t.tensor_type not in floats:
+                data = gguf.quants.dequantize(data, t.tensor_type)
+            data = data.reshape(s.shape)
+        except Exception as err:
+            raise CheckpointError(f"{path}: {gname} ({s.name}): cannot be read as {t.tensor_type.name} of shape "
+                                  f"{tuple(s.shape)} ({type(err).__name__}: {err})") from None
         leaf = follow(qabstract, e.target)
-        put(e.target, s.index, np.ascontiguousarray(data.T if s.transpose else data).astype(leaf.dtype))
+        piece = np.ascontiguousarray(data.T if s.transpose else data).astype(leaf.dtype)
+        if check_finite and not all_finite(piece):
+            raise nonfinite_error(piece.T if s.transpose else piece, f"{gname} ({s.name})", path,
+                                  np.asarray(data) if np.dtype(leaf.dtype) != data.dtype else None)
+        put(e.target, s.index, piece)
     return filler.model()
 
 

@@ -108,7 +108,7 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
 def load(path_or_repo_id: str | os.PathLike, *, dtype: Any = None, revision: str | None = None,
          token: str | bool | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
          remat: bool | str = False, attention_implementation: str = "xla", numerics: str = "xla", mesh: Any = None,
-         rules: Any = None, progress: Any = None, quantize: Any = None) -> Any:
+         rules: Any = None, progress: Any = None, quantize: Any = None, check_finite: bool = True) -> Any:
     """Load a transformers-format Gemma 4 Unified checkpoint into a `Gemma4`.
 
     `dtype=None` keeps the checkpoint's precision (bit-exact); `dtype=jnp.bfloat16` etc. casts on load.
@@ -120,24 +120,33 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: Any = None, revision: str
     `Gemma4.with_attention_implementation`, `Gemma4.with_numerics`). `dtype` must be a floating dtype.
     `quantize="int8" | "int4"` (or a `g4.quant.QuantConfig`) quantizes the decoder projections tensor by tensor
     as they are read (`g4.quant`); a folder saved quantized loads quantized without it.
+    Every tensor is checked finite as it is read (quantized scales finite, codes in range): a NaN or infinite
+    weight raises `CheckpointError` naming the tensor and its file; `check_finite=False` skips the float check
+    (it costs a few percent of the load time). The folder's files are opened together before anything is read,
+    so a save into the same folder meanwhile is seen whole or not at all; symlinks in the folder are followed
+    only into the folder itself or, in a Hub cache snapshot, into its `blobs/` (`utils.files.FOLDER_LINK_RULE`).
     """
     checkpoint.float_dtype(dtype)  # before any download: an integer dtype would truncate the weights
     folder = resolve(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only,
                      cache_dir=cache_dir)
     model_kwargs = {"remat": remat, "attention_implementation": attention_implementation, "numerics": numerics}
     return checkpoint.load_from_folder(folder, dtype=dtype, model_kwargs=model_kwargs, mesh=mesh, rules=rules,
-                                       progress=progress, quantize=quantize)
+                                       progress=progress, quantize=quantize, check_finite=check_finite)
 
 
 def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB", processor: Any = None,
-         generation_config: dict[str, Any] | None = None) -> None:
+         generation_config: dict[str, Any] | None = None, overwrite: bool = False) -> None:
     """A complete transformers-format folder, written atomically: HF-named safetensors (sharded with an index
     above `max_shard_size`), config.json, generation_config.json (`generation_config`, else the folder's own,
     else one from the config) and, given `processor`, its tokenizer/processor files.
 
     The folder holds the complete old checkpoint or the complete new one at every instant, even if the process
-    is killed or the disk fills (see `gemma4_eqx.checkpoint_save`). A sharded model is gathered one tensor at a
+    is killed or the disk fills (see `gemma4_eqx.io.save`). A sharded model is gathered one tensor at a
     time as it is written.
+
+    A save replaces only its own files: the folder's other files are kept, but one it would have to delete
+    without having written it (another model's `*.safetensors`, an adapter's weights) is refused by name unless
+    `overwrite=True`. "", `/`, system folders and the home or working directory are refused outright.
     """
     checkpoint.save(model, folder, max_shard_size=max_shard_size, processor=processor,
-                    generation_config=generation_config)
+                    generation_config=generation_config, overwrite=overwrite)

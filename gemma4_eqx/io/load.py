@@ -2,6 +2,14 @@
 
 Only plain file names inside the folder are opened: an index that names `../x`, an absolute path or a
 sub-folder is refused before any file is touched, and every error while reading names the file.
+
+Every file is opened through `utils.files.Folder` (`open_folder`): the folder once, then config.json, the index
+and every shard relative to that descriptor, all before any tensor is read, and each tensor is read with `preadv`
+from the descriptor whose header was parsed. A save replaces the whole folder in one exchange
+(`io.save.replace_folder`), so a load sees the old folder whole or the new one whole: when the folder is swapped
+while its files are being opened, the opening starts again (`FolderChangedError` after `OPEN_ATTEMPTS`). Symlinks
+in the folder are followed only per `utils.files.FOLDER_LINK_RULE` (inside the folder, or a Hub cache snapshot's
+links into its `blobs/`). Each tensor is checked finite as it is read (`check_finite=False` skips it).
 """
 
 from __future__ import annotations
@@ -18,15 +26,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config.fields import read_json_file, short
+from ..config.fields import ConfigError, read_json_file, short
 from ..config.gemma4 import Gemma4Config
+from ..utils.files import FileMissingError, FileReadError, Folder
 from ..model.gemma4 import Gemma4
 from ..model.sharding import FSDP_TP, param_shardings, single_device
 from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, canonical_name, tensor_specs
-from .safetensors import SafetensorsFile, aligned_empty
+from .safetensors import DTYPE_NAMES, SafetensorsFile, aligned_empty
 
 SAVE_MARK = ".g4-save-"  # `checkpoint_save` stages a folder `X` as the sibling `.X.g4-save-<token>`
 PARTIAL_SUFFIX = ".partial"  # safetensors_io.write_file's name while a file is being written
+CONFIG = "config.json"
+MAX_INDEX_BYTES = 64 << 20  # model.safetensors.index.json (the 12B's: ~80 kB)
+OPEN_ATTEMPTS = 3  # openings of a folder that a concurrent save swapped meanwhile, before FolderChangedError
+
+
+class FolderChangedError(CheckpointError):
+    """The folder was replaced (a concurrent save) while its files were being opened, `OPEN_ATTEMPTS` times."""
+
+
+class NonFiniteError(CheckpointError):
+    """A tensor holding NaN or infinite values (`g4.load(..., check_finite=False)` loads it anyway)."""
 
 
 def check_shard_name(name: Any, where: str) -> str:
@@ -38,10 +58,13 @@ def check_shard_name(name: Any, where: str) -> str:
     return name
 
 
-def read_index(folder: str) -> dict[str, str]:
+def read_index(folder: str | Folder) -> dict[str, str]:
     """`model.safetensors.index.json`'s `weight_map` (tensor name -> shard file name), every entry checked."""
-    path = os.path.join(folder, SAFE_INDEX)
-    index = read_json_file(path, CheckpointError)
+    if not isinstance(folder, Folder):
+        with Folder(folder, "a checkpoint folder") as opened:
+            return read_index(opened)
+    path = folder.join(SAFE_INDEX)
+    index = read_json_file(SAFE_INDEX, CheckpointError, MAX_INDEX_BYTES, folder=folder)
     if not isinstance(index, dict):
         raise CheckpointError(f"{path}: expected a JSON object with a 'weight_map', found {type(index).__name__}")
     if "weight_map" not in index:
@@ -101,47 +124,76 @@ def float_dtype(dtype: Any) -> Any:
 class SafetensorsReader:
     """The safetensors files of one checkpoint folder (single file or sharded with an index).
 
-    Headers are parsed up front; tensor bytes are read on demand with `preadv`, never memory-mapped (see
-    `safetensors_io`), so reading a checkpoint does not leave its pages in this process's resident memory.
+    Every file is opened (through `utils.files.Folder`) and its header parsed up front; tensor bytes are read on
+    demand with `preadv` from those descriptors, never memory-mapped (see `io.safetensors`), so reading a
+    checkpoint does not leave its pages in this process's resident memory, and a file replaced on disk after the
+    reader opened it is never read. `close()` closes the files (garbage collection does too).
     """
 
-    def __init__(self, folder: str, *, exclude: set[str] | frozenset[str] = frozenset()):
-        """`exclude`: stored names left out of `names()` (read on their own, e.g. an integer buffer)."""
-        self.folder = folder
+    def __init__(self, folder: str | Folder, *, exclude: set[str] | frozenset[str] = frozenset()):
+        """`folder`: a path, or a `Folder` already open (its files opened relative to it). `exclude`: stored names
+        left out of `names()` (read on their own, e.g. an integer buffer)."""
         self.exclude = frozenset(exclude)
-        index_path = os.path.join(folder, SAFE_INDEX)
-        single_path = os.path.join(folder, SAFE_SINGLE)
-        if os.path.isfile(index_path):
-            weight_map = read_index(folder)
-        elif os.path.isfile(single_path):
+        self._files: dict[str, SafetensorsFile] = {}
+        if not isinstance(folder, Folder):
+            with Folder(folder, "a checkpoint folder") as opened:
+                self._open(opened)
+        else:
+            self._open(folder)
+
+    def _open(self, d: Folder) -> None:
+        folder = self.folder = d.path
+        index_path = d.join(SAFE_INDEX)
+        if d.exists(SAFE_INDEX):
+            weight_map = read_index(d)
+        elif d.exists(SAFE_SINGLE):
             weight_map = None
         else:
             raise FileNotFoundError(f"{folder}: no {SAFE_SINGLE} or {SAFE_INDEX} (only safetensors checkpoints "
                                     "are read; pickled .bin files are refused)")
-        self._files: dict[str, SafetensorsFile] = {}
         files = sorted(set(weight_map.values())) if weight_map is not None else [SAFE_SINGLE]
         self.location: dict[str, tuple[str, str]] = {}  # canonical name -> (file, name in file)
-        for file in files:
-            path = os.path.join(folder, file)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: listed in {index_path} but missing")
-            try:
-                handle = SafetensorsFile(path)
-            except Exception as e:  # a truncated or corrupt file fails here
-                raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from e
-            self._files[file] = handle
-            for name in handle.keys():
-                if weight_map is not None and weight_map.get(name) != file:
-                    raise CheckpointError(f"{name}: found in {path} but {index_path} places it in "
-                                          f"{weight_map.get(name)!r}")
-                canonical = canonical_name(name)
-                if canonical in self.location:
-                    raise CheckpointError(f"{canonical}: stored twice ({self.location[canonical][1]!r} and {name!r})")
-                self.location[canonical] = (file, name)
-        if weight_map is not None:
-            missing = sorted(set(map(canonical_name, weight_map)) - set(self.location))
-            if missing:
-                raise CheckpointError(f"{missing[0]}: listed in {index_path} but not in its file")
+        try:
+            for file in files:
+                path = d.join(file)
+                try:
+                    opened = d.open(file, "a safetensors file")
+                except FileMissingError as e:
+                    raise FileNotFoundError(f"{path}: listed in {index_path} but missing" if weight_map is not None
+                                            else str(e)) from None
+                except FileReadError as e:
+                    raise CheckpointError(str(e)) from None
+                try:
+                    handle = SafetensorsFile(path, opened)
+                except Exception as e:  # a truncated or corrupt file fails here
+                    opened.close()
+                    raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from e
+                self._files[file] = handle
+                for name in handle.keys():
+                    if weight_map is not None and weight_map.get(name) != file:
+                        raise CheckpointError(f"{name}: found in {path} but {index_path} places it in "
+                                              f"{weight_map.get(name)!r}")
+                    canonical = canonical_name(name)
+                    if canonical in self.location:
+                        raise CheckpointError(f"{canonical}: stored twice ({self.location[canonical][1]!r} and "
+                                              f"{name!r})")
+                    self.location[canonical] = (file, name)
+            if weight_map is not None:
+                missing = sorted(set(map(canonical_name, weight_map)) - set(self.location))
+                if missing:
+                    raise CheckpointError(f"{missing[0]}: listed in {index_path} but not in its file")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close every file (a closed reader reads nothing more)."""
+        for handle in self._files.values():
+            handle.close()
+
+    def path(self, name: str) -> str:
+        """The file that holds the tensor `name` (for messages)."""
+        return os.path.join(self.folder, self.location[name][0])
 
     def names(self) -> set[str]:
         return set(self.location) - self.exclude
@@ -220,12 +272,49 @@ def _leaf_groups(abstract: Any, specs: list[TensorSpec]) -> list[tuple[Callable[
     return list(groups.values())
 
 
+_FINITE_CHUNK = 1 << 22  # elements checked at a time (no temporary larger than one chunk)
+# The exponent bits of the 16-bit floats: all set means infinite or NaN (a bit test is 10-50x faster than
+# np.isfinite or a min/max on ml_dtypes' bfloat16 and on float16).
+_EXPONENT = {np.dtype(np.float16): 0x7C00, np.dtype(jnp.bfloat16): 0x7F80}
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether every element of a float host array is finite, checked a chunk at a time (integers: True)."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    mask = _EXPONENT.get(flat.dtype)
+    if mask is not None:
+        flat, mask = flat.view(np.uint16), np.uint16(mask)
+        return not any(((flat[i:i + _FINITE_CHUNK] & mask) == mask).any()
+                       for i in range(0, flat.size, _FINITE_CHUNK))
+    if not np.issubdtype(flat.dtype, np.floating):
+        return True
+    return all(np.isfinite(flat[i:i + _FINITE_CHUNK]).all() for i in range(0, flat.size, _FINITE_CHUNK))
+
+
+def nonfinite_error(array: np.ndarray, tensor: str, where: str, stored: np.ndarray | None = None,
+                    extra: str = "") -> NonFiniteError:
+    """The error for a tensor that is not all finite: how many NaN / infinite values and the first one's index
+    (in `array`'s layout); `stored`: the tensor as stored, to tell an overflow of the cast from bad weights."""
+    values = np.asarray(array, np.float32)
+    bad = ~np.isfinite(values)
+    first = np.unravel_index(int(np.argmax(bad)), values.shape) if values.ndim else ()
+    count = f"{int(np.isnan(values).sum()):,} NaN and {int(np.isinf(values).sum()):,} infinite values"
+    if stored is not None and all_finite(stored):
+        why = (f"its values are finite as stored ({stored.dtype}) but overflow {array.dtype} on the cast: {count}; "
+               f"load it in a wider dtype")
+    else:
+        why = f"{count} (first at index {tuple(int(i) for i in first)})"
+    return NonFiniteError(f"{tensor} in {where}: {why}{extra}; NaN or infinite weights make every output "
+                          "NaN. Pass check_finite=False to load it anyway")
+
+
 def assemble(reader: SafetensorsReader, group: list[TensorSpec], shape: tuple[int, ...], dtype: Any,
-              index: tuple[slice, ...] | None = None) -> np.ndarray:
+              index: tuple[slice, ...] | None = None, check_finite: bool = True) -> np.ndarray:
     """The part `index` (model coordinates; default all) of one model leaf, read from its checkpoint tensors.
 
     Each tensor contributes the rectangle of it that falls inside `index`: only those rows are read from disk,
-    cast and transposed chunk by chunk straight into one page-aligned buffer of the part's shape.
+    cast and transposed chunk by chunk straight into one page-aligned buffer of the part's shape. With
+    `check_finite`, each tensor's part is checked as it lands (`NonFiniteError` naming the tensor and its file).
     """
     index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index or (slice(None),) * len(shape), shape))
     buffer = aligned_empty(tuple(sl.stop - sl.start for sl in index), dtype)
@@ -235,19 +324,23 @@ def assemble(reader: SafetensorsReader, group: list[TensorSpec], shape: tuple[in
         if not all(sl.start <= i < sl.stop for i, sl in zip(s.index, outer)):
             continue
         dest = buffer[tuple(i - sl.start for i, sl in zip(s.index, outer))] if n_stack else buffer
-        reader.read_into(s.name, dest, inner[::-1] if s.transpose else inner, s.transpose)
+        region = inner[::-1] if s.transpose else inner
+        reader.read_into(s.name, dest, region, s.transpose)
+        if check_finite and not all_finite(dest):
+            stored = reader.read(s.name) if reader.info(s.name)[1] != DTYPE_NAMES.get(dest.dtype) else None
+            raise nonfinite_error(dest.T if s.transpose else dest, s.name, reader.path(s.name), stored)
     return buffer
 
 
 def _from_callback(reader: SafetensorsReader, group: list[TensorSpec], shape: tuple[int, ...], sharding: Any,
-                   np_dtype: np.dtype) -> jax.Array:
+                   np_dtype: np.dtype, check_finite: bool = True) -> jax.Array:
     """`jax.make_array_from_callback`: each device's shard read on its own; equal shards (replicas) read once."""
     parts: dict[tuple, np.ndarray] = {}
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((sl.indices(n)[0], sl.indices(n)[1]) for sl, n in zip(index, shape))
         if key not in parts:
-            parts[key] = assemble(reader, group, shape, np_dtype, index)
+            parts[key] = assemble(reader, group, shape, np_dtype, index, check_finite)
         return parts[key]
 
     return jax.block_until_ready(jax.make_array_from_callback(shape, sharding, shard, dtype=np_dtype))
@@ -275,7 +368,7 @@ def layer_writer(sharding: Any) -> Callable[..., jax.Array]:
 
 
 def _stacked_layer_by_layer(reader: SafetensorsReader, group: list[TensorSpec], target: Any, sharding: Any,
-                            np_dtype: np.dtype) -> jax.Array:
+                            np_dtype: np.dtype, check_finite: bool = True) -> jax.Array:
     """A stacked leaf built on its devices one layer's tensor at a time: host memory stays at one tensor's shards."""
     n_stack = len(group[0].index)
     inner_shape = tuple(target.shape[n_stack:])
@@ -283,7 +376,8 @@ def _stacked_layer_by_layer(reader: SafetensorsReader, group: list[TensorSpec], 
     stack = jax.jit(lambda: jnp.zeros(target.shape, np_dtype), out_shardings=sharding)()
     write = layer_writer(sharding)
     for s in group:
-        piece = _from_callback(reader, [dataclasses.replace(s, index=())], inner_shape, inner, np_dtype)
+        piece = _from_callback(reader, [dataclasses.replace(s, index=())], inner_shape, inner, np_dtype,
+                               check_finite)
         stack = write(stack, piece, jnp.asarray(s.index, jnp.int32))
         del piece
     return jax.block_until_ready(stack)
@@ -296,7 +390,7 @@ def _on_host(sharding: Any) -> bool:
 def fill_model(abstract: Any, reader: SafetensorsReader, dtype: Any,
                place: Callable[[np.ndarray, Any], Any] | None = None,
                progress: Callable[[int, int], None] | None = None, shardings: Any = None,
-               layer_by_layer: bool | None = None) -> Any:
+               layer_by_layer: bool | None = None, check_finite: bool = True) -> Any:
     """Fill an abstract model (from `filter_eval_shape`) with the checkpoint's tensors, one leaf at a time.
 
     Placement, in order of precedence:
@@ -311,6 +405,8 @@ def fill_model(abstract: Any, reader: SafetensorsReader, dtype: Any,
     tensor at a time (in place, the stack donated), so host memory stays near one tensor's shards rather than a
     whole stacked leaf. Each leaf is finished (`block_until_ready`) before the next is read.
     `progress(nbytes, ntensors)` is called after each leaf with the on-disk bytes and checkpoint tensors it used.
+    `check_finite`: each tensor is checked as it is read (in the model's dtype, so a cast that overflows is caught
+    too); one with NaN or infinite values raises `NonFiniteError` naming it and its file.
     """
     specs = tensor_specs(abstract)
     validate(reader, specs, dtype)
@@ -322,14 +418,14 @@ def fill_model(abstract: Any, reader: SafetensorsReader, dtype: Any,
     for get, group in _leaf_groups(abstract, specs):
         target = get(abstract)
         if shardings is None:
-            value = place(assemble(reader, group, target.shape, np_dtype), target)
+            value = place(assemble(reader, group, target.shape, np_dtype, check_finite=check_finite), target)
         else:
             sharding = get(shardings)
             by_layer = not _on_host(sharding) if layer_by_layer is None else layer_by_layer
             if by_layer and group[0].index:
-                value = _stacked_layer_by_layer(reader, group, target, sharding, np_dtype)
+                value = _stacked_layer_by_layer(reader, group, target, sharding, np_dtype, check_finite)
             else:
-                value = _from_callback(reader, group, tuple(target.shape), sharding, np_dtype)
+                value = _from_callback(reader, group, tuple(target.shape), sharding, np_dtype, check_finite)
         values.append(value)
         wheres.append(get)
         if progress is not None:
@@ -371,29 +467,89 @@ def open_checkpoint(folder: str, build: Callable[[Any], Any], dtype: Any = None,
     checkpoint's own (one float dtype for every tensor), anything else casts on load."""
     dtype = float_dtype(dtype)
     reader = SafetensorsReader(folder) if reader is None else reader
-    specs = tensor_specs(eqx.filter_eval_shape(lambda: build(jnp.float32)))
+    probe = eqx.filter_eval_shape(lambda: build(jnp.float32))
+    specs = tensor_specs(probe)
     validate(reader, specs, dtype)
     if dtype is None:
         dtype = checkpoint_dtype(reader, specs)
+    if np.dtype(dtype) == np.dtype(np.float32):  # the probe is that model: not traced twice
+        return reader, probe, dtype
     return reader, eqx.filter_eval_shape(lambda: build(dtype)), dtype
+
+
+@dataclasses.dataclass
+class OpenedFolder:
+    """A checkpoint folder with config.json read and every safetensors file open (`open_folder`)."""
+
+    folder: str
+    config_path: str
+    raw_config: Any  # config.json's JSON value
+    config: Any  # what `parse(raw_config, config_path)` made of it
+    reader: SafetensorsReader
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def gemma4_config(raw: Any, path: str) -> Gemma4Config:
+    """config.json's JSON value as a `Gemma4Config`; `ConfigError` naming the file and the field."""
+    try:
+        return Gemma4Config.from_hf_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def open_folder(folder: str | os.PathLike, parse: Callable[[Any, str], Any] = gemma4_config) -> OpenedFolder:
+    """config.json read and parsed (`parse(value, path)`, whose errors come first) and every safetensors file
+    opened, all through one descriptor of the folder and before any tensor is read (see the module docstring).
+
+    A folder that a concurrent save swapped while it was being opened is opened again, up to `OPEN_ATTEMPTS`
+    times (then `FolderChangedError`). No config.json: FileNotFoundError ("no config.json at ...")."""
+    folder = os.fspath(folder)
+    for attempt in range(OPEN_ATTEMPTS):
+        with Folder(folder, "a checkpoint folder") as d:
+            try:
+                try:
+                    raw = read_json_file(CONFIG, ConfigError, folder=d)
+                except FileMissingError:
+                    raise FileMissingError(f"no {CONFIG} at {d.join(CONFIG)}") from None
+                config = parse(raw, d.join(CONFIG))
+                reader = SafetensorsReader(d)
+            except Exception as e:
+                if not d.replaced():
+                    raise
+                if attempt + 1 == OPEN_ATTEMPTS:
+                    raise FolderChangedError(
+                        f"{folder}: replaced by another process (a save) while it was being opened, "
+                        f"{OPEN_ATTEMPTS} times; nothing was read. Load it again once the save is done "
+                        f"({type(e).__name__}: {e})") from e
+                continue
+        return OpenedFolder(folder, d.join(CONFIG), raw, config, reader)
+    raise AssertionError("unreachable")
 
 
 def load_float_folder(folder: str, *, dtype: Any = None, place: Callable[[np.ndarray, Any], Any] | None = None,
                       progress: Any = None, model_kwargs: dict[str, Any] | None = None, mesh: Any = None,
-                      rules: Any = None, layer_by_layer: bool | None = None) -> Any:
-    """A float checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`."""
-    config = Gemma4Config.from_pretrained(folder)
-    kwargs = model_kwargs or {}
-    reader, abstract, dtype = open_checkpoint(
-        folder, lambda dt: Gemma4(config, key=jax.random.key(0), dtype=dt, **kwargs), dtype)
-    shardings = None
-    if mesh is not None:
-        shardings = param_shardings(abstract, mesh, FSDP_TP if rules is None else rules)
-    elif rules is not None:
-        raise ValueError("rules: given without a mesh; pass mesh=g4.sharding.make_mesh(...) as well")
-    update, close = progress_callback(progress, reader, tensor_specs(abstract))
+                      rules: Any = None, layer_by_layer: bool | None = None, check_finite: bool = True,
+                      opened: OpenedFolder | None = None) -> Any:
+    """A float checkpoint folder as a `Gemma4`: on the default device, through `place`, or sharded over `mesh`.
+    `opened`: the folder already opened by `open_folder` (closed here either way)."""
+    opened = open_folder(folder) if opened is None else opened
     try:
-        return fill_model(abstract, reader, dtype, place=place, progress=update, shardings=shardings,
-                          layer_by_layer=layer_by_layer)
+        config, reader = opened.config, opened.reader
+        kwargs = model_kwargs or {}
+        reader, abstract, dtype = open_checkpoint(
+            folder, lambda dt: Gemma4(config, key=jax.random.key(0), dtype=dt, **kwargs), dtype, reader=reader)
+        shardings = None
+        if mesh is not None:
+            shardings = param_shardings(abstract, mesh, FSDP_TP if rules is None else rules)
+        elif rules is not None:
+            raise ValueError("rules: given without a mesh; pass mesh=g4.sharding.make_mesh(...) as well")
+        update, close = progress_callback(progress, reader, tensor_specs(abstract))
+        try:
+            return fill_model(abstract, reader, dtype, place=place, progress=update, shardings=shardings,
+                              layer_by_layer=layer_by_layer, check_finite=check_finite)
+        finally:
+            close()
     finally:
-        close()
+        opened.close()

@@ -24,12 +24,13 @@ import ml_dtypes
 import numpy as np
 from jaxtyping import Array
 
-from ..config import ConfigError, Gemma4Config
-from ..config.fields import read_json_file
+from ..config import ConfigError
+from ..config.fields import read_config_file
 from ..model.gemma4 import Gemma4
 from ..model.sharding import single_device
 from ..quant import modules as quant_modules
 from ..quant.format import (
+    QMAX,
     QuantConfig,
     QuantError,
     as_quant_config,
@@ -40,7 +41,15 @@ from ..quant.format import (
 )
 from ..quant.modules import QuantEmbedding, QuantLinear, dequantize_model
 from ..utils.trees import follow
-from .load import SafetensorsReader, assemble, float_dtype, layer_writer, open_checkpoint, progress_callback
+from .load import (
+    OpenedFolder,
+    assemble,
+    float_dtype,
+    layer_writer,
+    open_checkpoint,
+    open_folder,
+    progress_callback,
+)
 from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, tensor_specs
 from .safetensors import DTYPE_NAMES, DTYPES, write_file
 from .save import mark_done, parse_size, take_layer, write_json
@@ -169,17 +178,46 @@ def write_safetensors(model, folder: str, max_shard_size="5GB") -> list[str]:
     return files
 
 
-def saved_quant_config(folder: str) -> QuantConfig | None:
-    """The `quantization_config` of a folder's config.json (None when it has none)."""
-
-    path = os.path.join(folder, "config.json")
-    d = read_json_file(path, ConfigError)  # a broken config.json is a config error, as the config reader says
-    if not isinstance(d, dict) or d.get("quantization_config") is None:
+def quant_config_from(raw: Any, path: str) -> QuantConfig | None:
+    """The `quantization_config` of config.json's JSON value `raw` read from `path` (None when it has none);
+    `ConfigError` naming the file when it is not one gemma4_eqx wrote or its fields disagree."""
+    if not isinstance(raw, dict) or raw.get("quantization_config") is None:
         return None  # anything else wrong with it is for the config reader to name
     try:
-        return QuantConfig.from_json(d["quantization_config"], f"{path}: quantization_config")
+        return QuantConfig.from_json(raw["quantization_config"], f"{path}: quantization_config")
     except QuantError as e:
         raise ConfigError(str(e)) from e
+
+
+def saved_quant_config(folder: str) -> QuantConfig | None:
+    """The `quantization_config` of a folder's config.json (None when it has none), read as every config.json is
+    (`config.fields.read_config_file`: a regular file of at most 8 MiB; a FIFO or device is refused, not read)."""
+    raw, path = read_config_file(folder, ConfigError)  # a broken config.json is a config error
+    return quant_config_from(raw, path)
+
+
+def _check_codes(e: Entry, t: np.ndarray, where: str, qc: QuantConfig) -> None:
+    """Saved int8 codes lie in [-127, 127] (what `quantize_array` writes; int4 nibbles cannot leave [-8, 7])."""
+    if e.part == "qweight" and qc.bits == 8 and t.size and int(t.min()) < -QMAX[8]:
+        first = np.unravel_index(int(np.argmin(t)), t.shape)
+        raise CheckpointError(f"{e.name} in {where}: int8 code {int(t.min())} at index {tuple(map(int, first))} is "
+                              f"outside [-{QMAX[8]}, {QMAX[8]}], the range int8 quantization writes")
+
+
+def _check_scales(e: Entry, t: np.ndarray, where: str, qc: QuantConfig) -> None:
+    """Saved scales are finite; int8 ones also > 0 (`quantize_array` writes only those). int4 scales may be zero
+    or negative: a GGUF Q4_0 block's scale is `-max / 8` of its signed extreme (0 for an all-zero block), and a
+    model read from GGUF saves its blocks as they are."""
+    if e.part != "scales" or not t.size:
+        return
+    values = t.astype(np.float32)
+    ok = np.isfinite(values) & (values > 0) if qc.bits == 8 else np.isfinite(values)
+    if not ok.all():
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmin(ok)), t.shape))
+        what = "finite numbers > 0" if qc.bits == 8 else "finite numbers"
+        raise CheckpointError(f"{e.name} in {where}: {int((~ok).sum()):,} scales are not {what} (first "
+                              f"{float(values[first])!r} at index {first}); NaN or infinite scales make every output "
+                              "NaN")
 
 
 class LeafFiller:
@@ -210,28 +248,40 @@ class LeafFiller:
 
 
 def load_quantized_folder(folder: str, *, dtype: Any = None, quantize: Any = None, model_kwargs: dict | None = None,
-                          progress: Any = None):
+                          progress: Any = None, check_finite: bool = True, opened: OpenedFolder | None = None):
     """A quantized model from `folder`: a saved quantized checkpoint (its `quantization_config`), or a float one
     quantized tensor by tensor as it is read (`quantize`). Host memory stays near the quantized model plus one
     float tensor (and its fp32 copy while it is quantized); every stacked leaf is allocated on the device once and
-    filled one layer at a time."""
+    filled one layer at a time. Every tensor is checked as it is read: float ones finite (`check_finite`), codes
+    in range, scales finite and > 0. `opened`: the folder already opened by `load.open_folder` (closed here)."""
+    opened = open_folder(folder) if opened is None else opened
+    try:
+        return _load_quantized(opened, dtype, quantize, model_kwargs, progress, check_finite)
+    finally:
+        opened.close()
+
+
+def _load_quantized(opened: OpenedFolder, dtype: Any, quantize: Any, model_kwargs: dict | None, progress: Any,
+                    check_finite: bool):
+    folder, reader, config = opened.folder, opened.reader, opened.config
     want = as_quant_config(quantize)
-    saved = saved_quant_config(folder)
+    saved = quant_config_from(opened.raw_config, opened.config_path)
     if saved is not None and want is not None and want != saved:
         raise QuantError(f"quantize: {folder} is already quantized as {saved.to_json()}; it cannot be "
                          f"re-quantized as {want.to_json()} (omit quantize= to load it as it is)")
     qc = saved or want
-    config = Gemma4Config.from_pretrained(folder)
     kwargs = model_kwargs or {}
     build = lambda dt: Gemma4(config, key=jax.random.key(0), dtype=dt, **kwargs)
     if saved is None:  # a float checkpoint: checked like any other before it is quantized
-        reader, fabstract, dtype = open_checkpoint(folder, build, dtype)
+        reader, fabstract, dtype = open_checkpoint(folder, build, dtype, reader=reader)
     else:  # its tensors are checked against the quantized layout below
-        reader = SafetensorsReader(folder)
         dtype = float_dtype(dtype)
         if dtype is None:
-            name = read_json_file(os.path.join(folder, "config.json"), CheckpointError).get("dtype", "float32")
-            dtype = float_dtype(name)
+            name = opened.raw_config.get("dtype", "float32")
+            try:
+                dtype = float_dtype(name)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{opened.config_path}: dtype: {e}") from None
         fabstract = eqx.filter_eval_shape(lambda: build(dtype))
     specs = tensor_specs(fabstract)
     qabstract = eqx.filter_eval_shape(lambda m: quant_modules.quantize(
@@ -265,9 +315,14 @@ def load_quantized_folder(folder: str, *, dtype: Any = None, quantize: Any = Non
                 leaf = follow(qabstract, e.target)
                 if e.part == "float":
                     piece = assemble(reader, [dataclasses.replace(s, index=())], tuple(leaf.shape[n_stack:]),
-                                      np.dtype(leaf.dtype))
+                                     np.dtype(leaf.dtype), check_finite=check_finite)
                 else:
-                    piece = _from_disk(e, reader.read(e.name), leaf)
+                    t = reader.read(e.name)
+                    _check_codes(e, t, reader.path(e.name), qc)
+                    if check_finite:
+                        _check_scales(e, t, reader.path(e.name), qc)
+                    piece = _from_disk(e, t, leaf)
+                    del t
                 put(e.target, s.index, piece)
                 if update is not None:
                     update(reader.nbytes(e.name), 1)
@@ -277,7 +332,7 @@ def load_quantized_folder(folder: str, *, dtype: Any = None, quantize: Any = Non
             done.add(s.name)
             fleaf = s.leaf(fabstract)
             w = jnp.asarray(assemble(reader, [dataclasses.replace(s, index=())], tuple(fleaf.shape[n_stack:]),
-                                      np.dtype(fleaf.dtype)))
+                                     np.dtype(fleaf.dtype), check_finite=check_finite))
             if e.module == "linear":
                 q, sc = quantize_array(w, bits=qc.bits, group_size=qc.group_size, scale_dtype=qc.scale_dtype)
             else:

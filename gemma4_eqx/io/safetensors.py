@@ -19,9 +19,12 @@ import math
 import os
 import struct
 from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
+
+from ..utils.files import open_regular
 
 CHUNK_BYTES = 32 * 2**20  # scratch size when a tensor cannot be read straight into its destination
 MAX_HEADER = 100 * 2**20  # safetensors' own limit
@@ -34,6 +37,18 @@ DTYPES: dict[str, np.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 Region = tuple[slice, ...]
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    """Up to `n` bytes at `offset` (fewer only at the end of the file)."""
+    parts, done = [], 0
+    while done < n:
+        got = os.pread(fd, min(n - done, 1 << 26), offset + done)
+        if not got:
+            break
+        parts.append(got)
+        done += len(got)
+    return b"".join(parts)
 
 
 def aligned_empty(shape: tuple[int, ...], dtype, align: int = 4096) -> np.ndarray:
@@ -70,21 +85,44 @@ def _normalise(region: Region | None, shape: tuple[int, ...]) -> Region:
 class SafetensorsFile:
     """One `.safetensors` file: its header, and reads of whole tensors or of rectangular regions."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, file: BinaryIO | None = None) -> None:
+        """`file`: the file already opened (e.g. by `utils.files.Folder.open`), kept and read from; else `path`
+        is opened with `utils.files.open_regular` (a regular file only). Every read goes to this one descriptor,
+        so the header and the tensor bytes always come from the same file, whatever happens to `path` meanwhile."""
         self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER, size - 8):  # the number itself is not shown: it may be any file's first bytes
-                raise ValueError(f"the 8-byte header length exceeds the file size ({size} bytes) or the "
-                                 f"{MAX_HEADER}-byte limit: not a safetensors file, or a truncated one")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError as e:
-                raise ValueError(f"header is not JSON ({e})") from e
+        self._file = open_regular(path, "a safetensors file") if file is None else file
+        try:
+            self._parse(*self._read_header())
+        except BaseException:
+            if file is None:
+                self.close()
+            raise
+
+    def _read_header(self) -> tuple[Any, int]:
+        fd = self._file.fileno()
+        size = os.fstat(fd).st_size
+        self.size = size
+        head = _pread_exact(fd, 8, 0)
+        if len(head) < 8:
+            raise ValueError("file shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, size - 8):  # the number itself is not shown: it may be any file's first bytes
+            raise ValueError(f"the 8-byte header length exceeds the file size ({size} bytes) or the "
+                             f"{MAX_HEADER}-byte limit: not a safetensors file, or a truncated one")
+        try:
+            header = json.loads(_pread_exact(fd, n, 8))
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"header is not JSON ({str(e)[:200]})") from e
+        return header, n
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _parse(self, header: Any, n: int) -> None:
+        size = self.size
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
@@ -163,36 +201,33 @@ class SafetensorsFile:
             raise ValueError(f"{name}: destination shape {out.shape} does not match region {want}"
                              + (" (transposed)" if transpose else ""))
         base = self.data_start + self.entries[name][2]
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            if not shape:  # a scalar
-                tmp = np.empty((), dtype)
-                self._pread(fd, tmp, base)
-                out[...] = tmp
-                return
-            row_elems = math.prod(shape[1:])
-            row_bytes = row_elems * dtype.itemsize
-            r0, r1 = region[0].start, region[0].stop
-            inner = region[1:]
-            whole_rows = inner == _full_region(shape[1:])
-            if not transpose and whole_rows and out.dtype == dtype and out.flags.c_contiguous:
-                self._pread(fd, out, base + r0 * row_bytes)  # straight into the destination
-                return
-            rows = max(1, min(r1 - r0, CHUNK_BYTES // max(row_bytes, 1)))
-            scratch = np.empty(rows * row_elems, dtype)
-            for a in range(r0, r1, rows):
-                b = min(a + rows, r1)
-                chunk = scratch[: (b - a) * row_elems]
-                self._pread(fd, chunk, base + a * row_bytes)
-                chunk = chunk.reshape((b - a,) + shape[1:])[(slice(None),) + inner]
-                if chunk.dtype != out.dtype:  # cast the chunk first: a cast and a transpose together are slow
-                    chunk = chunk.astype(out.dtype)
-                if transpose:
-                    out[:, a - r0:b - r0] = chunk.T
-                else:
-                    out[a - r0:b - r0] = chunk
-        finally:
-            os.close(fd)
+        fd = self.fileno()
+        if not shape:  # a scalar
+            tmp = np.empty((), dtype)
+            self._pread(fd, tmp, base)
+            out[...] = tmp
+            return
+        row_elems = math.prod(shape[1:])
+        row_bytes = row_elems * dtype.itemsize
+        r0, r1 = region[0].start, region[0].stop
+        inner = region[1:]
+        whole_rows = inner == _full_region(shape[1:])
+        if not transpose and whole_rows and out.dtype == dtype and out.flags.c_contiguous:
+            self._pread(fd, out, base + r0 * row_bytes)  # straight into the destination
+            return
+        rows = max(1, min(r1 - r0, CHUNK_BYTES // max(row_bytes, 1)))
+        scratch = np.empty(rows * row_elems, dtype)
+        for a in range(r0, r1, rows):
+            b = min(a + rows, r1)
+            chunk = scratch[: (b - a) * row_elems]
+            self._pread(fd, chunk, base + a * row_bytes)
+            chunk = chunk.reshape((b - a,) + shape[1:])[(slice(None),) + inner]
+            if chunk.dtype != out.dtype:  # cast the chunk first: a cast and a transpose together are slow
+                chunk = chunk.astype(out.dtype)
+            if transpose:
+                out[:, a - r0:b - r0] = chunk.T
+            else:
+                out[a - r0:b - r0] = chunk
 
 
 def write_file(path: str, layout: Iterable[tuple[str, str, tuple[int, ...]]],

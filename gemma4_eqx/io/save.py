@@ -15,6 +15,16 @@ A crash at any point leaves the target whole (old or new) plus, at worst, a `.NA
 is renamed aside and the staging folder renamed in; a crash between those two renames leaves no target but the
 complete old checkpoint beside it (`g4.load` points at it).
 
+What a save may replace (`check_target`, before anything is written, and again just before the switch):
+- dangerous targets are refused: "" (the working directory), `/`, a system folder (`/usr`, `/etc`, `/bin`, ...),
+  the home or working directory or a folder holding either, a mount point;
+- the target's own files are those a save writes (`is_ours`: `model.safetensors`, `model-NNNNN-of-NNNNN.safetensors`,
+  the index, config.json, generation_config.json, the processor's files, and the save's temporaries
+  `*.partial` of those and `config.json.*.tmp`); a save drops the old weights, indexes and temporaries and keeps
+  (hard-links into the new folder) every other entry. Any other file it would drop (`other-model.safetensors`,
+  an adapter's `adapter_model.safetensors`, a stray `*.partial`) is refused by name, unless `overwrite=True`;
+- stale temporaries (`*.partial`, `config.json.*.tmp`) are never carried into the new folder.
+
 `FAULT_HOOK`, when set, is called with a label after every file operation: the fault-injection tests kill the
 process or raise there.
 """
@@ -38,7 +48,7 @@ import jax
 import numpy as np
 
 from .load import PARTIAL_SUFFIX, SAVE_MARK
-from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, tensor_specs
+from .names import SAFE_INDEX, SAFE_SINGLE, SHARD_FILE, CheckpointError, TensorSpec, tensor_specs
 from .safetensors import DTYPE_NAMES, write_file
 
 GENERATION_CONFIG = "generation_config.json"
@@ -199,6 +209,97 @@ def _is_weights(name: str) -> bool:
     return name.endswith((".safetensors", PARTIAL_SUFFIX)) or name in (SAFE_INDEX, SAFE_SINGLE)
 
 
+def _is_temporary(name: str) -> bool:
+    """A save's temporaries: `X.partial` (a weight file being written), `config.json.<pid>.tmp`
+    (`Gemma4Config.save_pretrained`): never carried into a new folder."""
+    return name.endswith(PARTIAL_SUFFIX) or (name.startswith(CONFIG + ".") and name.endswith(".tmp"))
+
+
+def _dropped(name: str) -> bool:
+    """What a save does not carry over from the folder it replaces: old weights, indexes and temporaries."""
+    return _is_weights(name) or _is_temporary(name)
+
+
+OUR_FILES = frozenset((SAFE_SINGLE, SAFE_INDEX, CONFIG, GENERATION_CONFIG, *PROCESSOR_FILES, "chat_template.json",
+                       "video_preprocessor_config.json"))
+
+
+def is_ours(name: str) -> bool:
+    """A name a save writes (weights, shards, index, configs, processor files) or one of its temporaries."""
+    if name.startswith(CONFIG + ".") and name.endswith(".tmp"):
+        return True
+    if name.endswith(PARTIAL_SUFFIX):
+        name = name[:-len(PARTIAL_SUFFIX)]
+    return name in OUR_FILES or SHARD_FILE.fullmatch(name) is not None
+
+
+def foreign_dropped(folder: str, written: set[str] = frozenset()) -> list[str]:
+    """The entries of `folder` that a save would drop (not carry over, not overwrite with its own) although it
+    did not write them: another model's or an adapter's `*.safetensors`, a stray `*.partial`."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if _dropped(n) and n not in written and not is_ours(n))
+
+
+# Folders a save never replaces (with every folder holding the home or working directory, and mount points).
+SYSTEM_FOLDERS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media",
+                  "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr",
+                  "/usr/bin", "/usr/lib", "/usr/local", "/usr/local/bin", "/usr/share", "/var", "/var/tmp",
+                  "/Applications", "/Library", "/System", "/Users", "/Volumes", "/private", "/private/tmp")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_target(folder: str | os.PathLike, overwrite: bool = False, what: str = "folder") -> str:
+    """The real path a model save into `folder` replaces, after the checks of the module docstring
+    (`CheckpointError` naming `what` and the folder: a dangerous target, a file, or files of others that the save
+    would drop, unless `overwrite`)."""
+    target = check_destination(folder, what)
+    foreign = foreign_dropped(target) if os.path.isdir(target) else []
+    if foreign and not overwrite:
+        raise foreign_error(target, foreign)
+    return target
+
+
+def check_destination(folder: str | os.PathLike, what: str = "folder") -> str:
+    """The real path of `folder` as a folder a save may replace: "", `/`, system folders, the home or working
+    directory (or a folder holding one), a file and a mount point refused (`CheckpointError` naming `what`)."""
+    given = os.fspath(folder)
+    if isinstance(given, bytes):
+        given = os.fsdecode(given)
+    if not given.strip():
+        raise CheckpointError(f"{what}: {given!r} is empty, which would name the working directory; name the "
+                              "checkpoint folder to write")
+    target = os.path.realpath(os.path.abspath(os.path.expanduser(given)))
+    refuse = f"{what} {given}: refused, a save replaces the whole folder {target}"
+    cwd, home = os.path.realpath(os.getcwd()), os.path.realpath(os.path.expanduser("~"))
+    system = {os.path.realpath(p) for p in SYSTEM_FOLDERS} | set(SYSTEM_FOLDERS)
+    if target in system:
+        raise CheckpointError(f"{refuse}, and it is a system folder; write into a folder of its own")
+    for name, held in (("working directory", cwd), ("home directory", home)):
+        if _within(held, target):
+            where = "is" if held == target else "holds"
+            raise CheckpointError(f"{refuse}, and it {where} the {name} ({held}); write into a folder of its own, "
+                                  "e.g. a new sub-folder")
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise CheckpointError(f"{target}: exists and is not a folder; expected a checkpoint folder to write")
+    if os.path.isdir(target) and os.path.ismount(target):
+        raise CheckpointError(f"{refuse}, and it is a mount point (it cannot be swapped atomically); write into a "
+                              "folder inside it")
+    return target
+
+
+def foreign_error(target: str, foreign: list[str]) -> CheckpointError:
+    shown = ", ".join(foreign[:10]) + (f" (and {len(foreign) - 10} more)" if len(foreign) > 10 else "")
+    return CheckpointError(f"{target}: holds files this save would delete that it did not write: {shown}; a save "
+                           "replaces only its own weights, index and configs. Move them away, write into another "
+                           "folder, or pass overwrite=True (gemma4-eqx convert --overwrite) to delete them")
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst, follow_symlinks=False)
@@ -206,11 +307,15 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
-def _carry_over(old: str, staging: str) -> None:
-    """Hard-link into `staging` every entry of `old` the save did not write, except old weights and indexes."""
+def _carry_over(old: str, staging: str, overwrite: bool = False) -> None:
+    """Hard-link into `staging` every entry of `old` the save did not write, except old weights, indexes and
+    temporaries; refused (before anything is linked) when it would drop files of others, unless `overwrite`."""
     written = set(os.listdir(staging))
+    foreign = foreign_dropped(old, written)
+    if foreign and not overwrite:
+        raise foreign_error(old, foreign)
     for name in sorted(os.listdir(old)):
-        if name in written or _is_weights(name):
+        if name in written or _dropped(name):
             continue
         src, dst = os.path.join(old, name), os.path.join(staging, name)
         if os.path.isdir(src) and not os.path.islink(src):
@@ -220,12 +325,13 @@ def _carry_over(old: str, staging: str) -> None:
         mark_done(f"carry {name}")
 
 
-def replace_folder(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+def replace_folder(target: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = False) -> None:
     """Run `write(staging_folder)`, then make `target` hold exactly what it wrote (plus the old folder's
-    non-checkpoint files) in one atomic switch; see the module docstring. On failure `target` is untouched."""
-    target = os.path.realpath(os.path.abspath(os.fspath(target)))
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise CheckpointError(f"{target}: exists and is not a folder; expected a checkpoint folder to write")
+    non-checkpoint files) in one atomic switch; see the module docstring. On failure `target` is untouched.
+    Dangerous targets are refused first (`check_destination`); files of others that the switch would drop (not
+    written by `write`, not `is_ours`) are refused before the switch, unless `overwrite` (callers that know what
+    they write, like `checkpoint.save`, run `check_target` before writing anything)."""
+    target = check_destination(target)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{name}{SAVE_MARK}{secrets.token_hex(4)}")
@@ -236,7 +342,7 @@ def replace_folder(target: str | os.PathLike, write: Callable[[str], None]) -> N
         write(staging)
         existed = os.path.isdir(target)
         if existed:
-            _carry_over(target, staging)
+            _carry_over(target, staging, overwrite)
             os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
         fsync_path(staging)
         mark_done("fsync staging")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
+from ..config.fields import ConfigError, read_json_file
 from ..config.gemma4 import FULL, SLIDING, Gemma4Config
 from ..layers.attention import AbstractAttention, Attention
 from ..layers.decoder import DecoderStack, kind_ids, slice_layer, stack_modules
@@ -50,6 +50,7 @@ from ..layers.linear_attention import LinearAttention, linear_attention  # noqa:
 from ..layers.lora import LoRALinear
 from ..layers.mlp import MLP
 from ..utils.dtypes import dtype_name
+from ..utils.files import Folder
 from .gemma4 import Gemma4
 
 Layers = str | int | Sequence[int]
@@ -397,6 +398,7 @@ def union(*specs: PyTree[bool]) -> PyTree[bool]:
 
 # ---- saving what has no checkpoint name ------------------------------------------------------------
 LEAVES_FILE = "model.eqx"
+CONFIG_FILE = "config.json"
 
 
 def save(model: Gemma4, folder: str | os.PathLike) -> None:
@@ -408,14 +410,21 @@ def save(model: Gemma4, folder: str | os.PathLike) -> None:
 
 def load(folder: str | os.PathLike, surgery: Callable[[Gemma4], Gemma4], *, dtype=None) -> Gemma4:
     """Load what `save` wrote. `surgery(stock_model) -> edited_model` must redo the edits (it runs abstractly,
-    on shapes only, to build the skeleton the leaves are read into)."""
-    config = Gemma4Config.from_pretrained(folder)
-    if dtype is None:
-        with open(os.path.join(folder, "config.json")) as f:
-            dtype = jnp.dtype(json.load(f).get("dtype", "float32"))
+    on shapes only, to build the skeleton the leaves are read into). config.json and model.eqx are opened
+    through one descriptor of the folder (`utils.files.Folder`: regular files only, its symlink rule)."""
+    with Folder(folder, "a folder written by g4.surgery.save") as opened:
+        raw = read_json_file(CONFIG_FILE, ConfigError, folder=opened)
+        try:
+            config = Gemma4Config.from_hf_dict(raw)
+            if dtype is None:
+                dtype = jnp.dtype(raw.get("dtype", "float32"))
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{opened.join(CONFIG_FILE)}: {e}") from None
+        leaves = opened.open(LEAVES_FILE, "an Equinox leaves file (model.eqx)")
     like = eqx.filter_eval_shape(lambda: surgery(Gemma4(config, key=jax.random.key(0), dtype=dtype)))
     try:
-        model = eqx.tree_deserialise_leaves(os.path.join(folder, LEAVES_FILE), like)
+        with leaves:
+            model = eqx.tree_deserialise_leaves(leaves, like)
     except RuntimeError as e:  # a shape that differs from the skeleton
         raise ValueError(f"{folder}: {e}; `surgery` must rebuild the structure that was saved") from e
     for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(like), jax.tree.leaves(model)):

@@ -75,9 +75,29 @@ class QuantConfig:
             raise QuantError(f"{where}: expected an object with quant_method {QUANT_METHOD!r} (written by "
                              f"gemma4_eqx), found {d!r}")
         try:
-            return cls.make(d["mode"], d["group_size"], d["scale_dtype"], d["embedding"])
+            mode, group_size, scale_dtype, embedding = d["mode"], d["group_size"], d["scale_dtype"], d["embedding"]
         except KeyError as e:
             raise QuantError(f"{where}: the field {e.args[0]!r} is missing") from e
+        if not isinstance(mode, str) or mode not in MODES:
+            raise QuantError(f"{where}: mode: expected one of {sorted(MODES)}, found {mode!r}")
+        if "bits" in d and (type(d["bits"]) is not int or d["bits"] != MODES[mode]):
+            raise QuantError(f"{where}: bits: {d['bits']!r} contradicts mode {mode!r} (which is {MODES[mode]} bits)")
+        if d.get("symmetric", True) is not True:
+            raise QuantError(f"{where}: symmetric: expected true (gemma4_eqx writes only symmetric codes), found "
+                             f"{d['symmetric']!r}")
+        if not isinstance(embedding, bool):
+            raise QuantError(f"{where}: embedding: expected true or false, found {embedding!r}")
+        if group_size is not None and type(group_size) is not int:
+            raise QuantError(f"{where}: group_size: expected an integer or null, found {group_size!r}")
+        if not isinstance(scale_dtype, str):
+            raise QuantError(f"{where}: scale_dtype: expected float32, float16 or bfloat16, found {scale_dtype!r}")
+        try:
+            return cls.make(mode, group_size, scale_dtype, embedding)
+        except QuantError as e:
+            raise QuantError(f"{where}: {e}") from None
+        except TypeError as e:  # a scale_dtype jnp.dtype does not know
+            raise QuantError(f"{where}: scale_dtype: expected float32, float16 or bfloat16, found "
+                             f"{scale_dtype!r}") from e
 
 
 # ---- the arithmetic -------------------------------------------------------------------------------------------

@@ -12,6 +12,16 @@ to be regular), then checks `os.fstat` of the opened descriptor: a directory, FI
 with what it is; a symlink is followed (the Hugging Face cache is symlinks into `blobs/`), and its target must be
 a regular file. Sizes are checked on that same descriptor before any byte is read.
 
+`Folder` is for the files of one folder (a checkpoint): the folder is opened once and every file is opened
+relative to that descriptor, so all of them come from the same directory even if another process swaps the
+folder for a new one meanwhile. Only plain names are opened, and a symlink is followed only in two shapes
+(`FOLDER_LINK_RULE`): a link to another file of the same folder, or, in a Hugging Face cache snapshot
+`<repo>/snapshots/<revision>/`, a link to `<repo>/blobs/<blob>`; the file reached must be a regular file.
+
+    with Folder("ckpt") as folder:
+        config = folder.read_json("config.json", max_bytes=8 << 20, expect=dict)
+        weights = folder.open("model.safetensors", "a safetensors file")   # stays valid after the folder closes
+
 Only the standard library: every layer of the package may import this module.
 """
 
@@ -24,8 +34,8 @@ import os
 import stat
 from typing import Any
 
-__all__ = ["FileReadError", "FileMissingError", "open_regular", "file_size", "read_bytes", "read_text", "read_json",
-           "json_depth", "describe_mode", "MAX_JSON_DEPTH"]
+__all__ = ["FileReadError", "FileMissingError", "Folder", "FOLDER_LINK_RULE", "open_regular", "file_size", "read_bytes",
+           "read_text", "read_json", "json_depth", "describe_mode", "MAX_JSON_DEPTH"]
 
 # Deepest nesting a JSON file may have (the configs this package reads are a few levels deep; json's own decoder
 # stops near 1,000 levels with a RecursionError that names nothing).
@@ -55,6 +65,10 @@ def _refuse_kind(path: str, mode: int, what: str) -> FileReadError:
     return FileReadError(f"{path}: not a regular file, it is {describe_mode(mode)}; expected {what}")
 
 
+_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_BINARY", 0))
+
+
 def open_regular(path: str | os.PathLike, what: str = "a regular file") -> io.BufferedReader:
     """Open `path` for binary reading if it is a regular file (or a symlink to one); else FileReadError naming the
     file and what it is (FileMissingError when it does not exist). `what` completes "expected ..." in messages,
@@ -62,10 +76,8 @@ def open_regular(path: str | os.PathLike, what: str = "a regular file") -> io.Bu
     name = os.fspath(path)
     if isinstance(name, bytes):
         name = os.fsdecode(name)
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
-    flags |= getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(name, flags)
+        fd = os.open(name, _READ_FLAGS)
     except FileNotFoundError:
         raise FileMissingError(f"{name}: no such file; expected {what}") from None
     except OSError as e:
@@ -79,6 +91,12 @@ def open_regular(path: str | os.PathLike, what: str = "a regular file") -> io.Bu
         if e.errno == errno.ELOOP:
             raise FileReadError(f"{name}: too many levels of symbolic links; expected {what}") from None
         raise FileReadError(f"{name}: cannot be opened ({e.strerror or e}); expected {what}") from None
+    return _regular_file(fd, name, what)
+
+
+def _regular_file(fd: int, name: str, what: str) -> io.BufferedReader:
+    """The binary file object of `fd` if it is a regular file (O_NONBLOCK cleared); else `fd` closed and
+    FileReadError naming `name` and what it is."""
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -116,8 +134,12 @@ def read_bytes(path: str | os.PathLike, max_bytes: int | None, what: str = "a fi
     """The bytes of the regular file at `path`, refused unread when it is larger than `max_bytes` (None: no
     limit). A file that grows past the limit while it is read is refused too."""
     with open_regular(path, what) as f:
-        check_size(f, path, max_bytes, what)
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        return _read_limited(f, path, max_bytes, what)
+
+
+def _read_limited(f: Any, path: str | os.PathLike, max_bytes: int | None, what: str) -> bytes:
+    check_size(f, path, max_bytes, what)
+    data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
         raise FileReadError(f"{os.fspath(path)}: grew past the limit of {_size_text(max_bytes)} for {what} while "
                             "it was read")
@@ -190,3 +212,163 @@ def read_json(path: str | os.PathLike, max_bytes: int | None, max_depth: int = M
     """The JSON value in the regular file at `path`: read with `read_text` (size limit, UTF-8) and parsed with
     `parse_json` (named errors for invalid JSON, nesting deeper than `max_depth`, a type other than `expect`)."""
     return parse_json(read_text(path, max_bytes, what), path, max_depth=max_depth, expect=expect, what=what)
+
+
+# ---- the files of one folder -------------------------------------------------------------------------------------
+FOLDER_LINK_RULE = ("a symlink in the folder is followed only to another file of the same folder, or, in a Hugging "
+                    "Face cache snapshot <repo>/snapshots/<revision>/, to <repo>/blobs/<blob>; the file reached must "
+                    "be a regular file, not a further link")
+MAX_LINK_HOPS = 8  # links inside a folder followed before "too many levels"
+
+
+def _plain_name(name: str, folder: str, what: str) -> str:
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise FileReadError(f"{folder}: {name!r} is not a plain file name inside the folder; expected {what}")
+    return name
+
+
+class Folder:
+    """A folder opened once: its files are opened relative to the held descriptor (see the module docstring).
+
+    `Folder(path)` raises FileMissingError when there is no such folder and FileReadError when `path` is not a
+    folder. Close it (or use `with`) when every file is open; the file objects it returned stay valid."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "a folder") -> None:
+        self.path = os.fsdecode(os.fspath(path))
+        self.real = os.path.realpath(self.path)
+        try:
+            self.fd = os.open(self.real, _READ_FLAGS | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            raise FileMissingError(f"{self.path}: no such folder; expected {what}") from None
+        except NotADirectoryError:
+            try:
+                kind = describe_mode(os.stat(self.real).st_mode)
+            except OSError:
+                kind = "not a folder"
+            raise FileReadError(f"{self.path}: not a folder, it is {kind}; expected {what}") from None
+        except OSError as e:
+            raise FileReadError(f"{self.path}: cannot be opened ({e.strerror or e}); expected {what}") from None
+        self._identity = self._stat_identity(os.fstat(self.fd))
+
+    @staticmethod
+    def _stat_identity(st: os.stat_result) -> tuple[int, int]:
+        return st.st_dev, st.st_ino
+
+    def join(self, name: str) -> str:
+        """How a file of this folder is named in messages."""
+        return os.path.join(self.path, name)
+
+    def replaced(self) -> bool:
+        """True when the path no longer names the folder that was opened (e.g. a save swapped in a new one)."""
+        try:
+            return self._stat_identity(os.stat(self.real)) != self._identity
+        except OSError:
+            return True
+
+    def exists(self, name: str) -> bool:
+        """Whether the folder has an entry `name` (of any kind, a dangling link included)."""
+        try:
+            os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def listdir(self) -> list[str]:
+        return sorted(os.listdir(self.fd))
+
+    def _follow(self, name: str, what: str) -> tuple[str, str]:
+        """Where the symlink `name` leads: ("folder", a name in this folder) or ("blob", a Hub cache blob's path);
+        FileReadError when the link leaves the shapes of FOLDER_LINK_RULE."""
+        shown = self.join(name)
+        try:
+            target = os.readlink(name, dir_fd=self.fd)
+        except OSError as e:
+            raise FileReadError(f"{shown}: cannot be read ({e.strerror or e}); expected {what}") from None
+        resolved = os.path.normpath(os.path.join(self.real, target))
+        where, base = os.path.split(resolved)
+        if base not in ("", ".", ".."):
+            if where == self.real:
+                return "folder", base
+            snapshots = os.path.dirname(self.real)
+            if os.path.basename(snapshots) == "snapshots" and where == os.path.join(os.path.dirname(snapshots),
+                                                                                    "blobs"):
+                return "blob", resolved
+        raise FileReadError(f"{shown}: a symlink to {target!r}, outside the folder; {FOLDER_LINK_RULE}")
+
+    def open(self, name: str, what: str = "a regular file") -> io.BufferedReader:
+        """The regular file `name` of this folder, opened for binary reading (symlinks per FOLDER_LINK_RULE);
+        FileReadError naming the file otherwise (FileMissingError when there is none)."""
+        _plain_name(name, self.path, what)
+        shown = self.join(name)
+        current = name
+        for _ in range(MAX_LINK_HOPS):
+            try:
+                fd = os.open(current, _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0), dir_fd=self.fd)
+            except FileNotFoundError:
+                raise FileMissingError(f"{shown}: no such file; expected {what}") from None
+            except OSError as e:
+                try:
+                    st = os.stat(current, dir_fd=self.fd, follow_symlinks=False)
+                except OSError:
+                    st = None
+                if st is not None and stat.S_ISLNK(st.st_mode):
+                    kind, where = self._follow(current, what)
+                    if kind == "blob":
+                        return self._open_blob(where, shown, what)
+                    current = where
+                    continue
+                if st is not None and not stat.S_ISREG(st.st_mode):
+                    raise _refuse_kind(shown, st.st_mode, what) from None
+                raise FileReadError(f"{shown}: cannot be opened ({e.strerror or e}); expected {what}") from None
+            return _regular_file(fd, shown, what)
+        raise FileReadError(f"{shown}: too many levels of symbolic links; expected {what}")
+
+    @staticmethod
+    def _open_blob(path: str, shown: str, what: str) -> io.BufferedReader:
+        try:
+            fd = os.open(path, _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise FileMissingError(f"{shown}: a symlink to {path}, which does not exist; expected {what}") from None
+        except OSError as e:
+            try:
+                mode = os.stat(path, follow_symlinks=False).st_mode
+            except OSError:
+                mode = None
+            if mode is not None and stat.S_ISLNK(mode):
+                raise FileReadError(f"{shown}: a symlink to {path}, itself a symlink; {FOLDER_LINK_RULE}") from None
+            if mode is not None and not stat.S_ISREG(mode):
+                raise _refuse_kind(shown, mode, what) from None
+            raise FileReadError(f"{shown}: cannot be opened ({e.strerror or e}); expected {what}") from None
+        return _regular_file(fd, shown, what)
+
+    def read_bytes(self, name: str, max_bytes: int | None, what: str = "a file") -> bytes:
+        """The bytes of the file `name` (as `read_bytes`, opened through `open`)."""
+        shown = self.join(name)
+        with self.open(name, what) as f:
+            return _read_limited(f, shown, max_bytes, what)
+
+    def read_text(self, name: str, max_bytes: int | None, what: str = "a UTF-8 text file") -> str:
+        return decode_utf8(self.read_bytes(name, max_bytes, what), self.join(name), what)
+
+    def read_json(self, name: str, max_bytes: int | None, max_depth: int = MAX_JSON_DEPTH,
+                  expect: type | None = None, what: str = "a JSON file") -> Any:
+        return parse_json(self.read_text(name, max_bytes, what), self.join(name), max_depth=max_depth,
+                          expect=expect, what=what)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Folder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
