@@ -143,6 +143,18 @@ def test_save_then_load_onto_a_fresh_base_is_bit_exact(loaded, mixed, base, tmp_
         assert sorted(os.listdir(tmp_path / name)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_saving_again_replaces_the_adapter_and_keeps_the_readme(loaded, tmp_path):
+    folder = tmp_path / "a"
+    g4.save_adapters(loaded["adapter"], folder)
+    (folder / "README.md").write_text("my adapter")
+    g4.save_adapters(loaded["adapter_patterns"], folder)
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((folder / "adapter_config.json").read_text())["rank_pattern"]
+    (folder / "other.safetensors").write_bytes(b"")
+    with pytest.raises(adapters.AdapterError, match=r"holds weights that are not this adapter's \(other.safetensors"):
+        g4.save_adapters(loaded["adapter"], folder)
+
+
 def test_the_adapter_folder_is_small(base, tmp_path):
     """rank 8 on q/k/v/o of the small checkpoint: under 5% of the model's bytes (measured: 2.7%)."""
     model = surgery.add_lora(base, key=jax.random.key(0), rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))

@@ -34,7 +34,6 @@ model by `g4.surgery.attach_lora` / `lora_weights` (stacked runs, padded ranks a
 from __future__ import annotations
 
 import collections
-import inspect
 import math
 import os
 import re
@@ -479,11 +478,6 @@ def _check_target(folder: str) -> None:
                            "would drop them: move them away or save into another folder")
 
 
-# save.replace_folder refuses, unless told `overwrite`, a folder whose weights it did not write itself: an adapter
-# save replaces the old adapter_model.safetensors after `_check_target` has checked that nothing else would go.
-_REPLACE_KWARGS = {"overwrite": True} if "overwrite" in inspect.signature(replace_folder).parameters else {}
-
-
 def save_adapters(model: Gemma4, folder: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> None:
     """Write only `model`'s LoRA adapters, in PEFT's format, atomically: `adapter_model.safetensors` +
     `adapter_config.json`, loadable by `load_adapters` onto the same base and by PEFT
@@ -517,4 +511,6 @@ def save_adapters(model: Gemma4, folder: str | os.PathLike, *, base_model_name_o
         write_file(os.path.join(staging, ADAPTER_WEIGHTS), layout, iter(tensors), {"format": "pt"}, fsync=True)
         write_json(os.path.join(staging, ADAPTER_CONFIG), config)
 
-    replace_folder(folder, write, **_REPLACE_KWARGS)
+    # replace_folder refuses, unless told `overwrite`, to drop weights it does not know as a model's own: here the old
+    # adapter_model.safetensors, once `_check_target` has made sure nothing else would go
+    replace_folder(folder, write, overwrite=True)
