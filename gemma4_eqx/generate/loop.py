@@ -160,6 +160,15 @@ def prefill_rows(model, cache, batch, n_chunks, max_new, key, params, real=None,
     return DecodeState(cache, choice.token, done, count, max_new, key), choice
 
 
+def _carried_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """`shape` without its leading size-one axes (a batch of one, a serving layout's [repeats, run_length] = [1, 1]),
+    keeping a cache tensor's last three axes [slots, kv_heads, head_dim] whole: dropping a single KV head there made
+    each full layer's update a bitcast XLA:CPU cannot do in place, so it copied the layer's whole cache every step."""
+    keep = 3 if len(shape) >= 4 else 0
+    lead = shape[:len(shape) - keep]
+    return tuple(d for d in lead if d != 1) + shape[len(shape) - keep:]
+
+
 @functools.partial(jax.jit, static_argnames=("step", "size"), donate_argnames=("state",))
 def decode_chunk(model, state: DecodeState, params: SamplingParams, steps: Int[Array, ""], *,
                  step: Callable = sample_step, size: int = DECODE_CHUNK) -> tuple[DecodeState, Choice, Int[Array, ""]]:
@@ -168,11 +177,11 @@ def decode_chunk(model, state: DecodeState, params: SamplingParams, steps: Int[A
     b = state.token.shape[0]
     probe = jax.eval_shape(lambda: step(model, state, params)[1])
     blank = jax.tree.map(lambda x: jnp.zeros((b, size) + x.shape[1:], x.dtype), probe)
-    # The loop carries every array without its size-one axes (batch 1, the cache's [repeats, run_length] = [1, 1] of
-    # a serving layout, one KV head) and the body restores them: with them, XLA:CPU copied each cache entry into and
-    # out of a differently laid out buffer on every step (benchmarks/RESULTS.md, issue 19).
+    # The loop carries every array without its leading size-one axes (batch 1, the cache's [repeats, run_length] =
+    # [1, 1] of a serving layout) and the body restores them: with them, XLA:CPU copied each cache entry into and out
+    # of a differently laid out buffer on every step (benchmarks/RESULTS.md, issue 19).
     shapes = jax.tree.map(jnp.shape, state)
-    squeeze = lambda tree: jax.tree.map(lambda x: x.reshape(tuple(d for d in x.shape if d != 1)), tree)
+    squeeze = lambda tree: jax.tree.map(lambda x: x.reshape(_carried_shape(x.shape)), tree)
     restore = lambda tree: jax.tree.map(lambda x, shape: x.reshape(shape), tree, shapes)
 
     def cond(carry):

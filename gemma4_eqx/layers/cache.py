@@ -32,6 +32,8 @@ class CacheContext(eqx.Module):
     sliding_mask: Bool[Array, "chunk ring_plus_chunk"]
     ring_write: Int[Array, " written"]  # ring entries the chunk's last tokens go to
     ring_order: Int[Array, " ring"] | None  # ring entries oldest first (banded or ordered reads), else None
+    sliding_slots: Int[Array, " ring_plus_chunk"] | None = None  # the slot of each key a sliding layer reads (-1 =
+    # an empty ring entry): what attention reads of the cached path are scattered by (`model.taps`)
     band: int | None = eqx.field(static=True, default=None)  # sliding layers may attend in bands of this size
 
 
@@ -76,6 +78,9 @@ class FullKV(LayerCache):
         k_new, v_new = finish(raw_k, raw_v, positions)
         k = jax.lax.dynamic_update_slice_in_dim(self.k, k_new.astype(self.k.dtype), ctx.start, axis=0)
         v = jax.lax.dynamic_update_slice_in_dim(self.v, v_new.astype(self.v.dtype), ctx.start, axis=0)
+        # The written cache is materialised once: without the barrier XLA:CPU fused the write into both of its
+        # readers (the next state and the attention product) and copied the layer's whole cache every decode step.
+        k, v = jax.lax.optimization_barrier((k, v))
         return k, v, ctx.full_mask, None, FullKV(k=k, v=v)
 
 
@@ -86,6 +91,7 @@ class RawKeyKV(LayerCache):
 
     def update(self, finish, raw_k, raw_v, positions, ctx):
         raw = jax.lax.dynamic_update_slice_in_dim(self.raw, raw_k.astype(self.raw.dtype), ctx.start, axis=0)
+        raw = jax.lax.optimization_barrier(raw)  # see FullKV.update
         k, v = finish(raw, None, ctx.full_positions)
         return k, v, ctx.full_mask, None, RawKeyKV(raw=raw)
 
