@@ -108,8 +108,8 @@ def _check_stock_run(stack: Any, run: int) -> None:
         if module is None and path == "self_attn.v_proj":
             continue  # full layers with attention_k_eq_v
         if not isinstance(module, cls):
-            hint = ("fold adapters in with g4.surgery.merge_lora(model) first, or save the edited model with "
-                    "g4.surgery.save" if cls is Linear else
+            hint = ("fold adapters in with g4.surgery.merge_lora(model) first, save only the adapters with "
+                    "g4.save_adapters, or save the edited model with g4.surgery.save" if cls is Linear else
                     "save the edited model with g4.surgery.save (read it back with g4.surgery.load)")
             raise CheckpointError(
                 f"{TEXT_PREFIX}layers.{layers[0]}.{path} (model.layers.runs[{run}].{path}, layers {layers}): "

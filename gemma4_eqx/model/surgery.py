@@ -23,6 +23,8 @@ Saving. `g4.save` writes transformers' names, and only the stock modules have th
 replacement attention or `LoRALinear` it raises instead of writing a checkpoint that silently lacks the new
 parameters. Use `merge_lora` first (the result is stock again), or `save` / `load` below (Equinox's
 `tree_serialise_leaves` plus config.json; loading re-runs your surgery on an abstract model to get the skeleton).
+Adapters alone: `g4.save_adapters` / `g4.load_adapters` (PEFT's format, a few MB; `attach_lora` / `lora_weights`
+below put them on and read them out).
 """
 
 from __future__ import annotations
