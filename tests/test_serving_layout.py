@@ -80,3 +80,16 @@ def test_generate_gives_the_same_tokens(models):
     out = g4.generate(served, ids, **kw)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4, rtol=0)
+
+
+def test_load_straight_into_the_serving_layout():
+    """`g4.load(..., layout="serving")` (what the CLI, the chat command and the server use) is the serving layout of
+    the stored model, made without keeping the stacked arrays; an unknown layout is refused by name."""
+    stored = g4.load(g4.assets.TINY_CHECKPOINT)
+    served = g4.load(g4.assets.TINY_CHECKPOINT, layout="serving")
+    assert bool(eqx.tree_equal(served, g4.serving_layout(stored)))
+    copy = jax.tree.map(lambda x: x.copy() if eqx.is_array(x) else x, stored)
+    assert bool(eqx.tree_equal(g4.serving_layout(copy, consume=True), served))
+    assert any(x.is_deleted() for x in jax.tree.leaves(eqx.filter(copy, eqx.is_array)))
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        g4.load(g4.assets.TINY_CHECKPOINT, layout="fast")

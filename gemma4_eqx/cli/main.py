@@ -175,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     name = _resolve_model(args.model)
     folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
     t0 = time.perf_counter()
-    model = hub.load(folder, dtype=_jnp_dtype(args.dtype))
+    model = hub.load(folder, dtype=_jnp_dtype(args.dtype), layout="serving")
     proc = Processor.from_pretrained(folder)
     content = []
     for image in args.image or []:
@@ -231,7 +231,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     name = _resolve_model(args.model)
     folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
-    model = hub.load(folder, dtype=_jnp_dtype(args.dtype))
+    model = hub.load(folder, dtype=_jnp_dtype(args.dtype), layout="serving")
     proc = Processor.from_pretrained(folder)
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
     chat = ChatSession(model, proc, system=args.system, generation_config=folder, key=jax.random.key(args.seed),

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..model.serving import serving_layout
 from . import checkpoint
 
 # What a model load needs from a repo; tokenizer/processor files come along for `Processor.from_pretrained`.
@@ -105,11 +106,21 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
     return folder
 
 
+LAYOUTS = ("stored", "serving")
+
+
 def load(path_or_repo_id: str | os.PathLike, *, dtype: Any = None, revision: str | None = None,
          token: str | bool | None = None, local_files_only: bool | None = None, cache_dir: str | None = None,
          remat: bool | str = False, attention_implementation: str = "xla", numerics: str = "xla", mesh: Any = None,
-         rules: Any = None, progress: Any = None, quantize: Any = None, check_finite: bool = True) -> Any:
+         rules: Any = None, progress: Any = None, quantize: Any = None, check_finite: bool = True,
+         layout: str = "stored") -> Any:
     """Load a transformers-format Gemma 4 Unified checkpoint into a `Gemma4`.
+
+    `layout="stored"` (default): the checkpoint's own shapes, one array per HF tensor, the decoder stacked per run
+    (what training, LoRA, surgery, sharding rules, the bridge and `g4.save` work on). `layout="serving"`: the same
+    model laid out for fast decoding (`g4.serving_layout`: every layer in its own arrays, the MLP's gate and up
+    fused), converted as it is loaded without holding two copies; the CLI, the chat command and the server load
+    this way. Generation gives the same tokens either way; `g4.save` writes transformers' tensors from both.
 
     `dtype=None` keeps the checkpoint's precision (bit-exact); `dtype=jnp.bfloat16` etc. casts on load.
     `mesh=` (a `jax.sharding.Mesh`, see `g4.sharding.make_mesh`) places every parameter with the sharding that
@@ -126,12 +137,15 @@ def load(path_or_repo_id: str | os.PathLike, *, dtype: Any = None, revision: str
     so a save into the same folder meanwhile is seen whole or not at all; symlinks in the folder are followed
     only into the folder itself or, in a Hub cache snapshot, into its `blobs/` (`utils.files.FOLDER_LINK_RULE`).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, found {layout!r}")
     checkpoint.float_dtype(dtype)  # before any download: an integer dtype would truncate the weights
     folder = resolve(path_or_repo_id, revision=revision, token=token, local_files_only=local_files_only,
                      cache_dir=cache_dir)
     model_kwargs = {"remat": remat, "attention_implementation": attention_implementation, "numerics": numerics}
-    return checkpoint.load_from_folder(folder, dtype=dtype, model_kwargs=model_kwargs, mesh=mesh, rules=rules,
-                                       progress=progress, quantize=quantize, check_finite=check_finite)
+    model = checkpoint.load_from_folder(folder, dtype=dtype, model_kwargs=model_kwargs, mesh=mesh, rules=rules,
+                                        progress=progress, quantize=quantize, check_finite=check_finite)
+    return serving_layout(model, consume=True) if layout == "serving" else model
 
 
 def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB", processor: Any = None,
