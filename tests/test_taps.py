@@ -41,9 +41,9 @@ def tapped():
     return eqx.filter_jit(lambda m, ids, taps: m(ids, taps=taps))
 
 
-def _unrolled(model, ids, patches=None):
+def _unrolled(model, ids, patches=None, adds=None):
     """Every layer one by one (no scan): (the input of each layer, the output of each layer, the logits)."""
-    patches = patches or {}
+    patches, adds = patches or {}, adds or {}
     h = model.embed(ids)
     slots = jnp.arange(ids.shape[0])
     masks = layer_masks(slots, slots, jnp.ones(ids.shape, bool), model.config.text.sliding_window)
@@ -55,6 +55,9 @@ def _unrolled(model, ids, patches=None):
         if i in patches:
             values, where = patches[i]
             h = jnp.where(where[:, None], values, h)
+        if i in adds:
+            values, where = adds[i]
+            h = jnp.where(where[:, None], h + values, h)
         outputs.append(h)
     return inputs, outputs, model.logits_from_hidden(model.norm(h)), masks
 
@@ -100,6 +103,28 @@ def test_patching_a_residual_equals_recomputing_with_it(model, ids, tapped):
     np.testing.assert_allclose(np.asarray(got.residual), np.asarray(jnp.stack([outputs[2], outputs[4]])), **TIGHT)
     clean = model(ids)
     assert float(jnp.max(jnp.abs(logits - clean))) > 1e-3  # the patch did change something downstream
+
+
+def test_adding_to_a_residual_equals_recomputing_with_it(model, ids, tapped):
+    """`add` adds (steering), `patch` replaces; both in one call, values per position or one vector per layer,
+    NumPy values accepted."""
+    rng = np.random.default_rng(4)
+    hidden = model.config.text.hidden_size
+    vectors = rng.standard_normal((2, hidden))  # NumPy: one per written layer, the patched one first
+    where = jnp.asarray(rng.random((2, SEQ)) < 0.6)
+    taps = g4.Taps(residual=(1, 3), patch=(3,), add=(1,), values=vectors, where=where)
+    logits, got = tapped(model, ids, taps)
+    _, outputs, expected, _ = _unrolled(model, ids, patches={3: (vectors[0], where[0])},
+                                        adds={1: (vectors[1], where[1])})
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), **TIGHT)
+    np.testing.assert_allclose(np.asarray(got.residual), np.asarray(jnp.stack([outputs[1], outputs[3]])), **TIGHT)
+    # per position, every position (where=None)
+    per_position = jnp.asarray(rng.standard_normal((1, SEQ, hidden)))
+    logits, _ = tapped(model, ids, g4.Taps(add=(4,), values=per_position))
+    _, _, expected, _ = _unrolled(model, ids, adds={4: (per_position[0], jnp.ones(SEQ, bool))})
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), **TIGHT)
+    with pytest.raises(ValueError, match=r"patch, add: layers \[2\] are in both"):
+        g4.Taps(patch=(2,), add=(2, 3), values=vectors)
 
 
 def _program(model, ids, call):

@@ -151,7 +151,8 @@ class KVCache(eqx.Module):
         m = min(t, ring)  # only the chunk's last `ring` tokens survive in the ring
         ring_write = (start + t - m + jnp.arange(m)) % ring
         ctx = CacheContext(start=start, full_positions=full_positions, full_mask=full_mask,
-                           sliding_mask=sliding_mask, ring_write=ring_write, ring_order=ring_order, band=band)
+                           sliding_mask=sliding_mask, ring_write=ring_write, ring_order=ring_order, band=band,
+                           sliding_slots=ring_keys)
         new = eqx.tree_at(
             lambda c: (c.length, c.next_position, c.full_valid, c.full_positions, c.ring_slots, c.ring_valid),
             self,

@@ -1,8 +1,10 @@
 """Prefill and decode steps over a `KVCache` (cache layout and masks in cache.py).
 
-Both functions take one sequence and its cache and return `(logits of the last token, new cache)`. They are
-pure: the old cache goes in, a new one comes out. The jitted entry points here do not donate the cache (a caller
-may keep it as a snapshot, e.g. to `truncate` back to); the generation driver donates the caches it owns.
+Both functions take one sequence and its cache and return `(logits of the last token, new cache)` (and a
+`TapResult` third when `taps=` is given: reads and writes of the residual stream as in the whole-sequence forward,
+`model/taps.py`). They are pure: the old cache goes in, a new one comes out. The jitted entry points here do not
+donate the cache (a caller may keep it as a snapshot, e.g. to `truncate` back to); the generation driver donates
+the caches it owns.
 
 Masks use cache slot indices, as transformers does. Vision blocks (bidirectional on sliding layers) are found
 within the chunk being prefilled, so a chunk boundary must not cut an image or a video frame in two
@@ -23,6 +25,7 @@ from ..utils.checks import check_shape, check_value
 from .cache import KVCache
 from .masks import MaskMode
 from .media import InputArray, Media
+from .taps import TapResult, Taps, run_with_cache
 
 
 def forward_with_cache(
@@ -37,19 +40,29 @@ def forward_with_cache(
     mask_mode: MaskMode = "intended",
     media: Media | None = None,
     validate: bool = True,
+    taps: Taps | None = None,
     **media_kwargs,
-) -> tuple[Float[Array, "chunk hidden"], KVCache]:
-    """Final-norm hidden states of a chunk of new tokens, and the cache with the chunk written into it.
+) -> tuple[Float[Array, "chunk hidden"], KVCache] | tuple[Float[Array, "chunk hidden"], KVCache, TapResult]:
+    """Hidden states of a chunk of new tokens after the final norm `model.norm` (`model.logits_from_hidden` of
+    them are the logits), and the cache with the chunk written into it.
 
-    Give either `input_ids` (and the chunk's media) or ready `inputs_embeds` (e.g. one slice of a whole
-    multimodal prompt embedded at once, which is how chunked prefill keeps soft tokens in order; give its
+    Give either `input_ids` (and the chunk's media) or ready `inputs_embeds` `[chunk, hidden]` (e.g. one slice of
+    a whole multimodal prompt embedded at once, which is how chunked prefill keeps soft tokens in order; give its
     `mm_token_type_ids` then). `validate=False` skips the input checks of `model.embed` (the per-token step).
+    `taps` (`g4.Taps`, values `[writes, chunk, hidden]` or `[writes, hidden]`): applied to the chunk's residual
+    stream; then returns `(h, cache, TapResult)`, attention reads over the cache's `max_len` slots.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids and inputs_embeds")
     media = Media.of(media, **media_kwargs)
     if inputs_embeds is None:
         check_shape("input_ids", input_ids, (None,), "(one sequence; vmap for a batch)")
+    else:
+        hidden = model.config.text.hidden_size
+        if np.ndim(inputs_embeds) != 2 or np.shape(inputs_embeds)[1] != hidden:
+            seq = np.shape(inputs_embeds)[0] if np.ndim(inputs_embeds) == 2 else "chunk"
+            raise ValueError(f"inputs_embeds: expected shape [{seq}, {hidden}] (chunk, hidden_size), found "
+                             f"{list(np.shape(inputs_embeds))}")
     t = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
     if t > cache.max_len:
         raise ValueError(f"input_ids: a chunk of {t} tokens does not fit a cache of max_len {cache.max_len}")
@@ -62,23 +75,33 @@ def forward_with_cache(
                             "allocate a larger cache")
     ctx, cache = cache.begin_chunk(positions, chunk_valid, blocks, mask_mode,
                                    ordered_ring=model.numerics.shape_invariant)
-    h, kv = model.layers.with_cache(h, positions, cache.layers, ctx)
-    cache = eqx.tree_at(lambda c: c.layers, cache, kv)
-    return model.norm(h), cache
+    if taps is None:
+        h, kv = model.layers.with_cache(h, positions, cache.layers, ctx)
+        return model.norm(h), eqx.tree_at(lambda c: c.layers, cache, kv)
+    if taps.empty:
+        h, kv = model.layers.with_cache(h, positions, cache.layers, ctx)
+        tapped = TapResult(residual=None, attention=None)
+    else:
+        h, kv, tapped = run_with_cache(model.layers, h, positions, cache.layers, ctx, cache.max_len, taps)
+    return model.norm(h), eqx.tree_at(lambda c: c.layers, cache, kv), tapped
 
 
 def prefill(model: eqx.Module, input_ids: Int[InputArray, " chunk"] | None, cache: KVCache,
-            **kwargs) -> tuple[Float[Array, " vocab"], KVCache]:
-    """Write a prompt (or a chunk of one) into the cache; logits of its last token."""
-    h, cache = forward_with_cache(model, input_ids, cache, **kwargs)
-    return model.logits_from_hidden(h[-1]), cache
+            **kwargs) -> tuple[Float[Array, " vocab"], KVCache] | tuple[Float[Array, " vocab"], KVCache, TapResult]:
+    """Write a prompt (or a chunk of one) into the cache; logits of its last token (and the `TapResult` with
+    `taps=`)."""
+    out = forward_with_cache(model, input_ids, cache, **kwargs)
+    return (model.logits_from_hidden(out[0][-1]),) + tuple(out[1:])
 
 
-def decode_step(model: eqx.Module, token: Int[InputArray, ""], cache: KVCache
-                ) -> tuple[Float[Array, " vocab"], KVCache]:
-    """One new token at the cache's next slot and position; its logits."""
-    h, cache = forward_with_cache(model, jnp.reshape(token, (1,)), cache, validate=False)
-    return model.logits_from_hidden(h[0]), cache
+def decode_step(model: eqx.Module, token: Int[InputArray, ""], cache: KVCache, taps: Taps | None = None
+                ) -> tuple[Float[Array, " vocab"], KVCache] | tuple[Float[Array, " vocab"], KVCache, TapResult]:
+    """One new token at the cache's next slot and position; its logits (and the `TapResult` with `taps`)."""
+    if taps is None:
+        h, cache = forward_with_cache(model, jnp.reshape(token, (1,)), cache, validate=False)
+        return model.logits_from_hidden(h[0]), cache
+    h, cache, tapped = forward_with_cache(model, jnp.reshape(token, (1,)), cache, validate=False, taps=taps)
+    return model.logits_from_hidden(h[0]), cache, tapped
 
 
 # Jitted entry points, compiled once per shape; the cache is not donated (see the module docstring).
@@ -88,8 +111,8 @@ def prefill_jitted(model, input_ids, cache, mask_mode="intended", **kwargs):
 
 
 @jax.jit
-def decode_step_jitted(model, token, cache):
-    return decode_step(model, token, cache)
+def decode_step_jitted(model, token, cache, taps=None):
+    return decode_step(model, token, cache, taps)
 
 
 def prefill_chunks(mm_token_type_ids: np.ndarray | None, length: int, chunk_size: int) -> list[tuple[int, int]]:

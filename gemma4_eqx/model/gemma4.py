@@ -163,7 +163,8 @@ class Gemma4(eqx.Module):
               **media_kwargs) -> Float[Array, "seq hidden"]:
         """Token embeddings times sqrt(hidden); placeholders embedded as pad, then overwritten by soft tokens.
 
-        With `validate` (the default; the per-token decode step skips it) token ids must lie in `[0, vocab)`, and
+        What `inputs_embeds=` of `model(...)`, `hidden_states`, `g4.generate` and `g4.score` stands for. With
+        `validate` (the default; the per-token decode step skips it) token ids must lie in `[0, vocab)`, and
         every modality whose placeholders appear needs its media (checked eagerly, or with `eqx.error_if` under
         jit).
         """
@@ -183,6 +184,21 @@ class Gemma4(eqx.Module):
         # The scale is an fp32 constant cast to the weight dtype (62.0 in bf16), then a multiply in that dtype.
         scale = jnp.asarray(cfg.text.embed_scale, jnp.float32).astype(self.dtype)
         h = self.embed_tokens[ids] * scale
+        return self._splice_media(h, types, media, require=validate)
+
+    def splice_media(self, inputs_embeds: Float[InputArray, "seq hidden"], input_ids: Int[InputArray, " seq"], *,
+                     media: Media | None = None, **media_kwargs) -> Float[Array, "seq hidden"]:
+        """`inputs_embeds` with the rows at `input_ids`' placeholder tokens overwritten, in order, by the media's
+        soft tokens (as `embed` does); a modality whose media are not given keeps its rows as they are."""
+        media = Media.of(media, **media_kwargs)
+        h = self.checked_embeds("inputs_embeds", inputs_embeds)
+        check_shape("input_ids", input_ids, (h.shape[0],), "(one id per row of inputs_embeds)")
+        return self._splice_media(h, token_types(jnp.asarray(input_ids), self.config), media, require=None)
+
+    def _splice_media(self, h: Float[Array, "seq hidden"], types: Int[Array, " seq"], media: Media, *,
+                      require: bool | None) -> Float[Array, "seq hidden"]:
+        """Splice the media's soft tokens into the rows `types` marks. `require` (a bool): a modality whose
+        placeholders appear needs its media when true (`embed`'s `validate`); None: rows without media are kept."""
         splices = (
             (TokenType.IMAGE, media.pixel_values, media.image_position_ids, "images", "pixel_values"),
             (TokenType.VIDEO, media.pixel_values_videos, media.video_position_ids, "video frames",
@@ -192,9 +208,10 @@ class Gemma4(eqx.Module):
         for kind, values, where, what, name in splices:
             slots = types == kind
             if values is None:
-                h = check_value(h, jnp.any(slots) & validate,
-                                lambda name=name, what=what: f"{name}: input_ids hold {what} placeholder tokens but "
-                                "no media was given for them (pass the processor's media arrays)")
+                if require is not None:
+                    h = check_value(h, jnp.any(slots) & require,
+                                    lambda name=name, what=what: f"{name}: input_ids hold {what} placeholder tokens "
+                                    "but no media was given for them (pass the processor's media arrays)")
                 continue
             if kind == TokenType.AUDIO:
                 check_shape("input_features_mask", where, values.shape[:2])
@@ -205,11 +222,54 @@ class Gemma4(eqx.Module):
             h = _splice(h, slots, feats.reshape(-1, feats.shape[-1]), valid.reshape(-1), what)
         return h
 
+    def checked_embeds(self, name: str, h: Float[InputArray, "seq hidden"]) -> Float[Array, "seq hidden"]:
+        """`h` as a JAX array, after checking it is `[seq, hidden_size]` in the model's activation dtype (static:
+        raises before anything runs)."""
+        hidden = self.config.text.hidden_size
+        shape = tuple(np.shape(h))
+        if len(shape) != 2 or shape[1] != hidden:
+            seq = shape[0] if len(shape) == 2 else "seq"
+            raise ValueError(f"{name}: expected shape [{seq}, {hidden}] (seq, hidden_size) for one sequence (vmap for "
+                             f"a batch), found {list(shape)}")
+        h = jnp.asarray(h)
+        if h.dtype != self.dtype:
+            raise ValueError(f"{name}: expected the model's activation dtype {jnp.dtype(self.dtype).name}, found "
+                             f"{h.dtype} (cast with .astype(model.dtype))")
+        return h
+
+    def input_embeddings(self, input_ids: Int[InputArray, " seq"] | None,
+                         inputs_embeds: Float[InputArray, "seq hidden"] | None, media: Media
+                         ) -> tuple[Float[Array, "seq hidden"], Int[InputArray, " seq"] | None]:
+        """(the decoder's input embeddings, the ids that give the token types or None) for `input_ids` and / or
+        `inputs_embeds` (see `__call__`)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("input_ids, inputs_embeds: give input_ids, inputs_embeds or both")
+            # Without media `embed` has refused placeholder ids, so the sequence is text: no token types to derive.
+            return self.embed(input_ids, media=media), None if media.empty else input_ids
+        h = self.checked_embeds("inputs_embeds", inputs_embeds)
+        if input_ids is None:
+            if not media.empty:
+                raise ValueError(f"{', '.join(media.present())}: media with inputs_embeds need input_ids to say which "
+                                 "rows are their placeholders (or splice them yourself: inputs_embeds = "
+                                 "model.embed(input_ids, media=...))")
+            return h, None
+        check_shape("input_ids", input_ids, (h.shape[0],), "(one id per row of inputs_embeds)")
+        if not media.empty:
+            return self._splice_media(h, token_types(jnp.asarray(input_ids), self.config), media, require=None), \
+                input_ids
+        cfg = self.config
+        if is_concrete(input_ids) and not np.isin(np.asarray(input_ids), (cfg.image_token_id, cfg.video_token_id,
+                                                                          cfg.audio_token_id)).any():
+            return h, None  # text: the same program as for input_ids alone
+        return h, input_ids
+
     # ---- forward ---------------------------------------------------------------------------------
     def hidden_states(
         self,
-        input_ids: Int[InputArray, " seq"],
+        input_ids: Int[InputArray, " seq"] | None = None,
         *,
+        inputs_embeds: Float[InputArray, "seq hidden"] | None = None,
         positions: Int[InputArray, " seq"] | None = None,
         attention_mask: Bool[InputArray, " seq"] | Int[InputArray, " seq"] | None = None,
         mm_token_type_ids: Int[InputArray, " seq"] | None = None,
@@ -219,13 +279,13 @@ class Gemma4(eqx.Module):
         taps: Taps | None = None,
         **media_kwargs,
     ) -> Float[Array, "seq hidden"] | tuple[Float[Array, "seq hidden"], TapResult]:
-        """Final-norm hidden states of every position (and what `taps` read, when given: see `__call__`)."""
+        """Hidden states of every position after the final norm `model.norm` (and what `taps` read, when given);
+        `model.logits_from_hidden` of them are the logits. Arguments as for `__call__`."""
         media = Media.of(media, **media_kwargs)
-        h = self.embed(input_ids, media=media)
-        # Without media `embed` has refused placeholder ids, so the sequence is text: no token types to derive.
+        h, types_from = self.input_embeddings(input_ids, inputs_embeds, media)
         out = self.decode_hidden(h, positions=positions, attention_mask=attention_mask,
                                  mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode,
-                                 input_ids=None if media.empty else input_ids, segment_ids=segment_ids, taps=taps)
+                                 input_ids=types_from, segment_ids=segment_ids, taps=taps)
         if taps is None:
             return self.norm(out)
         return self.norm(out[0]), out[1]
@@ -242,9 +302,16 @@ class Gemma4(eqx.Module):
         segment_ids: Int[InputArray, " seq"] | None = None,
         taps: Taps | None = None,
     ) -> Float[Array, "seq hidden"] | tuple[Float[Array, "seq hidden"], TapResult]:
-        """Run the decoder stack over embeddings (before the final norm). `input_ids`, when given, supply the
-        token types if `mm_token_type_ids` is omitted (and are checked against it when both are given); without
-        either the sequence is text. `segment_ids`, `taps`: see `__call__`."""
+        """Run the decoder stack over input embeddings `h` `[seq, hidden]` (what `model.embed` returns); returns
+        the last layer's residual stream, *before* the final norm: `model.logits_from_hidden(model.norm(out))`
+        are the logits (`model(...)` is `embed` -> `decode_hidden` -> `model.norm` -> `logits_from_hidden`).
+        `input_ids`, when given, supply the token types if `mm_token_type_ids` is omitted (and are checked against
+        it when both are given); without either the sequence is text. `segment_ids`, `taps`: see `__call__`."""
+        hidden = self.config.text.hidden_size
+        if np.ndim(h) != 2 or np.shape(h)[1] != hidden:
+            seq = np.shape(h)[0] if np.ndim(h) == 2 else "seq"
+            raise ValueError(f"decode_hidden: h: expected shape [{seq}, {hidden}] (seq, hidden_size), found "
+                             f"{list(np.shape(h))}")
         seq = h.shape[0]
         slots = jnp.arange(seq)
         default_positions = slots
@@ -294,7 +361,13 @@ class Gemma4(eqx.Module):
         return positions, valid, blocks
 
     def logits_from_hidden(self, h: Float[InputArray, "*seq hidden"]) -> Float[Array, "*seq vocab"]:
-        """Tied lm head (no embedding scale) and the final soft cap, in the activation dtype."""
+        """Tied lm head (no embedding scale) and the final soft cap, in the activation dtype. `h`: hidden states
+        after the final norm (`hidden_states`, or `model.norm` of `decode_hidden`'s output or of a tapped
+        residual)."""
+        hidden = self.config.text.hidden_size
+        if np.ndim(h) < 1 or np.shape(h)[-1] != hidden:
+            raise ValueError(f"logits_from_hidden: h: expected shape [..., {hidden}] (hidden_size {hidden} last), "
+                             f"found {list(np.shape(h))}")
         logits = self.numerics.tied_head(h, self.embed_tokens.astype(h.dtype))
         cap = self.config.text.final_logit_softcapping
         if cap is not None:
@@ -303,8 +376,9 @@ class Gemma4(eqx.Module):
 
     def __call__(
         self,
-        input_ids: Int[InputArray, " seq"],
+        input_ids: Int[InputArray, " seq"] | None = None,
         *,
+        inputs_embeds: Float[InputArray, "seq hidden"] | None = None,
         positions: Int[InputArray, " seq"] | None = None,
         attention_mask: Bool[InputArray, " seq"] | Int[InputArray, " seq"] | None = None,
         mm_token_type_ids: Int[InputArray, " seq"] | None = None,
@@ -323,29 +397,47 @@ class Gemma4(eqx.Module):
         and without `positions` the positions restart at 0 at every segment start. Padding is still
         `attention_mask`'s job. The media's soft tokens fill the row's placeholders in order.
 
-        `taps` (`g4.Taps`): read residuals / attention probabilities of chosen layers and patch residuals
-        (`gemma4_eqx/taps.py`); the call then returns `(logits, g4.TapResult)`. Without it the program is the
-        same as before taps existed."""
-        out = self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
-                                 mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode, media=media,
+        `inputs_embeds` `[seq, hidden]` (transformers' name): the decoder's input embeddings, in place of
+        embedding `input_ids`: what `model.embed(input_ids, media=...)` returns (token embeddings times
+        sqrt(hidden), soft tokens spliced in), in the model's activation dtype; differentiable (saliency, soft
+        prompts). `model(inputs_embeds=model.embed(ids))` equals `model(ids)` bit for bit. Given alone, the sequence
+        is text unless `mm_token_type_ids` says where image / video tokens are (their bidirectional blocks), and
+        media keywords are refused. Given with `input_ids` (same length), the ids do everything but the embedding:
+        they give the token types (image blocks, checked against `mm_token_type_ids`), and the media's soft tokens
+        overwrite the rows of their placeholders, in order, as for ids alone (rows of a modality whose media are
+        not given are kept: they may hold the soft tokens already).
+
+        `taps` (`g4.Taps`): read residuals / attention probabilities of chosen layers, patch (replace) or add to
+        residuals (`gemma4_eqx/model/taps.py`); the call then returns `(logits, g4.TapResult)`. Without it the
+        program is the same as before taps existed."""
+        out = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
+                                 attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode, media=media,
                                  segment_ids=segment_ids, taps=taps, **media_kwargs)
         if taps is None:
             return self.logits_from_hidden(out)
         return self.logits_from_hidden(out[0]), out[1]
 
     # ---- cached generation (decode.py) -------------------------------------------------------------
-    def prefill(self, input_ids: Int[InputArray, " seq"], cache: KVCache, **kwargs) -> tuple[Float[Array, " vocab"], KVCache]:
+    def prefill(self, input_ids: Int[InputArray, " seq"] | None, cache: KVCache, **kwargs
+                ) -> tuple[Float[Array, " vocab"], KVCache] | tuple[Float[Array, " vocab"], KVCache, TapResult]:
         """Write a prompt (one sequence, media and `mm_token_type_ids` included) into `cache`.
 
         Returns `(logits of the last token, new cache)`; jit-compiled once per shape. The cache you pass stays
-        valid (nothing is donated), so it can be kept as a snapshot.
+        valid (nothing is donated), so it can be kept as a snapshot. `inputs_embeds=` (with `input_ids` None)
+        prefills given embeddings (`model.decode.forward_with_cache`). `taps=g4.Taps(...)`: read and write the
+        residual stream of the prompt's tokens; returns `(logits, cache, g4.TapResult)` (attention over the
+        cache's slots).
         """
         return prefill_jitted(self, input_ids, cache, **kwargs)
 
-    def decode_step(self, token: Int[InputArray, ""], cache: KVCache) -> tuple[Float[Array, " vocab"], KVCache]:
+    def decode_step(self, token: Int[InputArray, ""], cache: KVCache, *, taps: Taps | None = None
+                    ) -> tuple[Float[Array, " vocab"], KVCache] | tuple[Float[Array, " vocab"], KVCache, TapResult]:
         """One new token at the cache's next slot: `(logits, new cache)`; jit-compiled; the cache you pass stays
-        valid."""
-        return decode_step_jitted(self, token, cache)
+        valid. `taps`: as for `prefill` (values `[writes, hidden]` or `[writes, 1, hidden]`); returns
+        `(logits, cache, g4.TapResult)` with reads of the one position."""
+        if taps is None:
+            return decode_step_jitted(self, token, cache)
+        return decode_step_jitted(self, token, cache, taps)
 
 
 def count_parameters(model) -> int:
