@@ -25,6 +25,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from .config import FULL, SLIDING, AssistantConfig, Gemma4Config
+from .layers.attention import AbstractAttention, Attention
 from .model.assistant import Assistant
 from .model.gemma4 import Gemma4
 
@@ -117,3 +118,17 @@ def random_assistant(target, *, key: PRNGKeyArray, hidden_size: int = 32, interm
                           use_ordered_embeddings=use_ordered_embeddings, num_centroids=num_centroids,
                           centroid_intermediate_top_k=top_k)
     return Assistant(cfg, key=key, dtype=dtype)
+
+
+class WrappedAttention(AbstractAttention):
+    """An attention replacement that computes exactly what it wraps but is another pytree type: putting it in one
+    layer (`g4.surgery.replace_attention(m, lambda old, i: WrappedAttention(old), [i])`) regroups the stack while
+    every number stays the same (tests of regrouped stacks)."""
+
+    inner: Attention
+
+    def __call__(self, x, positions, mask, band=None):
+        return self.inner(x, positions, mask, band)
+
+    def with_cache(self, x, positions, kv, ctx):
+        return self.inner.with_cache(x, positions, kv, ctx)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
+from gemma4_eqx.testing import WrappedAttention
 from gemma4_eqx.model import surgery
 from gemma4_eqx.generate.batching import split_batch
 from gemma4_eqx.layers import policy
-from gemma4_eqx.layers.attention import AbstractAttention, Attention
 from gemma4_eqx.layers.decoder import DecoderStack
 from gemma4_eqx.testing import counting_compilations
 
@@ -30,16 +30,7 @@ def base():
     return g4.load(ref.checkpoint_dir("tiny_a"))
 
 
-class Wrapped(AbstractAttention):
-    """Computes exactly what it wraps but is another pytree type: replacing one layer with it regroups the stack."""
-
-    inner: Attention
-
-    def __call__(self, x, positions, mask, band=None):
-        return self.inner(x, positions, mask, band)
-
-    def with_cache(self, x, positions, kv, ctx):
-        return self.inner.with_cache(x, positions, kv, ctx)
+Wrapped = WrappedAttention  # gemma4_eqx.testing
 
 
 def _lora(m):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
+from small_fixtures import model, proc  # noqa: F401  (fixtures)
 from gemma4_eqx import quant
 
 SMALL = g4.assets.SMALL_CHECKPOINT
@@ -27,16 +28,6 @@ BOUNDS = {  # mode: (max |logit diff|, min top-1 agreement, max relative perplex
     "int8": (0.5, 0.95, 0.01),
     "int4": (5.0, 0.75, 0.05),
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    return g4.load(SMALL, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
-def proc():
-    return g4.Processor.from_pretrained(SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,12 @@ import numpy as np
 import pytest
 
 import gemma4_eqx as g4
+from small_fixtures import model, proc  # noqa: F401  (fixtures)
 from gemma4_eqx.train import losses
 from gemma4_eqx.config import FULL, SLIDING
 
 SMALL = g4.assets.SMALL_CHECKPOINT
 RECORD = json.loads((SMALL / "training.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def model():
-    return g4.load(SMALL, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
-def proc():
-    return g4.Processor.from_pretrained(SMALL)
 
 
 def test_structure_is_the_real_one(model):

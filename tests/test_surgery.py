@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import gemma4_eqx as g4
+from gemma4_eqx.testing import WrappedAttention
 from gemma4_eqx.model import surgery
 from gemma4_eqx import train
 from gemma4_eqx.generate.batching import stack_samples
@@ -36,16 +37,7 @@ def model():
     return filled_model(CONFIG, draw)
 
 
-class Wrapped(AbstractAttention):
-    """A replacement that computes exactly what it wraps but has another pytree type, forcing a regroup."""
-
-    inner: Attention
-
-    def __call__(self, x, positions, mask, band=None):
-        return self.inner(x, positions, mask, band)
-
-    def with_cache(self, x, positions, kv, ctx):
-        return self.inner.with_cache(x, positions, kv, ctx)
+Wrapped = WrappedAttention  # gemma4_eqx.testing
 
 
 class NoCache(eqx.Module):
