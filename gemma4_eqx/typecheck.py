@@ -19,10 +19,8 @@ body runs, instead of a broadcasting error deep inside or, worse, a silent broad
 The switch acts at import time: the package's modules are compiled with a decorator on every annotated function
 and class (jaxtyping's import hook), so it cannot be turned on after `gemma4_eqx` has been imported; `enabled()`
 says whether it was. Cost: the checks run in Python at every call of an annotated function, so they cost where
-Python runs. Tracing the tiny model's whole forward pass took 61 ms instead of 31 ms (about +30 ms, paid by eager
-code at every forward and by `jax.jit` once per shape); one eager call of a small annotated function
-(`logits_from_hidden`) 0.67 ms instead of 0.63 ms; a compiled call costs the same (`benchmarks/typecheck_cost.py`,
-a shared 2-core VM, best of 20). Values accepted: "1", "true", "yes", "on" (any case); unset,
+Python runs: tracing costs more (eager code at every call, `jax.jit` once per shape), a compiled call the same
+(measured by `benchmarks/typecheck_cost.py`, figures in benchmarks/RESULTS.md). Values accepted: "1", "true", "yes", "on" (any case); unset,
 "", "0", "false", "no", "off" leave it off; anything else is an error.
 """
 

@@ -1,4 +1,4 @@
-"""The public contract (API.md), call by call, on the checkpoint bundled in the package, with no network.
+"""The public contract (`API.md`, shared beside the repository: `../shared/API.md`), call by call, on the checkpoint bundled in the package, with no network.
 
 Each test makes one call of API.md exactly as it is written there (names, keyword names, argument order,
 shapes) and checks the documented return type, shape, dtype or behaviour, so that a caller who follows

@@ -74,9 +74,8 @@ class QuantLinear(AbstractLinear):
 
     def grouped_product(self, x: Float[Array, "*batch in_features"]) -> Float[Array, "*batch out_features"]:
         """`sum_g (x_g @ q_g) * s_g` in fp32: the codes multiply as they are (exact in bf16) and the scales come
-        after the product, so no dequantized weight is formed. On an H200 XLA then reads the int4/int8 codes
-        straight into the reduction (12B decode at batch 1: int4 42.2 -> 32.0 ms/token, int8 32.3 -> 28.1;
-        `benchmarks/RESULTS.md`). Used for decode-sized calls (<= `GROUPED_MAX_ROWS` rows) under the default
+        after the product, so no dequantized weight is formed. On a GPU XLA then reads the int4/int8 codes
+        straight into the reduction (figures: `benchmarks/RESULTS.md`). Used for decode-sized calls (<= `GROUPED_MAX_ROWS` rows) under the default
         numerics off the CPU (XLA:CPU has no bf16 x bf16 -> fp32 batched dot); it rounds once at the end rather
         than after dequantizing, so its outputs differ from the dequantize-then-matmul path by rounding only."""
         q, s = self.qweight, self.scales

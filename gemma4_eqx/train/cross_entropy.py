@@ -110,8 +110,7 @@ def next_token_nll(
     `accumulate_in_loss_dtype`: with an embedding narrower than `hidden` (bf16 weights, fp32 loss), cast it once
     to `hidden`'s dtype so its gradient is summed over row blocks in that dtype and rounded once, as the dense
     product does (default). False casts chunk by chunk instead: no `[vocab, hidden]` copy in the loss's dtype
-    (at the 12B's vocabulary, 12.1 -> 3.2 GiB of temporaries for value and gradient at 8K tokens:
-    `benchmarks/ce_memory.py`), but the embedding's gradient is summed over the row blocks in bf16 (3x the
+    (`benchmarks/ce_memory.py` measures what that saves), but the embedding's gradient is summed over the row blocks in bf16 (3x the
     dense product's error with 4 blocks).
     """
     if block_size < 1 or vocab_block_size < 1:
