@@ -134,8 +134,7 @@ def save(model: Any, folder: str | os.PathLike, *, max_shard_size: int | str = "
     directory (or a folder holding one), and a folder holding files this save would delete without having
     written them (another model's `*.safetensors`, an adapter's weights), unless `overwrite=True`.
     """
-    check_target(folder, overwrite)
-    folder = os.fspath(folder)
+    folder = check_target(folder, overwrite)  # the real path ("~" expanded, symlinks resolved)
     # fail on an unsavable model or a bad size before anything is written
     (quantized.plan_shards if is_quantized(model) else plan_shards)(model, max_shard_size)
     if processor is not None and not hasattr(processor, "save_pretrained"):
