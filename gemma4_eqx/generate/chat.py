@@ -24,22 +24,28 @@ bidirectional block), which compiles once per such length.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ..config.generation import GenerationConfig
 from ..model.cache import KVCache
 from ..model.sharding import commit_like
 from ..processing import parse_response
 from .batching import MEDIA, soft_tokens
 from .inputs import PREFILL_CHUNKS
 from .loop import prefill_rows, run_decode, sample_step
-from .sampling import SamplingParams
+from .settings import (
+    SamplingSettings,
+    SettingsError,
+    check_cache_dtype,
+    check_max_context,
+    check_positive_int,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,21 @@ class Reply:
     prefilled: int  # prompt tokens this turn prefilled (what the render added beyond the cached prefix)
     reused: int  # prompt tokens found in the cache
     interrupted: bool = False
+
+
+class ContextFullError(ValueError):
+    """A turn that does not fit the session's cache (`max_context`): nothing was prefilled, the conversation is kept
+    as it was; `reset()`, a shorter turn or a session with a larger `max_context` goes on. `tokens`: the rendered
+    conversation with the turn, `max_new_tokens`: the reply's room, `max_context`: the session's slots."""
+
+    def __init__(self, message: str, *, tokens: int, max_new_tokens: int, max_context: int):
+        super().__init__(message)
+        self.tokens, self.max_new_tokens, self.max_context = tokens, max_new_tokens, max_context
+
+
+class SessionBusyError(RuntimeError):
+    """`send` or `reset` called while another call on the same session runs (another thread, or a streamer calling
+    back into its session): a session is one conversation, one turn at a time."""
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -88,40 +109,60 @@ class ChatSession:
     """A multi-turn conversation on one model; `send(content)` returns a `Reply`.
 
     `generation_config`: defaults for stop ids, suppressed ids and sampling (a `GenerationConfig` or a checkpoint
-    folder; see `g4.generate`). `max_context`: the cache's slots (prompt and replies of the whole conversation).
-    `max_new_tokens`: per reply; the sliding layers keep that many spare ring slots so the reply can be rolled
-    back. `enable_thinking` and `processor_kwargs` go to `apply_chat_template`.
+    folder; see `g4.generate`). `max_context`: the cache's slots (prompt and replies of the whole conversation; at
+    most the model's context, and a cache that fits the memory). `max_new_tokens`: per reply; the sliding layers
+    keep that many spare ring slots so the reply can be rolled back. `enable_thinking`, `processor_kwargs` and
+    `template_limits` (the chat template's render budget, `processing.TemplateLimits`) go to
+    `apply_chat_template`. Every setting is checked here (`generate.settings`), before the cache is allocated.
+
+    A turn too long for the cache raises `ContextFullError` and keeps the conversation; one session takes one turn
+    at a time (`SessionBusyError` otherwise).
     """
 
     def __init__(self, model, processor, *, system: str | None = None, generation_config=None,
                  max_new_tokens: int = 256, max_context: int = 4096, enable_thinking: bool = False,
-                 temperature: float | None = None, top_k: int | None = -1, top_p: float | None = -1.0,
-                 key=None, cache_dtype=None, processor_kwargs: dict | None = None):
+                 temperature: float | int | None = None, top_k: int | None = -1, top_p: float | int | None = -1.0,
+                 key=None, cache_dtype=None, processor_kwargs: dict | None = None, template_limits=None):
         self.model, self.processor = model, processor
-        gen = GenerationConfig.resolve(generation_config, model.config)
-        self.temperature = gen.temperature if temperature is None else temperature
-        if self.temperature > 0 and key is None:
-            raise ValueError("key: sampling (temperature > 0) needs an explicit jax.random key")
-        self.params = SamplingParams.make(
-            model.config.text.vocab_size, temperature=float(self.temperature),
-            top_k=gen.top_k if top_k == -1 else top_k, top_p=gen.top_p if top_p == -1.0 else top_p,
-            suppress_ids=gen.suppress_ids, stop_ids=gen.stop_ids,
-            pad_id=model.config.text.pad_token_id if gen.pad_id is None else gen.pad_id)
-        self.stop_ids = gen.stop_ids
-        self.max_new_tokens = max_new_tokens
-        self.max_context = max_context
+        self.settings = SamplingSettings.resolve(model.config, generation_config, temperature=temperature,
+                                                 top_k=top_k, top_p=top_p)
+        self.settings.require_key(key)
+        self.temperature = self.settings.temperature
+        self.stop_ids = self.settings.stop_ids
+        self.max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens", "a positive number of tokens "
+                                                 "per reply")
+        self.cache_dtype = check_cache_dtype(cache_dtype, model.dtype)
+        self.max_context = check_max_context(model.config, max_context, dtype=self.cache_dtype,
+                                             spare=self.max_new_tokens)
+        if self.max_new_tokens >= self.max_context:
+            raise SettingsError(f"max_new_tokens: {self.max_new_tokens} new tokens per reply leave no room for a "
+                                f"prompt in the session's max_context of {self.max_context} slots; expected fewer")
+        self.params = self.settings.params()
         self.enable_thinking = enable_thinking
         self.processor_kwargs = processor_kwargs
-        self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+        self.template_limits = template_limits
         self.key = jax.random.key(0) if key is None else key
         self.system = system
+        self._busy = threading.Lock()
         self.reset()
+
+    @contextlib.contextmanager
+    def _one_turn(self, what: str):
+        if not self._busy.acquire(blocking=False):
+            raise SessionBusyError(f"ChatSession.{what}: the session is busy with another call (another thread, or a "
+                                   "streamer calling back into it); a session takes one turn at a time: wait for the "
+                                   "reply, or make one session per conversation")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def reset(self) -> None:
         """Forget the conversation (the cache is emptied, not reallocated)."""
-        self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
-        self.cached = np.zeros((0,), np.int64)  # the token ids the cache holds
-        self.cache = self._empty_cache()
+        with self._one_turn("reset"):
+            self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
+            self.cached = np.zeros((0,), np.int64)  # the token ids the cache holds
+            self.cache = self._empty_cache()
 
     def _empty_cache(self) -> KVCache:
         # committed like the model, as every later cache is (the outputs of its programs): one prefill program
@@ -133,21 +174,31 @@ class ChatSession:
         return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                   tokenize=True, return_dict=True,
                                                   enable_thinking=self.enable_thinking,
-                                                  processor_kwargs=self.processor_kwargs)
+                                                  processor_kwargs=self.processor_kwargs,
+                                                  template_limits=self.template_limits)
 
     def send(self, content: str | list[dict], *, streamer=None, max_new_tokens: int | None = None) -> Reply:
-        """Add a user turn (text or content blocks), generate the reply, add it to the conversation."""
+        """Add a user turn (text or content blocks), generate the reply, add it to the conversation.
+
+        A turn that does not fit raises `ContextFullError` with the conversation kept as it was."""
+        with self._one_turn("send"):
+            return self._send(content, streamer, max_new_tokens)
+
+    def _send(self, content, streamer, max_new_tokens) -> Reply:
         max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if not 0 < max_new <= self.max_new_tokens:
-            raise ValueError(f"max_new_tokens: expected 1..{self.max_new_tokens} (the session's spare slots), "
-                             f"found {max_new}")
+        if isinstance(max_new, bool) or not isinstance(max_new, (int, np.integer)) or not 0 < max_new <= \
+                self.max_new_tokens:
+            raise SettingsError(f"max_new_tokens: expected an integer in 1..{self.max_new_tokens} (the session's "
+                                f"spare slots), found {max_new!r}")
         messages = self.messages + [{"role": "user", "content": content}]
         batch = self.render(messages)
         ids = np.asarray(batch["input_ids"])[0]
         if len(ids) + max_new > self.max_context:
-            raise ValueError(f"max_context: the conversation ({len(ids)} tokens) plus {max_new} new tokens exceeds "
-                             f"the session's {self.max_context} slots; reset() or make a session with a larger "
-                             "max_context")
+            raise ContextFullError(f"max_context: the conversation ({len(ids)} tokens) plus {max_new} new tokens "
+                                   f"exceeds the session's {self.max_context} slots; the conversation is kept as it "
+                                   "was: call reset() to start over, send a shorter turn, or make a session with a "
+                                   "larger max_context", tokens=len(ids), max_new_tokens=max_new,
+                                   max_context=self.max_context)
         types = np.asarray(batch.get("mm_token_type_ids", np.zeros((1, len(ids)), np.int64)))[0]
         keep = min(_common_prefix(self.cached, ids), len(ids) - 1)
         vision = np.isin(types, (1, 2))
@@ -160,6 +211,7 @@ class ChatSession:
                 keep = 0
             else:
                 self.cache = _truncate(self.cache, np.int32(keep))
+            self.cached = self.cached[:keep]  # what the cache holds now, should this turn not finish
         new = len(ids) - keep  # positions continue the cache's
         media = _media_after(batch, keep, self.model.config)
         self.key, sub = jax.random.split(self.key)

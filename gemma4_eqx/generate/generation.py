@@ -44,8 +44,7 @@ from ..model.masks import TokenType
 from .batching import TOKEN_FIELDS
 from .inputs import as_batch, cache_bucket, check_padding, check_prompt_ids, pad_rows, prompt_bucket, reject_unknown
 from .loop import GenerationResult, prefill_rows, run_decode, sample_step
-from .sampling import SamplingParams
-from .settings import check_settings
+from .settings import SamplingSettings, check_cache_dtype, check_max_new_tokens, check_num_draft_tokens
 from .speculative import speculative_decode
 
 
@@ -122,17 +121,11 @@ def generate(
         raise TypeError("generate: prompt_ids (or input_ids) is required")
 
     cfg = model.config
-    gen = GenerationConfig.resolve(generation_config, cfg)
-    if temperature is None:
-        temperature = gen.temperature
-    if do_sample is False:
-        temperature = 0.0
-    top_k = gen.top_k if top_k == -1 else top_k
-    top_p = gen.top_p if top_p == -1.0 else top_p
-    stop_ids = tuple(int(i) for i in (gen.stop_ids if stop_ids is None else stop_ids))
-    suppress_ids = tuple(int(i) for i in (gen.suppress_ids if suppress_ids is None else suppress_ids))
-    if pad_id is None:
-        pad_id = cfg.text.pad_token_id if gen.pad_id is None else gen.pad_id
+    settings = SamplingSettings.resolve(cfg, generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        stop_ids=stop_ids, suppress_ids=suppress_ids, pad_id=pad_id,
+                                        do_sample=do_sample)
+    pad_id = settings.pad_id
+    cache_dtype = check_cache_dtype(cache_dtype, model.dtype)
 
     ids = np.asarray(prompt_ids)
     if not np.issubdtype(ids.dtype, np.integer):
@@ -140,6 +133,8 @@ def generate(
     single = ids.ndim == 1
     if ids.ndim not in (1, 2):
         raise ValueError(f"prompt_ids: expected [seq] or [batch, seq], found shape {list(ids.shape)}")
+    if 0 in ids.shape:
+        raise ValueError(f"prompt_ids: expected at least one token (and one row), found shape {list(ids.shape)}")
     if max_length is not None:
         if max_new_tokens is not None:
             raise TypeError("generate: give max_new_tokens or max_length (prompt + new), not both")
@@ -147,11 +142,11 @@ def generate(
         if max_new_tokens <= 0:
             raise ValueError(f"max_length: {max_length} leaves no room after a prompt of {ids.shape[-1]} tokens")
     max_new_tokens = 64 if max_new_tokens is None else max_new_tokens
-    check_settings(model, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
-                   suppress_ids=suppress_ids, pad_id=pad_id, max_new_tokens=max_new_tokens,
-                   prompt_length=ids.shape[-1])
-    if temperature > 0 and key is None:
-        raise ValueError("key: sampling (temperature > 0) needs an explicit jax.random key")
+    context = cfg.text.max_position_embeddings
+    max_new_tokens = check_max_new_tokens(max_new_tokens, prompt_length=ids.shape[-1], context=context)
+    if assistant is not None:
+        num_draft_tokens = check_num_draft_tokens(num_draft_tokens, prompt_length=ids.shape[-1], context=context)
+    settings.require_key(key)
     if prefill_chunk_size is not None and prefill_chunk_size <= 0:
         raise ValueError(f"prefill_chunk_size: expected a positive number of tokens, found {prefill_chunk_size}")
     key = jax.random.key(0) if key is None else key
@@ -187,19 +182,18 @@ def generate(
         padded = {k: (np.pad(v, [(0, 0), (0, max_len - p)]) if k in TOKEN_FIELDS else v) for k, v in padded.items()}
     if "mm_token_type_ids" in padded and not has_vision:
         padded.pop("mm_token_type_ids")  # no vision block: keep the text-only program (banded sliding attention)
-    params = SamplingParams.make(cfg.text.vocab_size, temperature=float(temperature), top_k=top_k, top_p=top_p,
-                                 suppress_ids=suppress_ids, stop_ids=stop_ids, pad_id=int(pad_id))
+    params = settings.params()
     device_batch = jax.device_put(padded)  # a transfer; jnp.asarray would compile a copy per shape
     if assistant is not None:  # speculative decoding (speculative.py)
         return _speculative_hook(model, assistant, device_batch, single=single, p=p, chunk=chunk, bounds=bounds,
                                  max_len=max_len, max_new_tokens=max_new_tokens, key=key, params=params,
                                  num_draft_tokens=num_draft_tokens, mask_mode=mask_mode,
-                                 cache_dtype=jnp.dtype(cache_dtype or model.dtype), raw_keys=cache_raw_keys,
+                                 cache_dtype=cache_dtype, raw_keys=cache_raw_keys,
                                  return_result=return_result, refused=dict(streamer=streamer, step=step,
                                                                            return_logprobs=return_logprobs))
     state, first = prefill_rows(model, None, device_batch, np.int32(p // chunk if chunk else 0),
                             np.int32(max_new_tokens), key, params, chunk=chunk, bounds=bounds, max_len=max_len,
-                            mask_mode=mask_mode, cache_dtype=jnp.dtype(cache_dtype or model.dtype),
+                            mask_mode=mask_mode, cache_dtype=cache_dtype,
                             raw_keys=cache_raw_keys)
     result, _ = run_decode(model, state, first, params, max_new_tokens=max_new_tokens, streamer=streamer, step=step,
                            pad_id=int(pad_id))

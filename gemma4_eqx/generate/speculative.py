@@ -41,6 +41,7 @@ from ..model.drafter import AbstractDrafter, PromptLookupDrafter
 from .batching import TOKEN_FIELDS
 from .loop import prefill_row
 from .sampling import SamplingParams, choose, processed_logits
+from .settings import check_num_draft_tokens
 
 
 class SpecState(eqx.Module):
@@ -172,8 +173,7 @@ def speculative_decode(model, drafter, device_batch, *, p: int, chunk, bounds, m
     if not isinstance(drafter, AbstractDrafter):
         raise TypeError(f"assistant: expected a drafter (g4.Assistant, g4.PromptLookupDrafter or another "
                         f"model.drafter.AbstractDrafter), found {type(drafter).__name__}")
-    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, (int, np.integer)) or num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens: expected a positive integer, found {num_draft_tokens!r}")
+    num_draft_tokens = check_num_draft_tokens(num_draft_tokens)  # generate also checks it fits the context
     drafter.check_target(model)
     out, count, accepted, calls = _speculative(
         model, drafter, device_batch, np.int32(p // chunk if chunk else 0), np.int32(max_new_tokens), key, params,

@@ -26,6 +26,7 @@ from ..config.gemma4 import Gemma4Config
 from ..layers.cache import CacheContext, FullKV, FullKV8, LayerCache, RawKeyKV, RawKeyKV8, RingKV, RingKV8
 from ..layers.kinds import LayerKind, layer_pattern, layer_repeats
 from ..utils.checks import check_value, is_concrete
+from ..utils.dtypes import float_dtype
 from .masks import MaskMode, layer_masks
 from .sharding import commit_like
 
@@ -62,8 +63,9 @@ class KVCache(eqx.Module):
         `int8`: store keys and values as int8 codes with an fp32 scale per token and KV head (`RingKV8`,
         `FullKV8`, `RawKeyKV8`), dequantized to the activations' dtype on read: about half a bf16 cache.
         """
-        if not isinstance(max_len, (int, np.integer)) or max_len <= 0:
+        if not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool) or max_len <= 0:
             raise ValueError(f"max_len: expected a positive number of slots, found {max_len!r}")
+        dtype = float_dtype(dtype, "dtype", "int8 codes with a scale per token are KVCache.init(..., int8=True)")
         if not isinstance(spare, (int, np.integer)) or spare < 0:
             raise ValueError(f"spare: expected a number of extra ring slots >= 0, found {spare!r}")
         t = config.text
@@ -172,6 +174,8 @@ class KVCache(eqx.Module):
         only while `n <= spare + 1` (or while the whole context still fits the ring); beyond that this raises
         (eagerly, or through `eqx.error_if` under jit). Make room with `KVCache.init(..., spare=k)`.
         """
+        if isinstance(length, bool) or not jnp.issubdtype(jnp.result_type(length), jnp.integer):
+            raise ValueError(f"length: expected an integer number of slots, found {length!r}"[:160])
         length = jnp.asarray(length, jnp.int32)
         if length.ndim != 0:
             raise ValueError(f"length: expected one slot count (vmap truncate over a batch), found shape "
@@ -211,8 +215,9 @@ class KVCache(eqx.Module):
 
 
 def cache_bytes(config: Gemma4Config, context: int, dtype=jnp.bfloat16, batch: int = 1, raw_keys: bool = True,
-                int8: bool = False) -> int:
-    """Bytes of a cache for `context` slots, computed from shapes only (nothing allocated)."""
+                int8: bool = False, spare: int = 0) -> int:
+    """Bytes of a cache for `context` slots (and `spare` extra ring slots), computed from shapes only (nothing
+    allocated)."""
     abstract = jax.eval_shape(lambda: KVCache.init(config, max_len=context, dtype=dtype, raw_keys=raw_keys,
-                                                   int8=int8))
+                                                   int8=int8, spare=spare))
     return batch * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))

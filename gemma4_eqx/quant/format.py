@@ -47,15 +47,20 @@ class QuantConfig:
     @classmethod
     def make(cls, mode: str, group_size: int | None = None, scale_dtype: Any = None,
              embedding: bool = False) -> QuantConfig:
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise QuantError(f"quantize: expected one of {sorted(MODES)}, found {mode!r}")
+        if not isinstance(embedding, (bool, np.bool_)):
+            raise QuantError(f"embedding: expected True or False, found {embedding!r}")
         bits = MODES[mode]
         group_size = DEFAULT_GROUP[bits] if group_size is None else group_size
         if bits == 8 and group_size is not None:
             raise QuantError(f"group_size: int8 is per output channel (group_size None), found {group_size}")
         if bits == 4 and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
             raise QuantError(f"group_size: expected an even positive int for int4, found {group_size!r}")
-        name = DEFAULT_SCALE_DTYPE[bits] if scale_dtype is None else jnp.dtype(scale_dtype).name
+        try:
+            name = DEFAULT_SCALE_DTYPE[bits] if scale_dtype is None else jnp.dtype(scale_dtype).name
+        except TypeError:  # a name jnp.dtype does not know ("potato")
+            name = repr(scale_dtype)
         if name not in ("float32", "float16", "bfloat16"):
             raise QuantError(f"scale_dtype: expected float32, float16 or bfloat16, found {name}")
         return cls(bits, group_size, name, bool(embedding))
