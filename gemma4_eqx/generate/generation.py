@@ -25,6 +25,16 @@ Defaults (stop ids, suppressed ids, pad id, temperature, top-k, top-p) come from
 
 The per-step function of the decode loop is a parameter (`step=`): `sample_step` by default; a speculative
 verify step plugs in with the same signature.
+
+Soft prompts and steering. `inputs_embeds=` `[seq, hidden]` (or `[batch, seq, hidden]`, left-padded with an
+`attention_mask`) prefills given embeddings instead of embedding `prompt_ids` (as `model(inputs_embeds=...)`: with
+`prompt_ids` too, the ids give the token types and the media are spliced in at their placeholders), bucketed and
+padded like a prompt of ids, so new embeddings of the same length compile nothing. `taps=g4.Taps(...)` applies to
+the prompt and every generated token: `add=` / `patch=` write one vector per layer (`values` `[writes, hidden]`,
+or `[batch, writes, hidden]` one set per row) at every position; `residual=` / `attention=` reads of the position
+that chose each token come back in `GenerationResult.residual` / `.attention` (with `return_result=True`). The
+taps' layers are static (one program per layer set), their values traced; `taps=None` runs the same programs as
+before taps existed.
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ from jaxtyping import PRNGKeyArray
 from ..config.generation import GenerationConfig
 from ..model.decode import prefill_chunks
 from ..model.masks import TokenType
+from ..model.taps import Taps
+from ..model.taps import check as check_taps
 from .batching import TOKEN_FIELDS
 from .inputs import as_batch, cache_bucket, check_padding, check_prompt_ids, pad_rows, prompt_bucket, reject_unknown
 from .loop import GenerationResult, prefill_rows, run_decode, sample_step
@@ -75,6 +87,8 @@ def generate(
     step: Callable = sample_step,
     assistant=None,
     num_draft_tokens: int = 4,
+    inputs_embeds=None,
+    taps: Taps | None = None,
     **media,
 ):
     """Generate up to `max_new_tokens` (default 64) new tokens after `prompt_ids`; returns only the new tokens.
@@ -96,6 +110,15 @@ def generate(
     drafter, or `g4.PromptLookupDrafter`), `num_draft_tokens` per target call; the output distribution is the
     target's (greedy: its exact tokens); `GenerationResult.accepted_per_call` reports acceptance
     (`gemma4_eqx.speculative`).
+
+    `inputs_embeds` (soft prompts; `[seq, hidden]` or `[batch, seq, hidden]`, the model's dtype): the prompt's
+    embeddings (what `model.embed` returns) in place of embedding `prompt_ids`, which may then be omitted (a text
+    prompt; `mm_token_type_ids` may mark image tokens) or given alongside (same shape without hidden: they give
+    the token types, and media are spliced in at their placeholders). `taps` (`g4.Taps`): steer with `add=` /
+    `patch=` (values `[writes, hidden]` or `[batch, writes, hidden]`, no `where`: every prompt and generated token
+    is written) and read `residual=` / `attention=` of the position that chose each token into
+    `GenerationResult.residual` `[batch, new, reads, hidden]` / `.attention` `[batch, new, reads, heads,
+    cache_slots]` (needs `return_result=True`). See the module docstring.
     """
     if "input_ids" in media:
         if prompt_ids is not None:
@@ -117,8 +140,28 @@ def generate(
         media.pop("streamer")
     token_types = media.pop("mm_token_type_ids", None)
     media = reject_unknown(media)
-    if prompt_ids is None:
-        raise TypeError("generate: prompt_ids (or input_ids) is required")
+    if prompt_ids is None and inputs_embeds is None:
+        raise TypeError("generate: prompt_ids (or input_ids, or inputs_embeds) is required")
+    hidden = model.config.text.hidden_size
+    embeds = None
+    if inputs_embeds is not None:
+        embeds = np.asarray(inputs_embeds)
+        if embeds.ndim not in (2, 3) or embeds.shape[-1] != hidden:
+            raise ValueError(f"inputs_embeds: expected shape [seq, {hidden}] or [batch, seq, {hidden}] (hidden_size "
+                             f"{hidden} last), found {list(embeds.shape)}")
+        if embeds.dtype != model.dtype:
+            raise ValueError(f"inputs_embeds: expected the model's activation dtype {jnp.dtype(model.dtype).name}, "
+                             f"found {embeds.dtype} (cast with .astype(model.dtype))")
+        if prompt_ids is None and any(v is not None for v in media.values()):
+            raise ValueError(f"{', '.join(k for k, v in media.items() if v is not None)}: media with inputs_embeds "
+                             "need prompt_ids to say which rows are their placeholders (or splice them yourself: "
+                             "model.embed(ids, media=...))")
+        if assistant is not None:
+            raise TypeError("generate: inputs_embeds= is not supported with assistant= (speculative decoding)")
+    if taps is not None and taps.empty:
+        taps = None
+    if taps is not None and assistant is not None:
+        raise TypeError("generate: taps= is not supported with assistant= (speculative decoding)")
 
     cfg = model.config
     settings = SamplingSettings.resolve(cfg, generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -127,7 +170,14 @@ def generate(
     pad_id = settings.pad_id
     cache_dtype = check_cache_dtype(cache_dtype, model.dtype)
 
+    if prompt_ids is None:  # inputs_embeds alone: stand-in ids (text), every position real unless masked
+        prompt_ids = np.full(embeds.shape[:-1], pad_id, np.int32)
+        if attention_mask is None:
+            attention_mask = np.ones(embeds.shape[:-1], bool)
     ids = np.asarray(prompt_ids)
+    if embeds is not None and ids.shape != embeds.shape[:-1]:
+        raise ValueError(f"prompt_ids: expected shape {list(embeds.shape[:-1])} like inputs_embeds without its hidden "
+                         f"axis, found {list(ids.shape)}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"prompt_ids: expected integer token ids, found dtype {ids.dtype}")
     single = ids.ndim == 1
@@ -153,6 +203,7 @@ def generate(
 
     if single:
         ids = ids[None]
+        embeds = None if embeds is None else embeds[None]
         attention_mask = None if attention_mask is None else np.asarray(attention_mask)[None]
         positions = None if positions is None else np.asarray(positions)[None]
         token_types = None if token_types is None else np.asarray(token_types)[None]
@@ -162,7 +213,14 @@ def generate(
         if value is not None and np.shape(value) != ids.shape:
             raise ValueError(f"{name}: expected shape {list(ids.shape)} like prompt_ids, found {list(np.shape(value))}")
     check_padding(ids, None if attention_mask is None else np.asarray(attention_mask, bool), pad_id)
-    check_prompt_ids(model, ids, media)
+    if embeds is None:
+        check_prompt_ids(model, ids, media)
+    if token_types is None and np.isin(ids, (cfg.image_token_id, cfg.video_token_id)).any():
+        # as the model does: image / video placeholders make bidirectional blocks (and a whole-prompt prefill)
+        token_types = np.zeros(ids.shape, np.int32)
+        for kind, token_id in ((TokenType.IMAGE, cfg.image_token_id), (TokenType.VIDEO, cfg.video_token_id),
+                               (TokenType.AUDIO, cfg.audio_token_id)):
+            token_types = np.where(ids == token_id, int(kind), token_types)
     batch = as_batch(model, ids, attention_mask, positions, {"mm_token_type_ids": token_types, **media})
     types = batch.get("mm_token_type_ids")
     has_vision = types is not None and bool(np.isin(types, (TokenType.IMAGE, TokenType.VIDEO)).any())
@@ -182,6 +240,12 @@ def generate(
         padded = {k: (np.pad(v, [(0, 0), (0, max_len - p)]) if k in TOKEN_FIELDS else v) for k, v in padded.items()}
     if "mm_token_type_ids" in padded and not has_vision:
         padded.pop("mm_token_type_ids")  # no vision block: keep the text-only program (banded sliding attention)
+    if embeds is not None:  # placed like the token fields: left-padded to p (and right-padded as they are)
+        width = padded["input_ids"].shape[1]
+        placed = np.zeros((b, width, hidden), embeds.dtype)
+        placed[:, p - seq:p] = embeds
+        padded["inputs_embeds"] = placed
+    taps_kw = {} if taps is None else {"taps": _batched_taps(model, taps, b, return_result or return_logprobs)}
     params = settings.params()
     device_batch = jax.device_put(padded)  # a transfer; jnp.asarray would compile a copy per shape
     if assistant is not None:  # speculative decoding (speculative.py)
@@ -194,9 +258,9 @@ def generate(
     state, first = prefill_rows(model, None, device_batch, np.int32(p // chunk if chunk else 0),
                             np.int32(max_new_tokens), key, params, chunk=chunk, bounds=bounds, max_len=max_len,
                             mask_mode=mask_mode, cache_dtype=cache_dtype,
-                            raw_keys=cache_raw_keys)
+                            raw_keys=cache_raw_keys, **taps_kw)
     result, _ = run_decode(model, state, first, params, max_new_tokens=max_new_tokens, streamer=streamer, step=step,
-                           pad_id=int(pad_id))
+                           pad_id=int(pad_id), **taps_kw)
     result = dataclasses.replace(result, prefilled=p, cache_slots=max_len)
     if single:
         result = dataclasses.replace(result, **{f.name: (np.asarray(getattr(result, f.name)[0]) if isinstance(
@@ -207,6 +271,31 @@ def generate(
                                          top_logprobs=None)
         return result
     return jax.device_put(result.tokens)
+
+
+def _batched_taps(model, taps: Taps, b: int, returns_result: bool) -> Taps:
+    """`taps` checked for generation (before anything is traced) with one row of values per prompt."""
+    t = model.config.text
+    if taps.where is not None:
+        raise ValueError("taps.where: generate writes at every prompt and generated token; give values [writes, "
+                         "hidden] without where")
+    if taps.reads and not returns_result:
+        raise ValueError("taps: residual / attention reads come back in a GenerationResult; pass return_result=True")
+    values = taps.values
+    if values is not None:
+        w = len(taps.written)
+        shape = tuple(values.shape)
+        if shape not in ((w, t.hidden_size), (b, w, t.hidden_size)):
+            raise ValueError(f"taps.values: expected shape [{w}, {t.hidden_size}] (one vector per written layer) or "
+                             f"[{b}, {w}, {t.hidden_size}] (one set per prompt row), found {list(shape)}")
+        check_taps(Taps(residual=taps.residual, attention=taps.attention, patch=taps.patch, add=taps.add,
+                        values=values[0] if values.ndim == 3 else values), model.layers, 1, t.hidden_size,
+                   model.dtype)
+        if values.ndim == 2:  # one set for every row; in NumPy, so that nothing is compiled for it
+            values = np.broadcast_to(np.asarray(values), (b,) + shape)
+    else:
+        check_taps(taps, model.layers, 1, t.hidden_size, model.dtype)
+    return Taps(residual=taps.residual, attention=taps.attention, patch=taps.patch, add=taps.add, values=values)
 
 
 def _speculative_hook(model, assistant, device_batch, *, single, p, max_len, return_result, refused, **kwargs):

@@ -4,6 +4,12 @@ prefill of every row and choice of its first token (`prefill_rows`), decode chun
 (`run_decode`, Ctrl-C between chunks). It owns the cache and the programs; `generate`, the chat session,
 speculative decoding and the server plug into it. The per-step function is a parameter (`step=`, `sample_step` by
 default) with the signature `(model, DecodeState, SamplingParams) -> (DecodeState, Choice)`.
+
+Taps (`g4.Taps`, `model/taps.py`) ride along: `prefill_rows(..., taps=)`, `decode_chunk(..., taps=)` and
+`run_decode(..., taps=)` hand them to the prefill and to the step (`step(model, state, params, taps=taps)`, which
+then returns `(state, (choice, TapResult))`), so residual writes (steering) act on every prompt and generated token
+and residual / attention reads of the position that chose each token come back in the `GenerationResult`. Their
+layers are static, their values traced: new values compile nothing; without taps the programs are the ones above.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..model.cache import KVCache
 from ..model.decode import decode_step, forward_with_cache
+from ..model.taps import TapResult, Taps
+from ..model.taps import blank as blank_reads
 from .batching import TOKEN_FIELDS
 from .inputs import is_ordered
 from .sampling import Choice, SamplingParams, choose
@@ -47,6 +55,12 @@ class GenerationResult:
     accepted_per_call: float | None = None  # speculative decoding: mean drafts accepted per target call (the call
     # yields that plus one token); None without an assistant
     target_calls: int = 0  # speculative decoding: target calls after the prefill (the longest row's)
+    # `taps=` reads, of the position that chose each token (the prompt's last for token 0, then the token fed
+    # before it), zero after a row's length: residual [batch, new, len(taps.residual), hidden]; attention
+    # [batch, new, len(taps.attention), heads, cache_slots] over the cache's slots (slot s < prefilled: the
+    # left-padded prompt's position s; slot prefilled + j: generated token j)
+    residual: np.ndarray | None = None
+    attention: np.ndarray | None = None
 
     @property
     def sequences(self) -> list[np.ndarray]:
@@ -72,14 +86,25 @@ def finish_step(choice: Choice, state_done, count, max_new, params: SamplingPara
     return eqx.tree_at(lambda c: c.token, choice, token), done, count
 
 
-def batched_decode_step(model, cache: KVCache, tokens: Int[Array, " batch"]
-                        ) -> tuple[Float[Array, "batch vocab"], KVCache]:
+def batched_decode_step(model, cache: KVCache, tokens: Int[Array, " batch"], taps: Taps | None = None
+                        ) -> tuple[Float[Array, "batch vocab"], KVCache] | tuple[Float[Array, "batch vocab"], KVCache,
+                                                                                TapResult]:
     """`decode_step` for every row of a batched cache.
 
     A batch of one runs without `vmap`, so each layer's cache write stays a `dynamic_update_slice` in place (vmapped,
     it becomes a scatter, which XLA:CPU turned into a rewrite and a copy of every full layer's cache on every step:
-    benchmarks/RESULTS.md). Larger batches are vmapped.
+    benchmarks/RESULTS.md). Larger batches are vmapped. `taps`: values `[batch, writes, hidden]` (one row's
+    vectors per row); then also returns each row's reads of its one position (`TapResult.position(0)`).
     """
+    if taps is not None:
+        def one(c, t, tp):
+            logits, c, tapped = decode_step(model, t, c, tp)
+            return logits, c, tapped.position(0)
+        if tokens.shape[0] == 1:
+            first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+            out = one(first(cache), tokens[0], first(taps))
+            return jax.tree.map(lambda x: x[None], out)
+        return jax.vmap(one)(cache, tokens, taps)
     if tokens.shape[0] == 1:
         one_row = jax.tree.map(lambda x: x[0], cache)
         logits, one_row = decode_step(model, tokens[0], one_row)
@@ -87,23 +112,35 @@ def batched_decode_step(model, cache: KVCache, tokens: Int[Array, " batch"]
     return jax.vmap(lambda c, t: decode_step(model, t, c))(cache, tokens)
 
 
-def sample_step(model, state: DecodeState, params: SamplingParams) -> tuple[DecodeState, Choice]:
-    """The default per-step function: feed every row's last token, choose the next from its logits."""
-    logits, cache = batched_decode_step(model, state.cache, state.token)
+def sample_step(model, state: DecodeState, params: SamplingParams, taps: Taps | None = None
+                ) -> tuple[DecodeState, Choice] | tuple[DecodeState, tuple[Choice, TapResult]]:
+    """The default per-step function: feed every row's last token, choose the next from its logits. With `taps`
+    (batched as for `batched_decode_step`) the choice comes with the fed position's reads: `(choice, TapResult)`."""
+    if taps is None:
+        logits, cache = batched_decode_step(model, state.cache, state.token)
+    else:
+        logits, cache, reads = batched_decode_step(model, state.cache, state.token, taps)
     key, sub = jax.random.split(state.key)
     choice, done, count = finish_step(choose(logits, sub, params, ordered=is_ordered(model)), state.done, state.count, state.max_new, params)
-    return DecodeState(cache, choice.token, done, count, state.max_new, key), choice
+    new = DecodeState(cache, choice.token, done, count, state.max_new, key)
+    return new, (choice if taps is None else (choice, reads))
 
 
 def prefill_row(model, cache: KVCache, tokens: dict, media: dict, *, n_chunks, chunk: int | None,
-                bounds: tuple | None, mask_mode, last: Int[Array, ""] | None = None
-                ) -> tuple[KVCache, Float[Array, " hidden"]]:
+                bounds: tuple | None, mask_mode, last: Int[Array, ""] | None = None,
+                inputs_embeds: Float[Array, "seq hidden"] | None = None, taps: Taps | None = None
+                ) -> tuple[KVCache, Float[Array, " hidden"]] | tuple[KVCache, Float[Array, " hidden"], TapResult]:
     """Write one row's prompt into `cache` in chunks (`n_chunks` of `chunk` tokens, or the static `bounds`); returns
     the cache and the last token's final hidden state (`last`: the hidden state of the token at that index of the
     prompt instead, for a prompt padded on the right). A multimodal prompt is embedded once and sliced, so every
-    chunk keeps its soft tokens in order. `generate`'s prefill, speculative decoding's and the chat's run this."""
+    chunk keeps its soft tokens in order. `generate`'s prefill, speculative decoding's and the chat's run this.
+    `inputs_embeds`: the prompt's embeddings in place of embedding `input_ids` (the media, if any, spliced in at the
+    ids' placeholders). `taps`: applied to every chunk; their reads of the same token come back third."""
     ids = tokens["input_ids"]
-    embeds = model.embed(ids, **media) if media else None
+    if inputs_embeds is not None:
+        embeds = model.splice_media(inputs_embeds, ids, **media) if media else inputs_embeds
+    else:
+        embeds = model.embed(ids, **media) if media else None
     rest = {k: v for k, v in tokens.items() if k != "input_ids"}
 
     def run(cache, h, start, size):
@@ -112,52 +149,67 @@ def prefill_row(model, cache: KVCache, tokens: dict, media: dict, *, n_chunks, c
             chunk_ids = jax.lax.dynamic_slice_in_dim(ids, start, size)
         else:
             chunk_ids, part["inputs_embeds"] = None, jax.lax.dynamic_slice_in_dim(embeds, start, size)
-        out, cache = forward_with_cache(model, chunk_ids, cache, mask_mode=mask_mode, **part)
+        if taps is None:
+            out, cache = forward_with_cache(model, chunk_ids, cache, mask_mode=mask_mode, **part)
+            at = lambda i: out[i]
+        else:
+            out, cache, tapped = forward_with_cache(model, chunk_ids, cache, mask_mode=mask_mode, taps=taps, **part)
+            at = lambda i: (out[i], tapped.position(i))
         if last is None:
-            return cache, out[-1]
+            return cache, at(-1)
         i = last - start
-        return cache, jnp.where((i >= 0) & (i < size), out[jnp.clip(i, 0, size - 1)], h)
+        inside = (i >= 0) & (i < size)
+        return cache, jax.tree.map(lambda new, old: jnp.where(inside, new, old), at(jnp.clip(i, 0, size - 1)), h)
 
     h = jnp.zeros((model.config.text.hidden_size,), model.dtype)
+    if taps is not None:
+        h = (h, blank_reads(taps, model.layers, 1, cache.max_len, h.shape[0], h.dtype).position(0))
     if bounds is not None:
         for start, end in bounds:
             cache, h = run(cache, h, start, end - start)
     else:
         cache, h = jax.lax.fori_loop(0, n_chunks, lambda i, c: run(*c, i * chunk, chunk), (cache, h))
-    return cache, h
+    return (cache, h) if taps is None else (cache,) + h
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "bounds", "max_len", "mask_mode", "cache_dtype", "raw_keys"))
 def prefill_rows(model, cache, batch, n_chunks, max_new, key, params, real=None, *, chunk, bounds, max_len, mask_mode,
-             cache_dtype, raw_keys):
+             cache_dtype, raw_keys, taps=None):
     """Prefill every row (chunks of `chunk` tokens, `n_chunks` of them; or the static `bounds`) and choose each
     row's first token. `cache=None` allocates one of `max_len` slots inside the program (no eager zeros).
 
     `real` (a traced token count, one for every row): the prompt is padded on the right beyond its first `real`
     tokens (the chat's turns, in chunks of a fixed size); the first token follows token `real - 1`, and the cache
-    is rolled back over the padding (`KVCache.truncate`: at most `spare + 1` padding tokens)."""
+    is rolled back over the padding (`KVCache.truncate`: at most `spare + 1` padding tokens).
+
+    `batch["inputs_embeds"]` (`[batch, seq, hidden]`, aligned with the token fields): the prompts' embeddings in
+    place of embedding their ids (`prefill_row`). `taps`: values `[batch, writes, hidden]`; the choice then comes
+    as `(choice, TapResult)`, the reads of the token each first choice follows."""
+    taps = None if taps is None or taps.empty else taps
+    embeds = batch.get("inputs_embeds")
     tokens = {k: v for k, v in batch.items() if k in TOKEN_FIELDS}
-    media = {k: v for k, v in batch.items() if k not in TOKEN_FIELDS}
+    media = {k: v for k, v in batch.items() if k not in TOKEN_FIELDS and k != "inputs_embeds"}
     cfg = model.config
 
-    def one(cache, tokens, media):
+    def one(cache, tokens, media, embeds, taps):
         if cache is None:
             cache = KVCache.init(cfg, max_len=max_len, dtype=cache_dtype, raw_keys=raw_keys)
         # a regrouped stack (e.g. `g4.serving_layout`) reads its cache in its own layout: gathered once here
         cache = eqx.tree_at(lambda c: c.layers, cache, model.layers.own_cache_layout(cache.layers))
         start = cache.length
-        cache, h = prefill_row(model, cache, tokens, media, n_chunks=n_chunks, chunk=chunk, bounds=bounds,
-                               mask_mode=mask_mode, last=None if real is None else real - 1)
+        cache, h, *reads = prefill_row(model, cache, tokens, media, n_chunks=n_chunks, chunk=chunk, bounds=bounds,
+                                       mask_mode=mask_mode, last=None if real is None else real - 1,
+                                       inputs_embeds=embeds, taps=taps)
         if real is not None:
             cache = cache.truncate(start + real)
-        return model.logits_from_hidden(h), cache
+        return (model.logits_from_hidden(h), cache, *reads)
 
-    logits, cache = jax.vmap(one)(cache, tokens, media)
+    logits, cache, *reads = jax.vmap(one)(cache, tokens, media, embeds, taps)
     key, sub = jax.random.split(key)
     b = logits.shape[0]
     choice, done, count = finish_step(choose(logits, sub, params, ordered=is_ordered(model)), jnp.zeros(b, bool), jnp.zeros(b, jnp.int32),
                                   max_new, params)
-    return DecodeState(cache, choice.token, done, count, max_new, key), choice
+    return DecodeState(cache, choice.token, done, count, max_new, key), (choice if taps is None else (choice, *reads))
 
 
 def _carried_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -171,11 +223,14 @@ def _carried_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 @functools.partial(jax.jit, static_argnames=("step", "size"), donate_argnames=("state",))
 def decode_chunk(model, state: DecodeState, params: SamplingParams, steps: Int[Array, ""], *,
-                 step: Callable = sample_step, size: int = DECODE_CHUNK) -> tuple[DecodeState, Choice, Int[Array, ""]]:
+                 step: Callable = sample_step, size: int = DECODE_CHUNK, taps: Taps | None = None
+                 ) -> tuple[DecodeState, Choice | tuple[Choice, TapResult], Int[Array, ""]]:
     """At most `min(steps, size)` decode steps; stops early once every row is done. Returns the state, the
-    choices `[batch, size]` (the first `n` columns are real) and `n`."""
+    choices `[batch, size]` (the first `n` columns are real) and `n`. `taps`: passed to every step (see the
+    module docstring); the choices then come as `(Choice, TapResult)`."""
     b = state.token.shape[0]
-    probe = jax.eval_shape(lambda: step(model, state, params)[1])
+    extra = {} if taps is None or taps.empty else {"taps": taps}
+    probe = jax.eval_shape(lambda: step(model, state, params, **extra)[1])
     blank = jax.tree.map(lambda x: jnp.zeros((b, size) + x.shape[1:], x.dtype), probe)
     # The loop carries every array without its leading size-one axes (batch 1, the cache's [repeats, run_length] =
     # [1, 1] of a serving layout) and the body restores them: with them, XLA:CPU copied each cache entry into and out
@@ -190,7 +245,7 @@ def decode_chunk(model, state: DecodeState, params: SamplingParams, steps: Int[A
 
     def body(carry):
         i, packed, out = carry
-        state, choice = step(model, restore(packed), params)
+        state, choice = step(model, restore(packed), params, **extra)
         out = jax.tree.map(lambda buf, x: buf.at[:, i].set(x), out, choice)
         return i + 1, squeeze(state), out
 
@@ -221,12 +276,21 @@ class CtrlC:
         return False
 
 
-def run_decode(model, state: DecodeState, first: Choice, params: SamplingParams, *, max_new_tokens: int,
-               streamer=None, step: Callable = sample_step, pad_id: int = 0, chunk: int = DECODE_CHUNK
-               ) -> tuple[GenerationResult, DecodeState]:
+def run_decode(model, state: DecodeState, first: Choice | tuple[Choice, TapResult], params: SamplingParams, *,
+               max_new_tokens: int,
+               streamer=None, step: Callable = sample_step, pad_id: int = 0, chunk: int = DECODE_CHUNK,
+               taps: Taps | None = None) -> tuple[GenerationResult, DecodeState]:
     """The host loop: decode chunks until every row is done (or Ctrl-C), collecting the choices in numpy.
-    Returns the result and the final state (its cache holds the prompt and every token fed back)."""
+    Returns the result and the final state (its cache holds the prompt and every token fed back). `taps`: passed to
+    `decode_chunk`; `first` is then `(Choice, TapResult)` (from `prefill_rows(..., taps=)`) and the reads come back
+    in the result's `residual` and `attention`."""
     host = lambda c: jax.tree.map(np.asarray, c)
+    extra, read_pieces = {}, []
+    taps = None if taps is None or taps.empty else taps
+    if taps is not None:
+        extra = {"taps": taps}
+        first, reads = first
+        read_pieces.append(jax.tree.map(lambda x: x[:, None], host(reads)))
     pieces = [jax.tree.map(lambda x: x[:, None], host(first))]
     if streamer is not None:
         streamer(pieces[0].token[:, 0])
@@ -237,8 +301,11 @@ def run_decode(model, state: DecodeState, first: Choice, params: SamplingParams,
             if ctrl_c.hit:
                 break
             steps = 1 if streamer is not None else min(chunk, max_new_tokens - produced)
-            state, out, n = decode_chunk(model, state, params, np.int32(steps), step=step, size=chunk)
+            state, out, n = decode_chunk(model, state, params, np.int32(steps), step=step, size=chunk, **extra)
             n = int(n)
+            if taps is not None:
+                out, reads = out
+                read_pieces.append(jax.tree.map(lambda x: x[:, :n], host(reads)))
             out = jax.tree.map(lambda x: x[:, :n], host(out))
             pieces.append(out)
             produced += n
@@ -258,6 +325,12 @@ def run_decode(model, state: DecodeState, first: Choice, params: SamplingParams,
     first_stop = np.where(stopped.any(1), stopped.argmax(1) + 1, length)
     live = np.arange(length)[None] < first_stop[:, None]
     lengths = live.sum(1).astype(np.int32)
-    return GenerationResult(tokens=tokens, lengths=lengths, logprobs=padded(cat.logprob, 0.0),
+    tapped = {}
+    if read_pieces:
+        reads = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *read_pieces)
+        kept = lambda x: padded(np.where(live.reshape(live.shape + (1,) * (x.ndim - 2)), x, 0).astype(x.dtype), 0)
+        tapped = {name: kept(getattr(reads, name)) for name in ("residual", "attention")
+                  if getattr(reads, name) is not None}
+    return GenerationResult(**tapped, tokens=tokens, lengths=lengths, logprobs=padded(cat.logprob, 0.0),
                             sampling_logprobs=padded(cat.sampling_logprob, 0.0), top_ids=padded(cat.top_ids, 0),
                             top_logprobs=padded(cat.top_logprobs, 0.0), interrupted=interrupted), state

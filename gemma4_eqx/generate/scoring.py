@@ -10,7 +10,8 @@ is left-padded as `g4.generate` pads a prompt (`generation.prompt_bucket`: a tex
 multiple of the chunk size below L, at most 2L; a row with image or video soft tokens to the next power of two),
 media to power-of-two item counts (and patch / frame counts), and a short last group is filled up with copies of
 its first row, so one program serves every group whose (padded length, continuation bucket, media shapes)
-agree. Only the last `width` positions go through the tied head (`width`: the next power of two >= the group's
+agree (prompts given as `inputs_embeds` are placed, and padded with zeros, where their ids would be). Only the
+last `width` positions go through the tied head (`width`: the next power of two >= the group's
 longest continuation, at least 8), so no `[seq, vocab]` logits are built for the prompt. Left padding changes
 no result (pads are masked keys before every real token, and positions count real tokens only), up to XLA
 choosing other kernels for another shape (fp32: a few 1e-6 in the log-probs; fp64: ~1e-15).
@@ -193,6 +194,28 @@ def _pad_axis1(arrays: list[np.ndarray], field: str) -> list[np.ndarray]:
             for a in arrays]
 
 
+def _embed_rows(model, value) -> tuple[list[np.ndarray], bool]:
+    """(rows of prompt embeddings `[seq_i, hidden]` as numpy arrays, whether a single row was given)."""
+    hidden = model.config.text.hidden_size
+    single = not isinstance(value, (list, tuple)) and np.ndim(value) == 2
+    rows = [value] if single else (list(value) if isinstance(value, (list, tuple)) else
+                                   [value[i] for i in range(np.shape(value)[0])] if np.ndim(value) == 3 else None)
+    if rows is None:
+        raise ValueError(f"inputs_embeds: expected [seq, {hidden}], [n, seq, {hidden}] or a list of [seq_i, {hidden}] "
+                         f"arrays, found shape {list(np.shape(value))}")
+    out = []
+    for i, row in enumerate(rows):
+        row = np.asarray(row)
+        if row.ndim != 2 or row.shape[1] != hidden or row.shape[0] == 0:
+            raise ValueError(f"inputs_embeds[{i}]: expected shape [seq, {hidden}] (seq >= 1, hidden_size {hidden}), "
+                             f"found {list(row.shape)}")
+        if row.dtype != model.dtype:
+            raise ValueError(f"inputs_embeds[{i}]: expected the model's activation dtype "
+                             f"{jnp.dtype(model.dtype).name}, found {row.dtype} (cast with .astype(model.dtype))")
+        out.append(row)
+    return out, single
+
+
 # ---- the compiled part --------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("width", "mask_mode"))
 def _score_rows(model, batch: dict, *, width: int, mask_mode: str):
@@ -203,7 +226,14 @@ def _score_rows(model, batch: dict, *, width: int, mask_mode: str):
         row = dict(row)
         ids = row.pop("input_ids")
         seq = ids.shape[0]
-        h = model.hidden_states(ids, mask_mode=mask_mode, **row)[seq - 1 - width:seq - 1]
+        if "inputs_embeds" not in row:
+            h = model.hidden_states(ids, mask_mode=mask_mode, **row)[seq - 1 - width:seq - 1]
+        else:  # the prompt's rows given, the rest embedded from the ids; media spliced at the ids' placeholders
+            given, embeds = row.pop("embeds_given"), row.pop("inputs_embeds")
+            embeds = jnp.where(given[:, None], embeds, model.embed(ids, validate=False))
+            media = any(k in row for k in MEDIA_FIELDS)
+            h = model.hidden_states(ids if media else None, inputs_embeds=embeds, mask_mode=mask_mode,
+                                    **row)[seq - 1 - width:seq - 1]
         logits = model.logits_from_hidden(h)
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         logp = ordered_log_softmax(logits) if ordered else jax.nn.log_softmax(logits, axis=-1)
@@ -222,6 +252,7 @@ def score(
     *,
     batch_size: int = 8,
     mask_mode: str = "intended",
+    inputs_embeds=None,
     **media,
 ) -> ScoreResult:
     """Log-likelihood of each continuation given its prompt, token by token.
@@ -235,7 +266,14 @@ def score(
     arrays (None for a row without that medium).
 
     `batch_size`: rows per compiled call (groups of rows of similar length; see the module doc). `mask_mode`:
-    as for `model(...)`. Returns a `ScoreResult` (per-token `logprobs`, `mask`, `greedy`; `sum`, `count`,
+    as for `model(...)`.
+
+    `inputs_embeds`: the prompts as embeddings (soft prompts; what `model.embed` returns, in the model's dtype):
+    one `[seq, hidden]` array, `[n, seq, hidden]` or a list of n `[seq_i, hidden]` arrays. `prompts` may then be
+    None (text prompts), or give the ids of the same lengths (their placeholders get the media spliced in, and
+    mark image blocks, as for ids alone). Continuations are always ids.
+
+    Returns a `ScoreResult` (per-token `logprobs`, `mask`, `greedy`; `sum`, `count`,
     `perplexity`, `is_greedy`, `corpus_perplexity`) in the order given.
     """
     unknown = [k for k in media if k not in MEDIA_FIELDS]
@@ -248,7 +286,21 @@ def score(
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size!r}")
     cfg = model.config
+    embed_rows = None
+    if inputs_embeds is not None:
+        embed_rows, single_embeds = _embed_rows(model, inputs_embeds)
+        if prompts is None:
+            if any(v is not None for v in media.values()):
+                raise ValueError(f"{', '.join(k for k, v in media.items() if v is not None)}: media with "
+                                 "inputs_embeds need prompts (ids) to say which rows are their placeholders")
+            prompts = [np.full(len(e), cfg.text.pad_token_id, np.int32) for e in embed_rows]
+            prompts = prompts[0] if single_embeds else prompts
     prompt_rows, single = _rows("prompts", prompts)
+    if embed_rows is not None and (len(embed_rows) != len(prompt_rows) or single != single_embeds or any(
+            len(e) != len(r) for e, r in zip(embed_rows, prompt_rows))):
+        raise ValueError(f"prompts, inputs_embeds: expected one [seq_i, hidden] row of embeddings per prompt of "
+                         f"seq_i ids; found prompt lengths {[len(r) for r in prompt_rows]} and embedding shapes "
+                         f"{[list(e.shape) for e in embed_rows]}")
     cont_rows, single_cont = _rows("continuations", continuations)
     if len(prompt_rows) != len(cont_rows) or single != single_cont:
         raise ValueError(f"prompts, continuations: {len(prompt_rows)} prompt(s) but {len(cont_rows)} "
@@ -308,6 +360,14 @@ def score(
                     samples[j][k] = a
             batch.update(stack_samples(samples))
         batch = pad_rows(batch, p, pad_id, vision)
+        if embed_rows is not None:  # placed where the prompt's ids are: after p - len(row) pads
+            hidden = cfg.text.hidden_size
+            batch["inputs_embeds"] = np.zeros((b, p, hidden), embed_rows[0].dtype)
+            batch["embeds_given"] = np.zeros((b, p), bool)
+            for k, i in enumerate(slots):
+                start = p - len(ids[i])
+                batch["inputs_embeds"][k, start:start + len(embed_rows[i])] = embed_rows[i]
+                batch["embeds_given"][k, start:start + len(embed_rows[i])] = True
         lp, hit = _score_rows(model, jax.device_put(batch), width=width, mask_mode=mask_mode)
         lp, hit = np.asarray(lp), np.asarray(hit)
         for k, i in enumerate(members):
