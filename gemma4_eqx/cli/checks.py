@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,74 @@ def float_in(lo: float, hi: float | None = None, lo_open: bool = False) -> Calla
     return parse
 
 
+def setting(check_name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A flag checked by `generate.settings` (the rule `generate`, `ChatSession` and the server apply):
+    `check_name` names its function there (e.g. "check_temperature"), `parse` reads the text (int or float)."""
+    def read(text: str) -> Any:
+        from ..generate import settings
+
+        try:
+            value = parse(text)
+        except ValueError:
+            kind = "an integer" if parse is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind}, found {text!r}") from None
+        try:
+            return getattr(settings, check_name)(value)
+        except settings.SettingsError as e:  # "temperature: expected ...": argparse names the flag itself
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+    read.__name__ = "integer" if parse is int else "number"
+    return read
+
+
+def as_flag(e: Exception, flags: dict[str, str]) -> CliError:
+    """A `SettingsError` ("max_context: ...") as the flag that set it ("argument --max-context: ...")."""
+    name, _, rest = str(e).partition(": ")
+    return CliError(f"argument {flags[name]}: {rest}" if name in flags else str(e))
+
+
+def check_text(value: str | None, flag: str) -> None:
+    """Text given on the command line must be UTF-8: undecodable bytes reach Python as lone surrogates, which
+    the tokenizer cannot encode."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        what = (f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}")
+        raise CliError(f"{flag}: not valid UTF-8 text ({what} at character {e.start}); pass the text encoded as "
+                       "UTF-8") from None
+
+
+def _stream_open(stream: Any) -> bool:
+    """False for a stream Python found closed at start (None), closed since, or whose descriptor is gone."""
+    if stream is None or getattr(stream, "closed", False):
+        return False
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):  # no descriptor (io.StringIO, a wrapper): open while not closed
+        return True
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def check_stdout() -> None:
+    """Every command writes its result to stdout: a closed one is refused before any work."""
+    if not _stream_open(sys.stdout):
+        raise CliError("stdout is closed: the command writes its output there; redirect it to a file or /dev/null "
+                       "instead of closing it")
+
+
+def check_stdin(command: str) -> None:
+    if not _stream_open(sys.stdin):
+        raise CliError(f"stdin is closed: {command} reads the user's turns from it, one per line; pipe them in or run "
+                       "it in a terminal")
+
+
 def shard_size(text: str) -> str:
     from ..io.save import parse_size
 
@@ -95,17 +164,22 @@ def _check_model(name: str | None, flag: str = "--model", config_file_ok: bool =
     return Gemma4Config.from_pretrained(path)
 
 
-def _check_file(path: str, flag: str) -> None:
-    if not os.path.exists(path):
-        raise CliError(f"{flag} {path}: no such file")
-    if not os.path.isfile(path):
-        raise CliError(f"{flag} {path}: expected a file, found a folder")
-    if not os.access(path, os.R_OK):
-        raise CliError(f"{flag} {path}: not readable")
+def _check_file(path: str, flag: str, what: str = "a regular file") -> None:
+    """A regular file (or a link to one) that opens for reading: `utils.files` names what else it is (a folder,
+    a FIFO, a device, a socket) or why it does not open."""
+    from ..utils import files
+
+    try:
+        with files.open_regular(path, what):
+            pass
+    except files.FileMissingError:
+        raise CliError(f"{flag} {path}: no such file") from None
+    except files.FileReadError as e:
+        raise CliError(f"{flag} {e}") from None
 
 
 def _check_image(path: str) -> None:
-    _check_file(path, "--image")
+    _check_file(path, "--image", "an image file")
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -116,7 +190,7 @@ def _check_image(path: str) -> None:
 
 
 def _check_audio(path: str, resample: bool, downmix: bool) -> None:
-    _check_file(path, "--audio")
+    _check_file(path, "--audio", "an audio file")
     import soundfile
 
     try:
@@ -135,6 +209,8 @@ def _check_audio(path: str, resample: bool, downmix: bool) -> None:
 
 def check_generate(args: argparse.Namespace) -> None:
     """Everything `generate` reads, checked before the model loads."""
+    check_text(args.prompt, "--prompt")
+    check_text(args.system, "--system")
     cfg = _check_model(args.model)
     for image in args.image or []:
         _check_image(image)
@@ -143,6 +219,62 @@ def check_generate(args: argparse.Namespace) -> None:
     if cfg is not None and args.top_k is not None and args.top_k > cfg.text.vocab_size:
         raise CliError(f"argument --top-k: expected at most the vocabulary size {cfg.text.vocab_size}, "
                        f"found {args.top_k}")
+
+
+def check_chat(args: argparse.Namespace) -> None:
+    """Everything `chat` reads before the model loads (its cache is checked against the memory once the folder is
+    resolved, still before the load: `check_cache_fits`)."""
+    check_text(args.system, "--system")
+    check_stdin("chat")
+    _check_model(args.model)
+    if args.max_new_tokens >= args.max_context:
+        raise CliError(f"argument --max-new-tokens: {args.max_new_tokens} tokens per reply leave no room for a prompt "
+                       f"in --max-context {args.max_context}; expected fewer")
+
+
+def _stored_dtype(folder: str) -> str | None:
+    """config.json's "dtype" (what the weights are stored in, and what the model loads as without --dtype)."""
+    from ..utils import files
+
+    try:
+        d = files.read_json(os.path.join(folder, "config.json"), 8 << 20, expect=dict)
+    except (files.FileReadError, OSError):
+        return None
+    stored = d.get("dtype", d.get("torch_dtype"))
+    return stored if stored in DTYPE_BYTES else None
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def weights_bytes(folder: str, dtype: str | None) -> int:
+    """About what the weights of `folder` take once loaded: its safetensors files, scaled from the stored dtype
+    to `dtype` (None: kept)."""
+    total = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.endswith(".safetensors"):
+                try:
+                    total += entry.stat().st_size
+                except OSError:
+                    pass
+    stored = _stored_dtype(folder)
+    if dtype in DTYPE_BYTES and stored is not None:
+        total = total * DTYPE_BYTES[dtype] // DTYPE_BYTES[stored]
+    return total
+
+
+def check_cache_fits(cfg: Any, folder: str, *, slots: int, spare: int, dtype: str | None, flag: str) -> None:
+    """The KV cache of `slots` slots (and `spare` ring slots) within the model's context and beside the weights in
+    the memory (`generate.settings.check_max_context`, the model's dtype: `dtype` or the stored one); else a
+    CliError naming `flag` and what fits."""
+    from ..generate.settings import SettingsError, check_max_context
+
+    try:
+        check_max_context(cfg, slots, dtype=dtype or _stored_dtype(folder) or "float32", spare=spare,
+                          reserved=weights_bytes(folder, dtype), name=flag)
+    except SettingsError as e:
+        raise CliError(f"argument {e}") from None
 
 
 def check_info(args: argparse.Namespace) -> None:

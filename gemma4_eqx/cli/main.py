@@ -1,15 +1,16 @@
 """The `gemma4-eqx` command line. With no `--model`, every command uses the small bundled checkpoint.
 
 Every input (files, folders, numbers) is checked before a model is loaded; a problem is one line on stderr
-naming the flag, exit status 1 (`--debug` shows the traceback instead). A closed stdout (`| head`) ends the
-command quietly.
+naming the flag, exit status 1 (`--debug` shows the traceback instead); sampling flags follow the rules of
+`generate.settings`, and a cache beyond the model's context or the memory is refused before the load. A reader
+that goes away (`| head`) ends the command quietly (status 1); a stdout (or, for `chat`, stdin) closed before the
+start is refused by name. `chat` keeps the conversation when a turn does not fit (it says so and suggests /reset).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -19,12 +20,17 @@ from ..assets import SMALL_CHECKPOINT
 from .checks import (
     CliError,
     Parser,
+    as_flag,
+    check_cache_fits,
+    check_chat,
     check_convert,
     check_generate,
     check_info,
+    check_stdout,
     check_verify,
     float_in,
     int_in,
+    setting,
     shard_size,
 )
 
@@ -110,10 +116,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generation_defaults(folder: str) -> dict[str, Any]:
+def _generation_defaults(folder: str, vocab_size: int | None = None) -> dict[str, Any]:
     """stop ids, suppressed ids and sampling defaults from the checkpoint's generation_config.json, if any; each
-    value checked (a NaN temperature or a string id there is an error naming the file and the field)."""
+    value checked by `generate.settings` (a NaN temperature, a string id or, given `vocab_size`, an id outside the
+    vocabulary there is an error naming the file and the field)."""
     from ..config.fields import read_config_file
+    from ..generate import settings
     from ..utils.files import FileMissingError
 
     path = os.path.join(folder, "generation_config.json")
@@ -130,9 +138,6 @@ def _generation_defaults(folder: str) -> dict[str, Any]:
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-    def is_num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
     out: dict[str, Any] = {}
     if g.get("eos_token_id") is not None:
         eos = g["eos_token_id"]
@@ -144,14 +149,18 @@ def _generation_defaults(folder: str) -> dict[str, Any]:
         if not isinstance(g["suppress_tokens"], list) or not all(map(is_int, g["suppress_tokens"])):
             raise bad("suppress_tokens", "a list of token ids")
         out["suppress_ids"] = tuple(g["suppress_tokens"])
-    checks = {"temperature": (lambda v: is_num(v) and v >= 0, "a finite number >= 0"),
-              "top_k": (is_int, "an integer >= 0"),
-              "top_p": (lambda v: is_num(v) and 0 < v <= 1, "a number in (0, 1]")}
-    for key, (ok, what) in checks.items():
-        if g.get(key) is not None:
-            if not ok(g[key]):
-                raise bad(key, what)
-            out[key] = g[key]
+    try:  # the rules generate applies, read here so that a bad file is refused before the model loads
+        for key, check in (("temperature", settings.check_temperature), ("top_k", settings.check_top_k),
+                           ("top_p", settings.check_top_p)):
+            if g.get(key) is not None:
+                out[key] = check(g[key])
+        if vocab_size is not None:
+            settings.check_token_ids(out.get("stop_ids", ()), "eos_token_id", vocab_size)
+            settings.check_suppress_ids(out.get("suppress_ids", ()), vocab_size, "suppress_tokens")
+            if g.get("pad_token_id") is not None:
+                settings.check_pad_id(g["pad_token_id"], vocab_size, "pad_token_id")
+    except settings.SettingsError as e:
+        raise CliError(f"{path}: {e}") from None
     if "do_sample" in g and not isinstance(g["do_sample"], bool):
         raise bad("do_sample", "true or false")
     if g.get("do_sample") is False:
@@ -167,16 +176,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
+    from ..config.gemma4 import Gemma4Config
     from ..generate.generation import generate
+    from ..generate.settings import SettingsError, check_max_new_tokens
     from ..generate.streaming import TextStreamer
     from ..io import hub
     from ..processing import Processor, load_audio
 
     name = _resolve_model(args.model)
     folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
-    t0 = time.perf_counter()
-    model = hub.load(folder, dtype=_jnp_dtype(args.dtype), layout="serving")
-    proc = Processor.from_pretrained(folder)
+    cfg = Gemma4Config.from_pretrained(folder)
+    _generation_defaults(folder, cfg.text.vocab_size)  # a bad field is one line naming it; generate reads it below
+    proc = Processor.from_pretrained(folder)  # the prompt is rendered before the load: its length is checked too
     content = []
     for image in args.image or []:
         content.append({"type": "image", "image": image})
@@ -196,9 +207,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if batch.get(k) is not None:
             inputs[k] = np.asarray(batch[k])
     ids = inputs.pop("input_ids")
-    _generation_defaults(folder)  # checks the file (a bad field is one line naming it); generate reads it below
+    try:
+        check_max_new_tokens(args.max_new_tokens, prompt_length=len(ids), context=cfg.text.max_position_embeddings)
+    except SettingsError as e:
+        raise as_flag(e, {"max_new_tokens": "--max-new-tokens"}) from None
+    check_cache_fits(cfg, folder, slots=len(ids) + args.max_new_tokens, spare=0, dtype=args.dtype,
+                     flag="--max-new-tokens")
     # unset settings come from the checkpoint's generation_config.json, inside generate (one source of defaults)
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
+    t0 = time.perf_counter()
+    model = hub.load(folder, dtype=_jnp_dtype(args.dtype), layout="serving")
     print(f"[{name}: loaded in {time.perf_counter() - t0:.1f} s; prompt {len(ids)} tokens]", file=sys.stderr)
     streamer = TextStreamer(proc.tokenizer, skip_special_tokens=not args.show_special)
     try:
@@ -224,13 +242,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     import jax
 
-    from ..generate.chat import ChatSession
+    from ..config.gemma4 import Gemma4Config
+    from ..generate.chat import ChatSession, ContextFullError
     from ..generate.streaming import TextStreamer
     from ..io import hub
     from ..processing import Processor
 
     name = _resolve_model(args.model)
     folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
+    cfg = Gemma4Config.from_pretrained(folder)
+    _generation_defaults(folder, cfg.text.vocab_size)
+    # the conversation's cache within the model's context and beside the weights in memory, before the load
+    check_cache_fits(cfg, folder, slots=args.max_context, spare=args.max_new_tokens, dtype=args.dtype,
+                     flag="--max-context")
     model = hub.load(folder, dtype=_jnp_dtype(args.dtype), layout="serving")
     proc = Processor.from_pretrained(folder)
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
@@ -239,12 +263,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
                        enable_thinking=args.thinking, **settings)
     interactive = sys.stdin.isatty()
     print(f"[{name}: chatting; /reset starts over, /quit or end of input leaves]", file=sys.stderr)
+    number = 0
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/quit":
+        line, bad = _read_line()
+        number += 1
+        if line is None or line.strip() == "/quit":
             return 0
+        if bad:
+            print(f"[line {number} of stdin is not valid UTF-8 ({bad}); it was not sent, the conversation is kept]",
+                  file=sys.stderr)
+            continue
         line = line.strip()
         if not line:
             continue
@@ -258,6 +288,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("\n[interrupted]", file=sys.stderr)
             return 130
+        except ContextFullError as e:
+            print(f"[this turn does not fit: the conversation with it is {e.tokens} tokens, plus {e.max_new_tokens} "
+                  f"for the reply, more than --max-context {e.max_context}; it was not sent and the conversation is "
+                  "kept: send a shorter turn, or /reset to start over]", file=sys.stderr)
+            continue
         streamer.end()
         print(flush=True)  # each reply on its own line of stdout (piped output keeps the turns apart)
         dt = time.perf_counter() - streamer.start
@@ -265,6 +300,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
         rate = f"{(n - 1) / (dt - ttft):.1f} tokens/s" if n > 1 and dt > ttft else "- tokens/s"
         print(f"[{n} tokens; prefilled {reply.prefilled}, reused {reply.reused} from the cache; time to first "
               f"token {ttft:.2f} s; decode {rate}]", file=sys.stderr)
+
+
+def _read_line() -> tuple[str | None, str | None]:
+    """(one line of stdin, or None at its end; what is wrong with it, or None): read as bytes and decoded here, so
+    a line of invalid UTF-8 is named and skipped rather than ending the conversation."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream without bytes (io.StringIO): its text may still hold lone surrogates
+        line = sys.stdin.readline()
+        if not line:
+            return None, None
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return line, f"a lone surrogate at character {e.start}"
+        return line, None
+    data = raw.readline()
+    if not data:
+        return None, None
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return "", f"the byte 0x{data[e.start]:02x} at byte offset {e.start}"
 
 
 def _verify_cases(folder: str, cfg: Any) -> list[tuple]:
@@ -397,24 +454,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", action="store_true", help="resample audio of another rate to 16 kHz")
     p.add_argument("--downmix", action="store_true", help="average multi-channel audio to mono")
     p.add_argument("--max-new-tokens", type=int_in(1, 1_000_000), default=64)
-    p.add_argument("--temperature", type=float_in(0.0), default=None,
+    p.add_argument("--temperature", type=setting("check_temperature", float), default=None,
                    help="0 = greedy (default: generation_config)")
-    p.add_argument("--top-k", type=int_in(0), default=None, help="0 = no top-k (default: generation_config)")
-    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=None)
+    p.add_argument("--top-k", type=setting("check_top_k", int), default=None,
+                   help="0 = no top-k (default: generation_config)")
+    p.add_argument("--top-p", type=setting("check_top_p", float), default=None)
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
     p.add_argument("--show-special", action="store_true", help="print special tokens too")
     p.add_argument("--dtype", choices=DTYPES, default=None)
 
     p = command("chat", "an interactive conversation that keeps its KV cache (stdin lines; /reset, /quit)",
-                cmd_chat, check_verify)
+                cmd_chat, check_chat)
     _model_arg(p)
     p.add_argument("--system", default=None)
     p.add_argument("--max-new-tokens", type=int_in(1, 1_000_000), default=256, help="per reply")
     p.add_argument("--max-context", type=int_in(1, 2**31), default=4096, help="cache slots for the conversation")
-    p.add_argument("--temperature", type=float_in(0.0), default=None, help="0 = greedy (default: generation_config)")
-    p.add_argument("--top-k", type=int_in(0), default=None, help="0 = no top-k (default: generation_config)")
-    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=None)
+    p.add_argument("--temperature", type=setting("check_temperature", float), default=None,
+                   help="0 = greedy (default: generation_config)")
+    p.add_argument("--top-k", type=setting("check_top_k", int), default=None,
+                   help="0 = no top-k (default: generation_config)")
+    p.add_argument("--top-p", type=setting("check_top_p", float), default=None)
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     p.add_argument("--thinking", action="store_true", help="let the model think first (enable_thinking)")
     p.add_argument("--dtype", choices=DTYPES, default=None)
@@ -472,10 +532,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         debug = args.debug
+        check_stdout()
         if args.check is not None:
             args.check(args)
         status = args.func(args)
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         return status
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
