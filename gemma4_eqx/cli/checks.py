@@ -264,14 +264,15 @@ def weights_bytes(folder: str, dtype: str | None) -> int:
     return total
 
 
-def check_cache_fits(cfg: Any, folder: str, *, slots: int, spare: int, dtype: str | None, flag: str) -> None:
-    """The KV cache of `slots` slots (and `spare` ring slots) within the model's context and beside the weights in
-    the memory (`generate.settings.check_max_context`, the model's dtype: `dtype` or the stored one); else a
-    CliError naming `flag` and what fits."""
+def check_cache_fits(cfg: Any, folder: str, *, slots: int, spare: int, dtype: str | None, flag: str,
+                     batch: int = 1) -> None:
+    """The KV cache of `slots` slots (and `spare` ring slots; `batch` rows, e.g. a server's) within the model's
+    context and beside the weights in the memory (`generate.settings.check_max_context`, the model's dtype:
+    `dtype` or the stored one); else a CliError naming `flag` and what fits."""
     from ..generate.settings import SettingsError, check_max_context
 
     try:
-        check_max_context(cfg, slots, dtype=dtype or _stored_dtype(folder) or "float32", spare=spare,
+        check_max_context(cfg, slots, dtype=dtype or _stored_dtype(folder) or "float32", spare=spare, batch=batch,
                           reserved=weights_bytes(folder, dtype), name=flag)
     except SettingsError as e:
         raise CliError(f"argument {e}") from None
