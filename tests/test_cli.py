@@ -37,7 +37,7 @@ def test_generate_streams_greedy_text(capsys):
 
 
 def test_convert_to_bfloat16(tmp_path):
-    assert cli.main(["convert", "--out", str(tmp_path), "--dtype", "bfloat16"]) == 0
+    assert cli.main(["convert", "--model", str(TINY_CHECKPOINT), "--out", str(tmp_path), "--dtype", "bfloat16"]) == 0
     converted = load_file(str(tmp_path / "model.safetensors"))
     original = load_file(str(TINY_CHECKPOINT / "model.safetensors"))
     assert converted.keys() == original.keys()
@@ -47,14 +47,14 @@ def test_convert_to_bfloat16(tmp_path):
 
 
 def test_verify_compares_equinox_nnx_and_transformers_on_the_bundled_checkpoint(capsys):
-    assert cli.main(["verify"]) == 0
+    assert cli.main(["verify", "--model", str(TINY_CHECKPOINT)]) == 0  # the one with recorded transformers outputs
     out = capsys.readouterr().out
     assert "image" in out and "text" in out and out.strip().endswith("(fp32 logits, valid positions)")
     assert "OK:" in out
 
 
 def test_verify_fails_loudly_on_a_tight_tolerance(capsys):
-    assert cli.main(["verify", "--tolerance", "1e-12"]) == 1
+    assert cli.main(["verify", "--model", str(TINY_CHECKPOINT), "--tolerance", "1e-12"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
 
 
@@ -191,7 +191,7 @@ def test_a_closed_stdout_ends_generate_quietly(monkeypatch, capsys):
 
 def test_convert_writes_a_complete_folder_that_generate_and_verify_read(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["convert", "--out", str(out), "--max-shard-size", "1MB"]) == 0
+    assert cli.main(["convert", "--model", str(TINY_CHECKPOINT), "--out", str(out), "--max-shard-size", "1MB"]) == 0
     names = set(p.name for p in out.iterdir())
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "chat_template.jinja", "processor_config.json", "model.safetensors.index.json"):
@@ -202,8 +202,8 @@ def test_convert_writes_a_complete_folder_that_generate_and_verify_read(tmp_path
     assert cli.main(["generate", "--model", str(out), "--prompt", "Hello there", "--max-new-tokens", "3",
                      "--temperature", "0", "--show-special"]) == 0
     converted = capsys.readouterr().out
-    assert cli.main(["generate", "--prompt", "Hello there", "--max-new-tokens", "3", "--temperature", "0",
-                     "--show-special"]) == 0
+    assert cli.main(["generate", "--model", str(TINY_CHECKPOINT), "--prompt", "Hello there", "--max-new-tokens", "3",
+                     "--temperature", "0", "--show-special"]) == 0
     assert capsys.readouterr().out == converted  # same weights, same tokenizer, same greedy text
     assert cli.main(["verify", "--model", str(out)]) == 0
     assert "OK:" in capsys.readouterr().out
