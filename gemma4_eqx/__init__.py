@@ -2,7 +2,8 @@
 
 The package is layered; each subpackage imports only from the ones before it (tests/test_layering.py checks it):
 
-    utils -> config -> layers -> model -> quant -> io -> processing -> generate, train -> nnx, bridge, reference -> cli
+    utils -> config -> layers -> model -> quant -> io -> processing -> generate, train -> nnx, bridge, reference
+    -> serve -> cli
 
 `import gemma4_eqx as g4` gives the names users need; `g4.sharding`, `g4.losses`, `g4.surgery`, ... name the
 modules that hold the rest.

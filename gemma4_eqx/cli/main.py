@@ -428,6 +428,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """An OpenAI-compatible server (`gemma4_eqx.serve`); needs the `serve` extra."""
+    from ..serve import missing_extra
+
+    missing = missing_extra()
+    if missing is not None:
+        print(f"gemma4-eqx: error: serve needs the serve extra: pip install 'gemma4-eqx[serve]' ({missing} is not "
+              "installed)", file=sys.stderr)
+        return 2
+    from ..config.gemma4 import Gemma4Config
+    from ..io import hub
+    from ..serve.main import run
+    from ..serve.service import served_name
+
+    name = _resolve_model(args.model)
+    folder = hub.resolve(name, allow_patterns=hub.MODEL_FILES + hub.PROCESSOR_FILES)
+    # every slot's cache within the model's context and beside the weights in memory, before anything loads
+    check_cache_fits(Gemma4Config.from_pretrained(folder), folder, slots=args.max_context, spare=0, dtype=args.dtype,
+                     flag="--max-context", batch=args.slots)
+    return run(folder, host=args.host, port=args.port, slots=args.slots, max_context=args.max_context,
+               name=args.served_model_name or served_name(name), dtype=_jnp_dtype(args.dtype),
+               allow_files=not args.no_local_files, max_queue=args.max_queue, log_level=args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -507,6 +531,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "*.safetensors); without it such a folder is refused, naming them")
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--max-shard-size", type=shard_size, default="5GB")
+
+    p = command("serve", "an OpenAI-compatible HTTP server with continuous batching (needs gemma4-eqx[serve])",
+                cmd_serve, check_verify)
+    _model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="0 = any free port (printed)")
+    p.add_argument("--slots", type=int_in(1, 4096), default=8, help="requests decoded together (rows of the cache)")
+    p.add_argument("--max-context", type=int_in(1, 2**31), default=4096,
+                   help="cache slots per request (prompt, padded to a multiple of 64, plus new tokens)")
+    p.add_argument("--max-queue", type=int_in(0, 10**6), default=1024,
+                   help="requests that may wait for a slot; beyond it, 429")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder's name)")
+    p.add_argument("--no-local-files", action="store_true", help="refuse image file paths in messages (data URLs only)")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
+                   help="uvicorn's log level (info logs every request)")
     return parser
 
 

@@ -24,7 +24,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
 
 from ..model.cache import KVCache
 from ..model.decode import decode_step, forward_with_cache
@@ -75,14 +75,14 @@ class DecodeState(eqx.Module):
     token: Int[Array, " batch"]  # the last token produced (the next one to feed)
     done: Bool[Array, " batch"]
     count: Int[Array, " batch"]  # tokens produced so far
-    max_new: Int[Array, ""]
-    key: PRNGKeyArray
+    max_new: Int[Array, ""] | Int[Array, " batch"]  # shared, or each row's own (the engine's slots)
+    key: PRNGKeyArray | Key[Array, " batch"]  # one stream, or one per row (the engine's slots)
 
 
 def finish_step(choice: Choice, state_done, count, max_new, params: SamplingParams):
     token = jnp.where(state_done, params.pad_id, choice.token)
     count = count + (~state_done).astype(count.dtype)
-    done = state_done | params.stop[token] | (count >= max_new)
+    done = state_done | params.is_stop(token) | (count >= max_new)
     return eqx.tree_at(lambda c: c.token, choice, token), done, count
 
 

@@ -13,33 +13,64 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
 
 NUM_TOP = 8  # how many of each step's largest log-probabilities a GenerationResult carries
 
 
 class SamplingParams(eqx.Module):
-    """Traced sampling settings. `top_k == 0` and `top_p == 1` disable those filters; `temperature == 0` is greedy."""
+    """Traced sampling settings. `top_k == 0` and `top_p == 1` disable those filters; `temperature == 0` is greedy.
 
-    temperature: Float[Array, ""]
-    top_k: Int[Array, ""]
-    top_p: Float[Array, ""]
-    suppress: Bool[Array, " vocab"]  # True = never produced
-    stop: Bool[Array, " vocab"]  # True = ends the row
-    pad_id: Int[Array, ""]
+    Shared by every row (scalars and `[vocab]` masks, `make`), or one setting per row (a leading `[rows]` axis on
+    every field, `make_rows`: the continuous-batching engine, where each slot holds another request)."""
+
+    temperature: Float[Array, "*rows"]
+    top_k: Int[Array, "*rows"]
+    top_p: Float[Array, "*rows"]
+    suppress: Bool[Array, "*rows vocab"]  # True = never produced
+    stop: Bool[Array, "*rows vocab"]  # True = ends the row
+    pad_id: Int[Array, "*rows"]
+
+    @property
+    def per_row(self) -> bool:
+        """Whether every field has a leading row axis (`make_rows`)."""
+        return self.temperature.ndim == 1
+
+    def is_stop(self, token: Int[Array, " batch"]) -> Bool[Array, " batch"]:
+        """Whether each row's token ends that row (its own stop ids when the settings are per row)."""
+        if self.per_row:
+            return jnp.take_along_axis(self.stop, token[:, None], axis=1)[:, 0]
+        return self.stop[token]
 
     @classmethod
-    def make(cls, vocab_size: int, *, temperature: float, top_k: int | None, top_p: float | None,
-             suppress_ids=(), stop_ids=(), pad_id: int = 0) -> "SamplingParams":
-        """From checked Python values (see `generation.check_settings`); the masks are built with numpy."""
+    def make_rows(cls, vocab_size: int, rows: list[dict]) -> "SamplingParams":
+        """One setting per row: `rows[i]` holds the keywords of `make` for row i (checked Python values)."""
+        if not rows:
+            raise ValueError("rows: expected the settings of at least one row")
+        made = [cls.host_row(vocab_size, **row) for row in rows]
+        put = jax.device_put  # transfers only: nothing compiled per call
+        return cls(**{name: put(np.stack([m[name] for m in made])) for name in made[0]})
+
+    @staticmethod
+    def host_row(vocab_size: int, *, temperature: float, top_k: int | None, top_p: float | None, suppress_ids=(),
+                 stop_ids=(), pad_id: int = 0) -> dict[str, np.ndarray | np.generic]:
+        """One row's settings as numpy arrays, by field name (what `make` and `make_rows` transfer)."""
         suppress = np.zeros(vocab_size, bool)
         suppress[[i for i in suppress_ids if 0 <= i < vocab_size]] = True
         stop = np.zeros(vocab_size, bool)
         stop[list(stop_ids)] = True
+        return {"temperature": np.float32(temperature), "top_k": np.int32(top_k or 0),
+                "top_p": np.float32(1.0 if top_p is None else top_p), "suppress": suppress, "stop": stop,
+                "pad_id": np.int32(pad_id)}
+
+    @classmethod
+    def make(cls, vocab_size: int, *, temperature: float, top_k: int | None, top_p: float | None,
+             suppress_ids=(), stop_ids=(), pad_id: int = 0) -> "SamplingParams":
+        """From checked Python values (see `settings.check_settings`); the masks are built with numpy."""
+        row = cls.host_row(vocab_size, temperature=temperature, top_k=top_k, top_p=top_p, suppress_ids=suppress_ids,
+                           stop_ids=stop_ids, pad_id=pad_id)
         put = jax.device_put  # transfers only: nothing compiled per call
-        return cls(temperature=put(np.float32(temperature)), top_k=put(np.int32(top_k or 0)),
-                   top_p=put(np.float32(1.0 if top_p is None else top_p)), suppress=put(suppress), stop=put(stop),
-                   pad_id=put(np.int32(pad_id)))
+        return cls(**{name: put(value) for name, value in row.items()})
 
 
 def top_k_mask(logits: Float[Array, " vocab"], k: int | Int[Array, ""]) -> Float[Array, " vocab"]:
@@ -117,18 +148,26 @@ def choose(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, params: Sampl
            ordered: bool = False) -> Choice:
     """Sample (or take the argmax, at temperature 0) one token per row. `ordered`: the model's log-probs through
     `ordered_log_softmax` (for `numerics="invariant"`)."""
-    keys = jax.random.split(key, logits.shape[0])
+    return choose_rows(logits, jax.random.split(key, logits.shape[0]), params, ordered=ordered)
 
-    def greedy(row, k):
-        token = jnp.argmax(jnp.where(params.suppress, -jnp.inf, row.astype(jnp.float32))).astype(jnp.int32)
-        return token, jnp.zeros((), jnp.float32)
 
-    def sampled(row, k):
-        processed = processed_logits(row, params)
-        token = jax.random.categorical(k, processed).astype(jnp.int32)
-        return token, jax.nn.log_softmax(processed)[token].astype(jnp.float32)
+def choose_rows(logits: Float[Array, "batch vocab"], keys: Key[Array, " batch"], params: SamplingParams, *,
+                ordered: bool = False) -> Choice:
+    """`choose` with one key per row (`keys[i]` draws row i's token), and the settings shared or per row
+    (`SamplingParams.make_rows`): what a row draws depends only on its own logits, key and settings."""
+    if params.per_row:
+        return _choose_per_row(logits, keys, params, ordered)
 
     def one(row, k):
+        def greedy(row, k):
+            token = jnp.argmax(jnp.where(params.suppress, -jnp.inf, row.astype(jnp.float32))).astype(jnp.int32)
+            return token, jnp.zeros((), jnp.float32)
+
+        def sampled(row, k):
+            processed = processed_logits(row, params)
+            token = jax.random.categorical(k, processed).astype(jnp.int32)
+            return token, jax.nn.log_softmax(processed)[token].astype(jnp.float32)
+
         # Greedy steps skip the processed distribution (sort, draw) altogether: a cond on the traced temperature.
         token, sampling = jax.lax.cond(params.temperature == 0.0, greedy, sampled, row, k)
         logprobs = ordered_log_softmax(row) if ordered else jax.nn.log_softmax(row)
@@ -137,3 +176,31 @@ def choose(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, params: Sampl
 
     token, logprob, sampling, ids, top = jax.vmap(one)(logits, keys)
     return Choice(token, logprob, sampling.astype(jnp.float32), ids, top)
+
+
+def _choose_per_row(logits: Float[Array, "batch vocab"], keys: Key[Array, " batch"], params: SamplingParams,
+                    ordered: bool) -> Choice:
+    """Each row with its own settings, computing what `choose` computes for that row alone. The conds of the
+    shared case would become selects over rows (every row sorting its vocabulary on every step), so they are
+    taken over the batch instead: the draw only when some row samples, the top-k / top-p sort only when some
+    sampling row filters (a row that does not filter passes through `_filter` unchanged)."""
+    vocab = logits.shape[-1]
+    suppressed = jnp.where(params.suppress, -jnp.inf, logits.astype(jnp.float32))
+    greedy_token = jnp.argmax(suppressed, axis=-1).astype(jnp.int32)
+    greedy = params.temperature == 0.0
+
+    def sampled(_):
+        tempered = suppressed / jnp.where(greedy, 1.0, params.temperature)[:, None]
+        filters = ((params.top_k > 0) & (params.top_k < vocab)) | (params.top_p < 1.0)
+        processed = jax.lax.cond(jnp.any(filters & ~greedy), lambda x: jax.vmap(_filter)(x, params.top_k, params.top_p),
+                                 lambda x: x, tempered)
+        token = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
+        logp = jnp.take_along_axis(jax.vmap(jax.nn.log_softmax)(processed), token[:, None], axis=1)[:, 0]
+        return jnp.where(greedy, greedy_token, token), jnp.where(greedy, 0.0, logp).astype(jnp.float32)
+
+    token, sampling = jax.lax.cond(jnp.all(greedy), lambda _: (greedy_token, jnp.zeros(greedy.shape, jnp.float32)),
+                                   sampled, None)
+    logprobs = jax.vmap(ordered_log_softmax if ordered else jax.nn.log_softmax)(logits)
+    top, ids = jax.vmap(lambda row: jax.lax.top_k(row, min(NUM_TOP, vocab)))(logprobs)
+    picked = jnp.take_along_axis(logprobs, token[:, None], axis=1)[:, 0]
+    return Choice(token, picked, sampling, ids.astype(jnp.int32), top)

@@ -50,12 +50,17 @@ class ScoreResult:
 
     `logprobs`: log-softmax of the model's logits at each continuation token; `greedy`: the token is the argmax
     (the first maximum, as lm-eval's `is_greedy` reads it); `padded_length`: the length each row was run at.
+    With `score(..., top_logprobs=k)`: `top_ids`, `top_logprobs` `[N, C, k]`, the k most likely tokens at each
+    continuation token's position and their log-probs, from the same log-softmax (an OpenAI `echo` +
+    `logprobs` answer); else None.
     """
 
     logprobs: np.ndarray
     mask: np.ndarray
     greedy: np.ndarray
     padded_length: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
     @property
     def count(self) -> np.ndarray:
@@ -217,9 +222,10 @@ def _embed_rows(model, value) -> tuple[list[np.ndarray], bool]:
 
 
 # ---- the compiled part --------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("width", "mask_mode"))
-def _score_rows(model, batch: dict, *, width: int, mask_mode: str):
-    """Log-probs and argmax flags of the last `width` tokens of every (left-padded) row."""
+@functools.partial(jax.jit, static_argnames=("width", "mask_mode", "top"))
+def _score_rows(model, batch: dict, *, width: int, mask_mode: str, top: int = 0):
+    """Log-probs and argmax flags of the last `width` tokens of every (left-padded) row (and with `top`, the
+    `top` largest log-probs and their ids at each of those positions)."""
     ordered = is_ordered(model)
 
     def one(row):
@@ -239,6 +245,9 @@ def _score_rows(model, batch: dict, *, width: int, mask_mode: str):
         logp = ordered_log_softmax(logits) if ordered else jax.nn.log_softmax(logits, axis=-1)
         targets = ids[seq - width:]
         picked = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+        if top:
+            values, ids_top = jax.lax.top_k(logp, top)
+            return picked, jnp.argmax(logits, axis=-1) == targets, values, ids_top.astype(jnp.int32)
         return picked, jnp.argmax(logits, axis=-1) == targets
 
     return jax.vmap(one)(batch)
@@ -253,6 +262,7 @@ def score(
     batch_size: int = 8,
     mask_mode: str = "intended",
     inputs_embeds=None,
+    top_logprobs: int = 0,
     **media,
 ) -> ScoreResult:
     """Log-likelihood of each continuation given its prompt, token by token.
@@ -266,15 +276,16 @@ def score(
     arrays (None for a row without that medium).
 
     `batch_size`: rows per compiled call (groups of rows of similar length; see the module doc). `mask_mode`:
-    as for `model(...)`.
+    as for `model(...)`. `top_logprobs=k`: also the k most likely tokens at each scored position
+    (`ScoreResult.top_ids`, `top_logprobs`).
 
     `inputs_embeds`: the prompts as embeddings (soft prompts; what `model.embed` returns, in the model's dtype):
     one `[seq, hidden]` array, `[n, seq, hidden]` or a list of n `[seq_i, hidden]` arrays. `prompts` may then be
     None (text prompts), or give the ids of the same lengths (their placeholders get the media spliced in, and
     mark image blocks, as for ids alone). Continuations are always ids.
 
-    Returns a `ScoreResult` (per-token `logprobs`, `mask`, `greedy`; `sum`, `count`,
-    `perplexity`, `is_greedy`, `corpus_perplexity`) in the order given.
+    Returns a `ScoreResult` (per-token `logprobs`, `mask`, `greedy`; `sum`, `count`, `perplexity`, `is_greedy`,
+    `corpus_perplexity`) in the order given.
     """
     unknown = [k for k in media if k not in MEDIA_FIELDS]
     if unknown:
@@ -285,6 +296,10 @@ def score(
         raise ValueError(f"mask_mode: expected one of {MASK_MODES}, found {mask_mode!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size!r}")
+    if (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer))
+            or not 0 <= top_logprobs <= model.config.text.vocab_size):
+        raise ValueError(f"top_logprobs: expected an integer in [0, {model.config.text.vocab_size}] (vocab_size), "
+                         f"found {top_logprobs!r}")
     cfg = model.config
     embed_rows = None
     if inputs_embeds is not None:
@@ -330,6 +345,8 @@ def score(
     logprobs = np.zeros((n, width_all), np.float64 if model.dtype == jnp.float64 else np.float32)
     greedy = np.zeros((n, width_all), bool)
     padded = np.zeros((n,), np.int32)
+    top_values = np.zeros((n, width_all, top_logprobs), logprobs.dtype)
+    top_ids = np.zeros((n, width_all, top_logprobs), np.int32)
     order = sorted(range(n), key=lambda i: (len(ids[i]), i))
     b = min(batch_size, next_pow2(n))
     pad_id = cfg.text.pad_token_id
@@ -368,16 +385,20 @@ def score(
                 start = p - len(ids[i])
                 batch["inputs_embeds"][k, start:start + len(embed_rows[i])] = embed_rows[i]
                 batch["embeds_given"][k, start:start + len(embed_rows[i])] = True
-        lp, hit = _score_rows(model, jax.device_put(batch), width=width, mask_mode=mask_mode)
-        lp, hit = np.asarray(lp), np.asarray(hit)
+        out = _score_rows(model, jax.device_put(batch), width=width, mask_mode=mask_mode, top=int(top_logprobs))
+        lp, hit = np.asarray(out[0]), np.asarray(out[1])
         for k, i in enumerate(members):
             c = n_cont[i]
             logprobs[i, :c] = lp[k, width - c:]
             greedy[i, :c] = hit[k, width - c:]
             padded[i] = p
+            if top_logprobs:
+                top_values[i, :c] = np.asarray(out[2][k, width - c:])
+                top_ids[i, :c] = np.asarray(out[3][k, width - c:])
     valid = np.arange(width_all)[None] < n_cont[:, None]
-    result = ScoreResult(logprobs=logprobs, mask=valid, greedy=greedy & valid, padded_length=padded)
+    tops = dict(top_ids=top_ids, top_logprobs=top_values) if top_logprobs else {}
+    result = ScoreResult(logprobs=logprobs, mask=valid, greedy=greedy & valid, padded_length=padded, **tops)
     if single:
         result = ScoreResult(logprobs=logprobs[0], mask=valid[0], greedy=greedy[0] & valid[0],
-                             padded_length=np.asarray(padded[0]))
+                             padded_length=np.asarray(padded[0]), **{k: v[0] for k, v in tops.items()})
     return result
