@@ -293,3 +293,20 @@ def test_random_bytes_as_config_json_give_a_config_error(tmp_path_factory, raw):
     (folder / "config.json").write_bytes(raw)
     with pytest.raises(g4.ConfigError, match="config.json: "):
         g4.Gemma4Config.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eos_token_id", 3.7, r"eos_token_id: expected a token id or a list of token ids"),
+    ("eos_token_id", True, r"eos_token_id: expected a token id"),
+    ("suppress_tokens", ["x"], r"suppress_tokens: expected a token id"),
+    ("pad_token_id", -1, r"pad_token_id: expected a non-negative integer or null"),
+    ("top_k", 1.5, r"top_k: expected a non-negative integer"),
+    ("top_p", 2, r"top_p: expected a finite number > 0 and <= 1.0"),
+    ("temperature", "hot", r"temperature: expected a finite number >= 0"),
+    ("do_sample", "no", r"do_sample: expected true or false"),
+])
+def test_generation_config_fields_are_read_strictly(tmp_path, field, value, message):
+    """generation_config.json's ids and sampling fields keep their types: 3.7 is not rounded to 3, true is not 1."""
+    (tmp_path / "generation_config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(g4.ConfigError, match=r"generation_config\.json: generation_config\." + message):
+        g4.GenerationConfig.from_pretrained(tmp_path)

@@ -18,15 +18,20 @@ import dataclasses
 import os
 
 from ..utils.files import FileMissingError
-from .fields import ConfigError, read_config_file, short
+from .fields import ConfigError, fail, is_int, read_bool, read_config_file, read_float, read_int, short
 
 GEMMA4_SAMPLING = dict(temperature=1.0, top_k=64, top_p=0.95)
 
 
-def _ids(value) -> tuple[int, ...]:
+def _ids(value, field: str = "eos_token_id") -> tuple[int, ...]:
+    """None, one id or a list of ids, each a non-negative integer (3.7, true or "x" are refused, not rounded)."""
     if value is None:
         return ()
-    return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    ids = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(is_int(i) and i >= 0 for i in ids):
+        fail(f"generation_config.{field}", f"expected a token id or a list of token ids (integers >= 0), found "
+             f"{short(value)}")
+    return tuple(ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +46,19 @@ class GenerationConfig:
     @classmethod
     def from_dict(cls, g: dict) -> "GenerationConfig":
         """transformers' field names: eos_token_id, suppress_tokens, pad_token_id, do_sample, temperature, ..."""
-        out = dict(stop_ids=_ids(g.get("eos_token_id")), suppress_ids=_ids(g.get("suppress_tokens")),
-                   pad_id=g.get("pad_token_id"))
-        for key in ("temperature", "top_k", "top_p"):
-            if g.get(key) is not None:
-                out[key] = g[key]
-        if g.get("do_sample") is False:  # transformers: greedy whatever the temperature says
+        p = "generation_config"
+        if not isinstance(g, dict):
+            fail(p, f"expected an object, found {short(g)}")
+        out = dict(stop_ids=_ids(g.get("eos_token_id")), suppress_ids=_ids(g.get("suppress_tokens"), "suppress_tokens"),
+                   pad_id=read_int(g, "pad_token_id", p, None, minimum=0, nullable=True))
+        # types here; ranges (against the vocabulary) where the settings are used (`generate.settings`)
+        if g.get("temperature") is not None:
+            out["temperature"] = read_float(g, "temperature", p, positive=False)
+        if g.get("top_k") is not None:
+            out["top_k"] = read_int(g, "top_k", p, minimum=0)
+        if g.get("top_p") is not None:
+            out["top_p"] = read_float(g, "top_p", p, maximum=1.0)
+        if read_bool(g, "do_sample", p, None) is False:  # transformers: greedy whatever the temperature says
             out["temperature"] = 0.0
         return cls(**out)
 
@@ -59,9 +71,10 @@ class GenerationConfig:
             g, file = read_config_file(path, ConfigError, name="generation_config.json")
         except FileNotFoundError:
             raise FileMissingError(f"generation_config: no generation_config.json at {path}") from None
-        if not isinstance(g, dict):
-            raise ConfigError(f"{file}: expected a JSON object, found {short(g)}")
-        return cls.from_dict(g)
+        try:
+            return cls.from_dict(g)
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {e}") from None
 
     @classmethod
     def from_model_config(cls, config) -> "GenerationConfig":
