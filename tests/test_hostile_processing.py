@@ -546,3 +546,22 @@ def test_hostile_input_is_refused_by_name_in_time(name, tmp_path, monkeypatch):
     took = time.monotonic() - start
     assert took < seconds, f"{name}: {took:.2f} s, more than {seconds} s"
     assert len(str(caught.value)) < 600, "errors quote short excerpts, never whole inputs"
+
+
+def test_processor_files_follow_only_the_folder_symlink_rule(tmp_path):
+    """chat_template.jinja, tokenizer.json and the JSON configs are read as checkpoint files: a symlink to a file
+    outside the folder is refused naming the rule; one to another file of the folder is followed."""
+    import gemma4_eqx as g4
+
+    folder = tmp_path / "proc"
+    shutil.copytree(g4.assets.TINY_CHECKPOINT, folder)
+    outside = tmp_path / "elsewhere.jinja"
+    outside.write_text((folder / "chat_template.jinja").read_text())
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.jinja").symlink_to(outside)
+    with pytest.raises(FileReadError, match=r"chat_template\.jinja: a symlink to .* outside the folder"):
+        g4.Processor.from_pretrained(folder)
+    (folder / "chat_template.jinja").unlink()
+    (folder / "template.real").write_text(outside.read_text())
+    (folder / "chat_template.jinja").symlink_to("template.real")  # inside the folder: followed
+    assert g4.Processor.from_pretrained(folder).chat_template == outside.read_text()

@@ -31,7 +31,7 @@ import jinja2
 import jinja2.meta
 import numpy as np
 
-from ..utils.files import FileMissingError, FileReadError, read_json, read_text
+from ..utils.files import FileMissingError, FileReadError, read_folder_json, read_folder_text, read_text
 from . import sandbox
 from .files import MAX_CONFIG_BYTES, MAX_TEMPLATE_BYTES
 from .sandbox import BudgetedSandboxedEnvironment, TemplateBudgetError, TemplateLimits, render_within
@@ -65,13 +65,13 @@ def locate_chat_template(folder: str | Path, tokenizer_config: dict | None = Non
     naming the file."""
     folder = Path(folder)
     try:
-        return read_text(folder / "chat_template.jinja", MAX_TEMPLATE_BYTES, "a UTF-8 chat template"), \
+        return read_folder_text(folder / "chat_template.jinja", MAX_TEMPLATE_BYTES, "a UTF-8 chat template"), \
             str(folder / "chat_template.jinja")
     except FileMissingError:
         pass
     path = folder / "chat_template.json"
     try:
-        data = read_json(path, MAX_CONFIG_BYTES, expect=dict, what='a JSON object {"chat_template": "..."}')
+        data = read_folder_json(path, MAX_CONFIG_BYTES, expect=dict, what='a JSON object {"chat_template": "..."}')
     except FileMissingError:
         data = None
     if data is not None:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..utils.files import FileMissingError, read_json as read_json_file
+from ..utils.files import FileMissingError, read_folder_json
 
 # Size limits of what a processor folder or a caller hands us (the real files are far smaller: the 12B's
 # tokenizer.json ~32 MB, tokenizer_config.json and processor_config.json a few kB, its chat template 15 kB).
@@ -61,7 +61,7 @@ def read_json(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
     """An optional JSON object file of a processor folder: {} when there is none; `FileReadError` naming the file
     when it is no regular file, larger than `max_bytes`, not UTF-8, not valid JSON, too deeply nested or no object."""
     try:
-        return read_json_file(path, max_bytes, expect=dict, what="a JSON object file")
+        return read_folder_json(path, max_bytes, expect=dict, what="a JSON object file")
     except FileMissingError:
         return {}
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer as _BackendTokenizer
 
-from ..utils.files import FileMissingError, read_text
+from ..utils.files import FileMissingError, read_folder_text
 from ._batch import BatchFeature, check_return_tensors
 from .files import MAX_TOKENIZER_BYTES, read_json
 
@@ -61,7 +61,7 @@ class Tokenizer:
         folder = Path(path)
         tokenizer_json = folder / "tokenizer.json"
         try:
-            text = read_text(tokenizer_json, MAX_TOKENIZER_BYTES, "a tokenizers-format tokenizer.json")
+            text = read_folder_text(tokenizer_json, MAX_TOKENIZER_BYTES, "a tokenizers-format tokenizer.json")
         except FileMissingError:
             raise FileMissingError(f"{tokenizer_json} not found (gemma4_eqx needs the tokenizers-format "
                                    "tokenizer.json)") from None

@@ -35,7 +35,8 @@ import stat
 from typing import Any
 
 __all__ = ["FileReadError", "FileMissingError", "Folder", "FOLDER_LINK_RULE", "open_regular", "file_size", "read_bytes",
-           "read_text", "read_json", "json_depth", "describe_mode", "MAX_JSON_DEPTH"]
+           "read_text", "read_json", "read_folder_text", "read_folder_json", "json_depth", "describe_mode",
+           "MAX_JSON_DEPTH"]
 
 # Deepest nesting a JSON file may have (the configs this package reads are a few levels deep; json's own decoder
 # stops near 1,000 levels with a RecursionError that names nothing).
@@ -372,3 +373,18 @@ class Folder:
             self.close()
         except Exception:
             pass
+
+
+def read_folder_text(path: str | os.PathLike, max_bytes: int | None, what: str = "a UTF-8 text file") -> str:
+    """`read_text` of a file inside a checkpoint or processor folder: opened through `Folder` (its symlink rule)."""
+    folder, name = os.path.split(os.fspath(path))
+    with Folder(folder or ".") as f:
+        return f.read_text(name, max_bytes, what)
+
+
+def read_folder_json(path: str | os.PathLike, max_bytes: int | None, max_depth: int = MAX_JSON_DEPTH,
+                     expect: type | None = None, what: str = "a JSON file") -> Any:
+    """`read_json` of a file inside a checkpoint or processor folder: opened through `Folder` (its symlink rule)."""
+    folder, name = os.path.split(os.fspath(path))
+    with Folder(folder or ".") as f:
+        return f.read_json(name, max_bytes, max_depth=max_depth, expect=expect, what=what)
