@@ -50,7 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import gemma4_eqx as g4  # noqa: E402
 from gemma4_eqx.model import sharding as gs  # noqa: E402
-from gemma4_eqx.model import surgery  # noqa: E402
+from gemma4_eqx import surgery  # noqa: E402
 from gemma4_eqx.train import batch_loss, with_remat  # noqa: E402
 
 GIB = 2**30

@@ -56,7 +56,7 @@ MODULES = {
     "checkpoint": "io.checkpoint", "cli": "cli", "decode": "model.decode", "gguf_io": "io.gguf", "hub": "io.hub",
     "layers": "layers", "losses": "train.losses", "masks": "model.masks", "nnx": "nnx", "processing": "processing",
     "quant": "quant", "reference": "reference", "sampling": "generate.sampling", "sharding": "model.sharding",
-    "surgery": "model.surgery", "taps": "model.taps", "testing": "testing", "train": "train",
+    "surgery": "io.surgery", "taps": "model.taps", "testing": "testing", "train": "train",
 }
 
 

@@ -27,7 +27,7 @@ import gemma4_eqx as g4
 from gemma4_eqx.assets import SMALL_CHECKPOINT
 from gemma4_eqx.io import adapters
 from gemma4_eqx.io.safetensors import SafetensorsFile, write_file
-from gemma4_eqx.model import surgery
+from gemma4_eqx import surgery
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "peft"

@@ -13,7 +13,7 @@ import pytest
 
 import gemma4_eqx as g4
 from gemma4_eqx.testing import WrappedAttention
-from gemma4_eqx.model import surgery
+from gemma4_eqx import surgery
 from gemma4_eqx.generate.batching import split_batch
 from gemma4_eqx.layers import policy
 from gemma4_eqx.layers.decoder import DecoderStack

@@ -196,7 +196,7 @@ def test_rules_without_a_mesh_are_refused():
 def test_lora_wrapped_projections_keep_their_sharding():
     """`surgery.add_lora` moves a projection's matrix to `..._proj.base.weight`: the rules still shard it; the
     adapters are replicated."""
-    from gemma4_eqx.model import surgery
+    from gemma4_eqx import surgery
     model = eqx.filter_eval_shape(lambda: g4.Gemma4(g4.Gemma4Config.gemma4_12b(), key=jax.random.key(0)))
     adapted = eqx.filter_eval_shape(lambda m: surgery.add_lora(m, key=jax.random.key(1), rank=2,
                                                                targets=("q_proj", "down_proj")), model)

@@ -12,7 +12,7 @@ import pytest
 
 import gemma4_eqx as g4
 from gemma4_eqx.testing import WrappedAttention
-from gemma4_eqx.model import surgery
+from gemma4_eqx import surgery
 from gemma4_eqx import train
 from gemma4_eqx.generate.batching import stack_samples
 from gemma4_eqx.io.checkpoint import CheckpointError

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from gemma4_eqx.model import surgery
+from gemma4_eqx import surgery
 from gemma4_eqx import train
 from gemma4_eqx.generate.batching import stack_samples
 from gemma4_eqx.testing import counting_compilations

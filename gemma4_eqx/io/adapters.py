@@ -52,7 +52,7 @@ from ..model.surgery import (
     attach_lora,
     lora_weights,
 )
-from ..model.surgery import LEAVES_FILE as SURGERY_LEAVES
+from .surgery import LEAVES_FILE as SURGERY_LEAVES
 from ..utils.files import FileReadError, read_json
 from .hub import resolve
 from .names import (

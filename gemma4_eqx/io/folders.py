@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..model.surgery import LEAVES_FILE
+from .surgery import LEAVES_FILE
 from .names import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

@@ -1,4 +1,4 @@
-"""Model surgery on `Gemma4`: swap attention modules, freeze, add low-rank adapters, save what has no HF name.
+"""Model surgery on `Gemma4`: swap attention modules, freeze, add low-rank adapters (saving the result: `io.surgery`).
 
 Everything is built on `eqx.tree_at`; every result is an ordinary `Gemma4` pytree that jits, vmaps and grads.
 
@@ -21,8 +21,9 @@ layers sits in the stock KV-cache layout, so `g4.generate` keeps working. Replac
 
 Saving. `g4.save` writes transformers' names, and only the stock modules have them: for a model holding a
 replacement attention or `LoRALinear` it raises instead of writing a checkpoint that silently lacks the new
-parameters. Use `merge_lora` first (the result is stock again), or `save` / `load` below (Equinox's
-`tree_serialise_leaves` plus config.json; loading re-runs your surgery on an abstract model to get the skeleton).
+parameters. Use `merge_lora` first (the result is stock again), or `g4.surgery.save` / `g4.surgery.load` (Equinox's
+`tree_serialise_leaves` plus config.json, written atomically like `g4.save`; `io.surgery`; loading re-runs your
+surgery on an abstract model to get the skeleton).
 Adapters alone: `g4.save_adapters` / `g4.load_adapters` (PEFT's format, a few MB; `attach_lora` / `lora_weights`
 below put them on and read them out).
 """
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,8 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
-from ..config.fields import ConfigError, read_json_file
-from ..config.gemma4 import FULL, SLIDING, Gemma4Config
+from ..config.gemma4 import FULL, SLIDING
 from ..layers.attention import AbstractAttention, Attention
 from ..layers.decoder import DecoderStack, kind_ids, slice_layer, stack_modules
 from ..layers.linear import Linear
@@ -51,8 +50,6 @@ from ..layers.linear import Linear
 from ..layers.linear_attention import LinearAttention, linear_attention  # noqa: F401  (g4.surgery.LinearAttention)
 from ..layers.lora import LoRALinear
 from ..layers.mlp import MLP
-from ..utils.dtypes import dtype_name
-from ..utils.files import Folder
 from .gemma4 import Gemma4
 
 Layers = str | int | Sequence[int]
@@ -398,39 +395,7 @@ def union(*specs: PyTree[bool]) -> PyTree[bool]:
     return jax.tree.map(lambda *xs: any(xs), *specs)
 
 
-# ---- saving what has no checkpoint name ------------------------------------------------------------
-LEAVES_FILE = "model.eqx"
-CONFIG_FILE = "config.json"
-
-
-def save(model: Gemma4, folder: str | os.PathLike) -> None:
-    """config.json (with the dtype) + every leaf in `model.eqx` (`eqx.tree_serialise_leaves`)."""
-    os.makedirs(folder, exist_ok=True)
-    model.config.save_pretrained(folder, dtype=dtype_name(model.dtype))
-    eqx.tree_serialise_leaves(os.path.join(folder, LEAVES_FILE), model)
-
-
-def load(folder: str | os.PathLike, surgery: Callable[[Gemma4], Gemma4], *, dtype=None) -> Gemma4:
-    """Load what `save` wrote. `surgery(stock_model) -> edited_model` must redo the edits (it runs abstractly,
-    on shapes only, to build the skeleton the leaves are read into). config.json and model.eqx are opened
-    through one descriptor of the folder (`utils.files.Folder`: regular files only, its symlink rule)."""
-    with Folder(folder, "a folder written by g4.surgery.save") as opened:
-        raw = read_json_file(CONFIG_FILE, ConfigError, folder=opened)
-        try:
-            config = Gemma4Config.from_hf_dict(raw)
-            if dtype is None:
-                dtype = jnp.dtype(raw.get("dtype", "float32"))
-        except (ConfigError, TypeError) as e:
-            raise ConfigError(f"{opened.join(CONFIG_FILE)}: {e}") from None
-        leaves = opened.open(LEAVES_FILE, "an Equinox leaves file (model.eqx)")
-    like = eqx.filter_eval_shape(lambda: surgery(Gemma4(config, key=jax.random.key(0), dtype=dtype)))
-    try:
-        with leaves:
-            model = eqx.tree_deserialise_leaves(leaves, like)
-    except RuntimeError as e:  # a shape that differs from the skeleton
-        raise ValueError(f"{folder}: {e}; `surgery` must rebuild the structure that was saved") from e
-    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(like), jax.tree.leaves(model)):
-        if (want.shape, want.dtype) != (got.shape, got.dtype):
-            raise ValueError(f"{jax.tree_util.keystr(path)}: the surgery builds {want.shape} {want.dtype}, "
-                             f"the file holds {got.shape} {got.dtype}")
-    return model
+__all__ = ["ATTENTION_PROJECTIONS", "MLP_PROJECTIONS", "Layers", "LinearAttention", "LoRALinear", "LoRAWeights",
+           "add_lora", "attach_lora", "layer_indices", "linear_attention", "lora_weights", "map_layers", "merge_lora",
+           "only_attention", "only_embedders", "only_full_attention", "only_layers", "only_lora", "replace_attention",
+           "trainable", "union"]
