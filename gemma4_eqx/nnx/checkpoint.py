@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..config.gemma4 import Gemma4Config
 from ..io import checkpoint as ckpt
 from .model import Gemma4NNX
 
@@ -85,18 +84,22 @@ def load(path_or_repo_id: str | os.PathLike, dtype=None, **hub_kwargs) -> Gemma4
     `dtype=None` keeps the checkpoint's precision; otherwise tensors are cast on load.
     """
     from ..io.hub import resolve
+    from ..io.load import open_folder
 
     folder = resolve(path_or_repo_id, **hub_kwargs)
-    config = Gemma4Config.from_pretrained(folder)
-    reader = ckpt.SafetensorsReader(folder)
-    probe = nnx.eval_shape(lambda: Gemma4NNX(config, rngs=nnx.Rngs(0)))
-    ckpt.validate(reader, tensor_specs(probe), dtype)
-    if dtype is None:
-        dtype = ckpt.checkpoint_dtype(reader, tensor_specs(probe))
-    model = nnx.eval_shape(lambda: Gemma4NNX(config, rngs=nnx.Rngs(0), dtype=dtype))
-    np_dtype = np.dtype(dtype)
-    for spec in tensor_specs(model):
-        t = reader.read(spec.name)
-        t = t.T if spec.transpose else t
-        spec.leaf(model).set_value(jnp.asarray(t.astype(np_dtype, copy=False)))
+    opened = open_folder(folder)  # config.json and every shard opened together, as g4.load does
+    try:
+        config, reader = opened.config, opened.reader
+        probe = nnx.eval_shape(lambda: Gemma4NNX(config, rngs=nnx.Rngs(0)))
+        ckpt.validate(reader, tensor_specs(probe), dtype)
+        if dtype is None:
+            dtype = ckpt.checkpoint_dtype(reader, tensor_specs(probe))
+        model = nnx.eval_shape(lambda: Gemma4NNX(config, rngs=nnx.Rngs(0), dtype=dtype))
+        np_dtype = np.dtype(dtype)
+        for spec in tensor_specs(model):
+            t = reader.read(spec.name)
+            t = t.T if spec.transpose else t
+            spec.leaf(model).set_value(jnp.asarray(t.astype(np_dtype, copy=False)))
+    finally:
+        opened.close()
     return model
