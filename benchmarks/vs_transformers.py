@@ -11,8 +11,8 @@ checkpoint folder: for `small`, the bundled trained checkpoint (`g4.assets.SMALL
 checkpoint with the real structure (vocab 32768, hidden 512, 12 layers = 2 x [5 sliding + 1 full], window 256),
 written once by `g4.save` into `--workdir` and reused.
 
-Ours runs as served: `g4.serving_layout(model)` (every decoder layer in its own arrays; `--layout stock` for the
-stored layout) and `g4.generate(..., cache_raw_keys=False)` (finished K and V for the global layers, as
+Ours runs as served: `g4.load(folder, layout="serving")` (every decoder layer in its own arrays, what the CLI, chat
+and server load; `--layout stock` for the stored layout) and `g4.generate(..., cache_raw_keys=False)` (finished K and V for the global layers, as
 transformers caches them; `--raw-keys` for the default raw-key cache). Both sides run in fp32; torch gets `--threads` threads (default 2) and `attn_implementation="sdpa"`. Every
 measurement is taken `--runs` times (default 5), ours and theirs alternating row by row, so the machine's noise
 hits both; the table shows medians. Each side's first call of a row is a warm-up: its extra time over the
@@ -26,6 +26,10 @@ Rows:
   and first token cancel out.
 - generate 32: the wall time of one greedy `generate` call of 32 new tokens after a 64-token prompt (prefill,
   decode, everything), reported as new tokens/s.
+
+The read-bandwidth limit of a decode row: the bytes one step must read (every decoder weight, the tied table of the lm
+head, each layer's keys and values at the row's mean context) against the bandwidth a jitted sum over 512 MiB reads
+at, measured at the start of the run.
 
 XLA flags: unless `--no-xla-flags`, the script sets `XLA_FLAGS` (before JAX starts) to `XLA_CPU_FLAGS` below; the
 library itself never sets them. What each flag buys is in benchmarks/RESULTS.md.
@@ -132,6 +136,19 @@ class HFWorker:
 
 
 # ---- ours ---------------------------------------------------------------------------------------------------
+def read_bandwidth(jax, jnp, np, nbytes: int = 512 << 20, runs: int = 7) -> float:
+    """Bytes per second a jitted reduction reads from memory (the decode steps' bound: they read every weight)."""
+    x = jax.block_until_ready(jnp.ones((nbytes // 4,), jnp.float32))
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(x))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(total(x))
+        times.append(time.perf_counter() - t0)
+    return nbytes / float(np.median(times))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -180,6 +197,9 @@ def main() -> None:
 
     print(f"machine: {platform.node()} ({os.cpu_count()} CPUs), load before: {os.getloadavg()}; jax {jax.__version__}"
           f"; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    bandwidth = read_bandwidth(jax, jnp, np)
+    print(f"memory read bandwidth (a jitted sum over 512 MiB of fp32, median of 7): {bandwidth / 1e9:.2f} GB/s",
+          flush=True)
     hf = HFWorker(hf_python, args.threads)
     print(f"transformers worker: torch {hf.info['torch']}, {hf.info['threads']} threads", flush=True)
     presets = ["small", "65m"] if args.preset == "all" else [args.preset]
@@ -187,9 +207,8 @@ def main() -> None:
     try:
         for preset in presets:
             folder = folder_for(preset)
-            model = g4.load(folder, dtype=jnp.float32)
-            if args.layout == "serving":
-                model = g4.serving_layout(model)  # every layer in its own arrays (gemma4_eqx/fuse.py)
+            # the README's path: g4.load(..., layout="serving") is what the CLI, chat and server use
+            model = g4.load(folder, dtype=jnp.float32, layout="serving" if args.layout == "serving" else "stored")
             cfg = model.config
             info = hf(op="load", folder=str(folder))
             n_params = g4.count_parameters(model)
@@ -238,6 +257,21 @@ def main() -> None:
                 rows.append((f"`generate`, {g} new tokens after 64 (end to end)", lambda ids=ids, g=g: ours_generate(ids, g),
                              lambda ids=ids, g=g: hf(op="generate", ids=ids, new=g)["t"], g, None))
 
+            weight_bytes = sum(x.nbytes for name, part in (("embed_tokens", model.embed_tokens), ("layers", model.layers),
+                                                           ("norm", model.norm))
+                               for x in jax.tree.leaves(part) if hasattr(x, "nbytes"))
+
+            def step_bytes(context: int) -> int:
+                """What one decode step must read at `context` tokens: every decoder weight and the tied table (the
+                lm head), and each layer's keys and values (the window's for sliding layers)."""
+                t, total = cfg.text, weight_bytes
+                for kind in t.layer_types:
+                    g = t.layer_geometry_for_type(kind)
+                    slots = min(context, t.sliding_window) if kind == "sliding_attention" else context
+                    per_slot = g.num_key_value_heads * g.head_dim * 4 * (1 if (not g.has_v_proj and args.raw_keys) else 2)
+                    total += slots * per_slot
+                return total
+
             table = []
             for label, ours_fn, theirs_fn, work, kind in rows:
                 fns = {"ours": ours_fn, "theirs": theirs_fn}
@@ -271,10 +305,16 @@ def main() -> None:
                         med[side] = work / m
                         compile_s[side] = first[side] - m
                 ratio = med["ours"] / med["theirs"]
-                table.append((label, med["theirs"], med["ours"], ratio, compile_s["ours"], compile_s["theirs"]))
-                raw[f"{preset}: {label}"] = {"times": times, "first": first}
+                limit = None
+                if kind == "diff":  # decode: tokens/s the read bandwidth allows at this context
+                    context = int(label.split("after a ")[1].split("-token")[0].replace(",", "")) + work // 2
+                    limit = bandwidth / step_bytes(context)
+                table.append((label, med["theirs"], med["ours"], ratio, compile_s["ours"], compile_s["theirs"], limit))
+                raw[f"{preset}: {label}"] = {"times": times, "first": first, "limit": limit}
+                bound = "" if limit is None else (f"; bandwidth limit {limit:,.1f} tok/s, ours "
+                                                  f"{100 * med['ours'] / limit:.0f}% of it")
                 print(f"  {label}: transformers {med['theirs']:,.1f} tok/s, ours {med['ours']:,.1f} tok/s, "
-                      f"ratio {ratio:.2f}x (ours' first call +{compile_s['ours']:.2f} s)", flush=True)
+                      f"ratio {ratio:.2f}x (ours' first call +{compile_s['ours']:.2f} s){bound}", flush=True)
             tables.append((preset, n_params, table))
     finally:
         hf.close()
@@ -282,10 +322,12 @@ def main() -> None:
     print(f"\nload after: {os.getloadavg()}\n")
     for preset, n_params, table in tables:
         print(f"### {preset} ({n_params / 1e6:.2f} M parameters, fp32), medians of {args.runs} alternating runs\n")
-        print("| | transformers (tok/s) | gemma4-eqx (tok/s) | ratio | gemma4-eqx compile (s) |")
-        print("|---|---|---|---|---|")
-        for label, theirs, ours, ratio, c_ours, _ in table:
-            print(f"| {label} | {theirs:,.1f} | {ours:,.1f} | {ratio:.2f}x | {c_ours:.1f} |")
+        print("| | transformers (tok/s) | gemma4-eqx (tok/s) | ratio | gemma4-eqx compile (s) | % of the read-bandwidth "
+              "limit |")
+        print("|---|---|---|---|---|---|")
+        for label, theirs, ours, ratio, c_ours, _, limit in table:
+            share = "" if limit is None else f"{100 * ours / limit:.0f}% of {limit:,.1f}"
+            print(f"| {label} | {theirs:,.1f} | {ours:,.1f} | {ratio:.2f}x | {c_ours:.1f} | {share} |")
         print()
     if args.json:
         Path(args.json).write_text(json.dumps({"tables": tables, "raw": raw}, default=float, indent=1))
