@@ -280,7 +280,7 @@ class Gemma4(eqx.Module):
         **media_kwargs,
     ) -> Float[Array, "seq hidden"] | tuple[Float[Array, "seq hidden"], TapResult]:
         """Hidden states of every position after the final norm `model.norm` (and what `taps` read, when given);
-        `model.logits_from_hidden` of them are the logits. Arguments as for `__call__`."""
+        `model.logits_from_hidden` of them are the logits. The keywords are documented on `__call__`."""
         media = Media.of(media, **media_kwargs)
         h, types_from = self.input_embeddings(input_ids, inputs_embeds, media)
         out = self.decode_hidden(h, positions=positions, attention_mask=attention_mask,
@@ -375,20 +375,11 @@ class Gemma4(eqx.Module):
         return logits
 
     def __call__(
-        self,
-        input_ids: Int[InputArray, " seq"] | None = None,
-        *,
-        inputs_embeds: Float[InputArray, "seq hidden"] | None = None,
-        positions: Int[InputArray, " seq"] | None = None,
-        attention_mask: Bool[InputArray, " seq"] | Int[InputArray, " seq"] | None = None,
-        mm_token_type_ids: Int[InputArray, " seq"] | None = None,
-        mask_mode: MaskMode = "intended",
-        media: Media | None = None,
-        segment_ids: Int[InputArray, " seq"] | None = None,
-        taps: Taps | None = None,
-        **media_kwargs,
+        self, input_ids: Int[InputArray, " seq"] | None = None, **inputs: Any
     ) -> Float[Array, "seq vocab"] | tuple[Float[Array, "seq vocab"], TapResult]:
-        """Soft-capped logits for every position of one sequence. Media as `media=g4.Media(...)` or as the
+        """Soft-capped logits for every position of one sequence: `logits_from_hidden` of `hidden_states`, which
+        takes the same keywords (`inputs_embeds`, `positions`, `attention_mask`, `mm_token_type_ids`, `mask_mode`,
+        `media`, `segment_ids`, `taps` and the media keywords) and checks them. Media as `media=g4.Media(...)` or as the
         keywords `pixel_values`, `image_position_ids`, `pixel_values_videos`, `video_position_ids`,
         `input_features`, `input_features_mask`.
 
@@ -410,10 +401,8 @@ class Gemma4(eqx.Module):
         `taps` (`g4.Taps`): read residuals / attention probabilities of chosen layers, patch (replace) or add to
         residuals (`gemma4_eqx/model/taps.py`); the call then returns `(logits, g4.TapResult)`. Without it the
         program is the same as before taps existed."""
-        out = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
-                                 attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, mask_mode=mask_mode, media=media,
-                                 segment_ids=segment_ids, taps=taps, **media_kwargs)
-        if taps is None:
+        out = self.hidden_states(input_ids, **inputs)
+        if inputs.get("taps") is None:
             return self.logits_from_hidden(out)
         return self.logits_from_hidden(out[0]), out[1]
 
