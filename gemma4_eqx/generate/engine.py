@@ -19,8 +19,8 @@ then admits waiting requests in arrival order while a slot is free: each is pref
 (`loop.prefill_rows`, which also chooses its first token) and its row is written into the slot (`place_row`,
 donated: in place). Then one `loop.decode_chunk` over every slot, with the per-step function `slot_step`; the
 new tokens of each running row go to its request (`on_update`); a row that produced a stop id or its
-`max_new_tokens` frees its slot at once. A chunk runs at most `decode_chunk` steps, fewer when requests wait
-and the first running row will end sooner (its `max_new_tokens`), and stops early once every row is done.
+`max_new_tokens` frees its slot at once. A chunk runs at most `decode_chunk` steps; it stops early once every row
+is done, and, while requests wait, as soon as one running row finishes (`decode_chunk(until_freed=...)`).
 
 **Compiled once** per (slots, cache bucket): the cache has `max_len = cache_bucket(max_context)` slots per row;
 text prompts are left-padded to a multiple of `prefill_chunk` and prefilled in chunks of that size, the token
@@ -222,9 +222,9 @@ class Engine:
     `g4.generate`. `prefill_chunk`: text prompts are prefilled in chunks of this many tokens (one program for
     every length). `decode_chunk`: decode steps per compiled chunk (a finished row's slot is refilled, and a
     waiting request admitted, between two chunks). `max_queue`: requests that may wait while every slot is busy;
-    beyond them `submit` raises `QueueFull`. `raw_keys`: keys-as-values layers store raw keys (`g4.KVCache.init`; half their cache,
-    but every decode step rotates every row's whole context again: on a CPU, batched, that is most of a step),
-    by default they store rotated K and V. `seed`: draws the keys of requests given no seed.
+    beyond them `submit` raises `QueueFull`. `raw_keys`: keys-as-values layers store raw keys (`g4.KVCache.init`:
+    half their cache, but every decode step rotates every row's whole context again, on a CPU batched most of a
+    step); by default they store rotated K and V. `seed`: draws the keys of requests given no seed.
     """
 
     def __init__(self, model, *, slots: int = 8, max_context: int = 4096, generation_config=None,
@@ -505,17 +505,16 @@ class Engine:
 
     def _steps(self) -> int:
         left = [r.max_new_tokens - int(self._count[s]) for s, r in enumerate(self._running) if r is not None]
-        # requests wait for a slot: stop when the first running row reaches its length (it may stop sooner)
-        bound = min(left) if self._waiting else max(left)
-        return max(1, min(self.decode_chunk, bound))
+        return max(1, min(self.decode_chunk, max(left)))
 
     def _decode(self) -> None:
         if self._params is None:
             self._params = SamplingParams(**{k: jax.device_put(v) for k, v in self._host_params.items()})
         steps = self._steps()
         try:
+            # requests wait for a slot: the chunk ends as soon as a running row finishes (its slot is free)
             self.state, out, n = decode_chunk(self.model, self.state, self._params, np.int32(steps), step=slot_step,
-                                              size=self.decode_chunk)
+                                              size=self.decode_chunk, until_freed=np.bool_(bool(self._waiting)))
             out = jax.tree.map(np.asarray, out)
             n = int(n)
             count = np.asarray(self.state.count)
@@ -553,15 +552,17 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and self.idle and not any(
-                        r.cancelled for r in self._waiting):
+                while not self._stopping and self.idle:
                     if self._draining:
                         self._stopping = True
                         break
                     self._lock.wait()
                 if self._stopping:
                     break
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 (a bug: every request fails with it, the thread goes on)
+                self._fail_all(e)
         for slot, r in enumerate(self._running):
             if r is not None:
                 self._free_slot(slot)
@@ -573,6 +574,17 @@ class Engine:
             self._finish(r, "cancelled")
         for _, future in jobs:
             future.cancel()
+
+    def _fail_all(self, error: BaseException) -> None:
+        self.state = self._commit(empty_slots(self.model, jax.random.key(0), slots=self.slots, **self._compiled))
+        for slot, r in enumerate(self._running):
+            if r is not None:
+                self._free_slot(slot)
+                self._finish(r, "error", error)
+        with self._lock:
+            left, self._waiting = list(self._waiting), collections.deque()
+        for r in left:
+            self._finish(r, "error", error)
 
     def stop(self, *, drain: bool = True, timeout: float | int | None = None) -> None:
         """Stop the thread. `drain=True`: no new requests, those queued and running finish first; `drain=False`:

@@ -223,11 +223,14 @@ def _carried_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 @functools.partial(jax.jit, static_argnames=("step", "size"), donate_argnames=("state",))
 def decode_chunk(model, state: DecodeState, params: SamplingParams, steps: Int[Array, ""], *,
-                 step: Callable = sample_step, size: int = DECODE_CHUNK, taps: Taps | None = None
+                 step: Callable = sample_step, size: int = DECODE_CHUNK, taps: Taps | None = None,
+                 until_freed: Bool[Array, ""] | None = None
                  ) -> tuple[DecodeState, Choice | tuple[Choice, TapResult], Int[Array, ""]]:
     """At most `min(steps, size)` decode steps; stops early once every row is done. Returns the state, the
     choices `[batch, size]` (the first `n` columns are real) and `n`. `taps`: passed to every step (see the
-    module docstring); the choices then come as `(Choice, TapResult)`."""
+    module docstring); the choices then come as `(Choice, TapResult)`. `until_freed` (traced; the serving
+    engine's): when True, also stop after the step in which a row that was running finishes (its slot is then
+    free for a waiting request)."""
     b = state.token.shape[0]
     extra = {} if taps is None or taps.empty else {"taps": taps}
     probe = jax.eval_shape(lambda: step(model, state, params, **extra)[1])
@@ -241,7 +244,11 @@ def decode_chunk(model, state: DecodeState, params: SamplingParams, steps: Int[A
 
     def cond(carry):
         i, packed, _ = carry
-        return (i < jnp.minimum(steps, size)) & ~jnp.all(restore(packed).done)
+        done = restore(packed).done
+        go = (i < jnp.minimum(steps, size)) & ~jnp.all(done)
+        if until_freed is not None:
+            go = go & ~(until_freed & jnp.any(done & ~state.done))
+        return go
 
     def body(carry):
         i, packed, out = carry

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..processing import parse_response
-from ..processing.chat_parser import ARGS_END, CALL_OPEN, CALL_START, STOPS, THOUGHT_CLOSE, THOUGHT_OPEN
+from ..processing.chat_parser import ARGS_END, CALL_START, STOPS, THOUGHT_CLOSE, THOUGHT_OPEN
 from ..processing.image import load_image
 
 MAX_TOP_LOGPROBS = 8  # the engine's top log-probs per step (generate.sampling.NUM_TOP)
@@ -237,6 +237,7 @@ def read_chat(body: dict, *, allow_files: bool = True) -> ChatRequest:
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise bad("chat_template_kwargs", "expected an object")
+    kwargs = dict(kwargs)
     if "reasoning_effort" in body and body["reasoning_effort"] not in (None, "none", "minimal"):
         kwargs.setdefault("enable_thinking", True)
     stream, include_usage = read_stream_options(body)
