@@ -41,19 +41,21 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def workload(tokenizer, n: int, rate: float, seed: int) -> list[dict]:
-    """n requests: prompts of 8-200 tokens of held-out license text (<bos> first), 8-128 new tokens (a long tail:
-    most are short), arrival times of a Poisson process of `rate` requests per second."""
+def workload(tokenizer, n: int, rate: float, seed: int, max_prompt: int = 200, max_new: int = 128,
+             mean_new: float = 48.0) -> list[dict]:
+    """n requests: prompts of held-out license text (<bos> first), half of 8-32 tokens and half of 64-`max_prompt`;
+    8-`max_new` new tokens (8 + an exponential of mean `mean_new - 8`: most are short); arrival times of a Poisson
+    process of `rate` requests per second."""
     words = (g4.assets.SMALL_CHECKPOINT / "heldout.txt").read_text().split()
     rng = np.random.default_rng(seed)
     at = np.cumsum(rng.exponential(1.0 / rate, n))
     at -= at[0]
     out = []
     for i in range(n):
-        length = int(rng.choice([rng.integers(8, 33), rng.integers(64, 201)], p=[0.5, 0.5]))
+        length = int(rng.choice([rng.integers(8, 33), rng.integers(64, max_prompt + 1)], p=[0.5, 0.5]))
         start = int(rng.integers(0, len(words) - 2 * length))
         ids = tokenizer.encode(" ".join(words[start:start + 2 * length]), add_special_tokens=False)[:length - 1]
-        new = int(min(128, 8 + rng.exponential(40)))
+        new = int(min(max_new, 8 + rng.exponential(mean_new - 8)))
         out.append(dict(at=float(at[i]), prompt=np.asarray([2] + ids, np.int32), max_new_tokens=new, seed=i))
     return out
 
@@ -144,13 +146,16 @@ def main() -> None:
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt", type=int, default=200, help="the longer half of the prompts: 64 to this")
+    p.add_argument("--max-new", type=int, default=128)
+    p.add_argument("--mean-new", type=float, default=48.0, help="mean max_new_tokens before the --max-new cap")
     p.add_argument("--http", action="store_true", help="through gemma4-eqx serve and the openai client")
     args = p.parse_args()
 
     path = g4.assets.SMALL_CHECKPOINT
     model = g4.load(path)
     tokenizer = g4.Processor.from_pretrained(path).tokenizer
-    requests = workload(tokenizer, args.requests, args.rate, args.seed)
+    requests = workload(tokenizer, args.requests, args.rate, args.seed, args.max_prompt, args.max_new, args.mean_new)
     prompt_lengths = [len(r["prompt"]) for r in requests]
     new_lengths = [r["max_new_tokens"] for r in requests]
     print(f"machine: {machine()}; {datetime.datetime.now().isoformat(timespec='minutes')}; load average before "

@@ -329,3 +329,49 @@ def test_loading_is_503():
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+REPLIES = [
+    "  Plain answer with trailing space  ",
+    "<|channel>thought\nLet me think.\nStill thinking\n<channel|>The answer.",
+    "Before <|channel>thought\nA<channel|> middle <|channel>thought\nB\n<channel|>after",
+    'I will call. <|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>',
+    '<|tool_call>call:a{x:1}<tool_call|><|tool_call>call:b{y:[1,2]}<tool_call|>',
+    "<|tool_call>call:broken{x:<tool_call|> kept as text",
+    "Cut here<turn|>not this",
+]
+
+
+@pytest.mark.parametrize("text", REPLIES)
+def test_reply_stream_joins_to_parse_response(text):
+    """Streamed in pieces of every size, the reply's content, reasoning and tool calls join to what the
+    non-streamed answer gives (`parse_response`; a call that cannot be read stays text)."""
+    from gemma4_eqx.serve import protocol
+
+    whole = protocol.parse_reply(text)
+    for size in (1, 2, 3, 7, len(text)):
+        stream = protocol.ReplyStream()
+        parts = []
+        for i in range(0, len(text), size):
+            parts += stream.feed(text[i:i + size])
+        parts += stream.feed("", final=True)
+        content = "".join(v for k, v in parts if k == "content")
+        reasoning = "".join(v for k, v in parts if k == "reasoning") or None
+        calls = [v for k, v in parts if k == "tool_call"]
+        if text.startswith("<|tool_call>call:broken"):  # parse_response refuses it: all of it is content
+            assert calls == [] and content.startswith("<|tool_call>call:broken"), size
+            continue
+        assert (content, reasoning, calls) == (whole["content"], whole["reasoning"], whole["tool_calls"]), size
+
+
+def test_stop_strings_and_detokenizer(proc):
+    from gemma4_eqx.serve import protocol
+
+    stops = protocol.StopStrings(["END", "\n\n"])
+    out = "".join(stops.push(p) for p in ["abc E", "N", "xy E", "ND tail"])
+    assert out == "abc ENxy " and stops.hit
+    text = "Licensed work — naïve café 日本"
+    ids = proc.tokenizer.encode(text, add_special_tokens=False)
+    detok = protocol.Detokenizer(proc.tokenizer, skip_special_tokens=True)
+    pieces = [detok.push([t]) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == proc.tokenizer.decode(ids) and all("\ufffd" not in p for p in pieces)
