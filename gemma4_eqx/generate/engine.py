@@ -212,6 +212,25 @@ def place_row(state: DecodeState, row: DecodeState, slot) -> DecodeState:
     return jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, slot, 0), state, row)
 
 
+# The engine's calls of the loop's programs take the model as its flat leaves and a static treedef: flattening the
+# Equinox modules of the model was about half of each call's dispatch (0.9 -> 0.5 ms on the small checkpoint,
+# benchmarks/RESULTS.md), paid on every decode chunk and every prefill.
+@functools.partial(jax.jit, static_argnames=("treedef", "size"), donate_argnames=("state",))
+def decode_slots(leaves, treedef, state: DecodeState, params: SamplingParams, steps, until_freed, *, size: int):
+    """`loop.decode_chunk` over the slots with `slot_step`."""
+    return decode_chunk(jax.tree.unflatten(treedef, leaves), state, params, steps, step=slot_step, size=size,
+                        until_freed=until_freed)
+
+
+@functools.partial(jax.jit, static_argnames=("treedef", "chunk", "max_len", "cache_dtype", "raw_keys"))
+def prefill_one(leaves, treedef, batch: dict, n_chunks, max_new, key, params: SamplingParams, *, chunk: int,
+                max_len: int, cache_dtype, raw_keys: bool):
+    """`loop.prefill_rows` of one request into a fresh one-row cache."""
+    return prefill_rows(jax.tree.unflatten(treedef, leaves), None, batch, n_chunks, max_new, key, params,
+                        chunk=chunk, bounds=None, max_len=max_len, mask_mode="intended", cache_dtype=cache_dtype,
+                        raw_keys=raw_keys)
+
+
 # ---- the engine --------------------------------------------------------------------------------------------
 class Engine:
     """Continuous batching over `slots` rows of one KV cache (see the module doc).
@@ -240,6 +259,7 @@ class Engine:
                 raise ValueError(f"{name}: expected an integer >= {lo}, found {value!r}")
         cfg = model.config
         self.model = model
+        self._leaves, self._treedef = jax.tree.flatten(model)
         self.slots = int(slots)
         self.max_len = cache_bucket(int(max_context), cfg.text.max_position_embeddings)
         if prefill_chunk > self.max_len:
@@ -473,9 +493,9 @@ class Engine:
 
     def _prefill(self, request: Request, slot: int) -> None:
         params = SamplingParams.make(self.vocab, **request.settings)
-        row, first = prefill_rows(self.model, None, jax.device_put(request.batch), np.int32(request.n_chunks),
-                                  np.int32(request.max_new_tokens), request.key, params,
-                                  chunk=request.chunk, bounds=None, mask_mode="intended", **self._compiled)
+        row, first = prefill_one(self._leaves, self._treedef, jax.device_put(request.batch),
+                                 np.int32(request.n_chunks), np.int32(request.max_new_tokens), request.key, params,
+                                 chunk=request.chunk, **self._compiled)
         self.stats["prefills"] += 1
         self.stats["prefill_tokens"] += request.n_chunks * request.chunk
         first = jax.tree.map(lambda x: np.asarray(x)[:, None], first)  # [1, 1, ...]: one row, one step
@@ -513,8 +533,8 @@ class Engine:
         steps = self._steps()
         try:
             # requests wait for a slot: the chunk ends as soon as a running row finishes (its slot is free)
-            self.state, out, n = decode_chunk(self.model, self.state, self._params, np.int32(steps), step=slot_step,
-                                              size=self.decode_chunk, until_freed=np.bool_(bool(self._waiting)))
+            self.state, out, n = decode_slots(self._leaves, self._treedef, self.state, self._params,
+                                              np.int32(steps), np.bool_(bool(self._waiting)), size=self.decode_chunk)
             out = jax.tree.map(np.asarray, out)
             n = int(n)
             count = np.asarray(self.state.count)
@@ -602,4 +622,4 @@ class Engine:
 
 
 __all__ = ["ENGINE_DECODE_CHUNK", "Engine", "EngineStopped", "NUM_TOP", "PREFILL_CHUNK", "QueueFull", "Request",
-           "RequestResult", "Update", "park_finished", "place_row", "slot_step"]
+           "RequestResult", "Update", "decode_slots", "park_finished", "place_row", "prefill_one", "slot_step"]
