@@ -99,12 +99,13 @@ def serve_http(model_path, requests: list[dict], slots: int, max_context: int, t
         if "ready:" in line:
             break
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=3600)
+    name = client.models.list().data[0].id
     n = len(requests)
     first, end, tokens = np.zeros(n), np.zeros(n), [None] * n
 
     def one(i: int, r: dict) -> None:
         got = []
-        stream = client.completions.create(model=client.models.list().data[0].id, prompt=r["prompt"].tolist(),
+        stream = client.completions.create(model=name, prompt=r["prompt"].tolist(),
                                            max_tokens=r["max_new_tokens"], temperature=temperature, seed=r["seed"],
                                            stream=True, extra_body={"return_token_ids": True})
         for chunk in stream:
@@ -127,6 +128,26 @@ def serve_http(model_path, requests: list[dict], slots: int, max_context: int, t
     proc.send_signal(2)
     proc.wait(60)
     return dict(tokens=tokens, arrival=np.array([t0 + r["at"] for r in requests]), first=first, end=end, stats={})
+
+
+def step_cost(model, slots: int, max_context: int) -> float:
+    """ms per decode step with every slot running (the best of 6 compiled chunks of 16 steps)."""
+    from gemma4_eqx.generate.engine import decode_slots
+
+    engine = Engine(model, slots=slots, max_context=max_context, generation_config=g4.assets.SMALL_CHECKPOINT)
+    engine.warmup()
+    for _ in range(slots):
+        engine.submit(np.array([2] + [300, 301, 302] * 20, np.int32), max_new_tokens=max_context - 128,
+                      temperature=0.0, stop_ids=())
+    engine.step()  # admits every request, one chunk
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        engine.state, _, _ = decode_slots(engine._leaves, engine._treedef, engine.state, engine._params, np.int32(16),
+                                          np.bool_(False), size=16)
+        engine.state.done.block_until_ready()
+        times.append(time.perf_counter() - t)
+    return min(times) / 16 * 1e3
 
 
 def summary(name: str, run: dict) -> dict:
@@ -183,6 +204,11 @@ def main() -> None:
     for s, run in runs.items():
         if run["stats"]:
             print(f"{s} slot(s): {run['stats']}")
+    if not args.http:
+        costs = {s: step_cost(model, s, args.max_context) for s in [1] + args.slots}
+        print("\ndecode step with every slot running: " + "; ".join(
+            f"{s} slot(s) {c:.3f} ms ({s / c * 1e3:.0f} tokens/s, {s * costs[1] / c:.2f}x one slot's)"
+            for s, c in costs.items()))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
