@@ -1,5 +1,5 @@
 """`Gemma4UnifiedAssistantConfig` (`model_type` `gemma4_unified_assistant`): the Gemma 4 assistant's config.json,
-read as strictly as the model's (`config.gemma4`)."""
+read as strictly as the model's (`config.text`, `config.gemma4`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from .fields import ConfigError, fail, read_bool, read_config_file, read_int, read_section, short
-from .gemma4 import TextConfig
+from .text import TextConfig
 
 TOP_LEVEL_KEYS = {"architectures", "model_type", "text_config", "backbone_hidden_size", "use_ordered_embeddings",
                   "num_centroids", "centroid_intermediate_top_k", "tie_word_embeddings", "transformers_version",

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config.gemma4 import Gemma4Config
+from ..config import Gemma4Config
 
 TOKEN_FIELDS = ("input_ids", "attention_mask", "positions", "mm_token_type_ids")
 MEDIA = (  # (placeholder attribute, per-item arrays, how an item's soft-token count is found)

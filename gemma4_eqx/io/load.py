@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..config import Gemma4Config
 from ..config.fields import ConfigError, read_json_file, short
-from ..config.gemma4 import Gemma4Config
-from ..utils.files import FileMissingError, FileReadError, Folder
 from ..model.gemma4 import Gemma4
 from ..model.sharding import FSDP_TP, param_shardings, single_device
+from ..utils.files import FileMissingError, FileReadError, Folder
 from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, canonical_name, tensor_specs
 from .safetensors import DTYPE_NAMES, SafetensorsFile, aligned_empty
 

@@ -14,8 +14,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ..config import Gemma4Config
 from ..config.fields import ConfigError, read_json_file
-from ..config.gemma4 import Gemma4Config
 from ..model.gemma4 import Gemma4
 from ..model.surgery import *  # noqa: F403  (the edits: `g4.surgery.add_lora`, ...)
 from ..model.surgery import __all__ as _edits

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..config.gemma4 import LayerGeometry, RopeConfig
+from ..config import LayerGeometry, RopeConfig
 from .cache import CacheContext, LayerCache
 from .linear import Linear
 from .norm import RMSNorm

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..config.gemma4 import TextConfig
+from ..config import TextConfig
 from .attention import AbstractAttention, Attention
 from .cache import CacheContext, LayerCache
 from .kinds import LayerKind, layer_pattern, layer_repeats

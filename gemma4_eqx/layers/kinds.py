@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from ..config.gemma4 import FULL, SLIDING
+from ..config import FULL, SLIDING
 
 
 class LayerKind(enum.StrEnum):

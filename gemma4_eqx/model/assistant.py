@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ..config import FULL, SLIDING
 from ..config.assistant import AssistantConfig
-from ..config.gemma4 import FULL, SLIDING
 from ..layers.cache import FullKV, RawKeyKV, RingKV
 from ..layers.decoder import slice_layer
 from ..layers.kinds import LayerKind

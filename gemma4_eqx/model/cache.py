@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
 
-from ..config.gemma4 import Gemma4Config
+from ..config import Gemma4Config
 from ..layers.cache import CacheContext, FullKV, FullKV8, LayerCache, RawKeyKV, RawKeyKV8, RingKV, RingKV8
 from ..layers.kinds import LayerKind, layer_pattern, layer_repeats
 from ..utils.checks import check_value, is_concrete

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ..config.gemma4 import AudioConfig, TextConfig, VisionConfig
+from ..config import AudioConfig, TextConfig, VisionConfig
 from ..layers.linear import Linear
 from ..layers.norm import LayerNorm, RMSNorm
 

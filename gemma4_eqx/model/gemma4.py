@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ..config.gemma4 import Gemma4Config
+from ..config import Gemma4Config
 from ..layers.decoder import DecoderStack
 from ..layers.norm import RMSNorm
 from ..layers.policy import Numerics, Remat, as_kernel, as_numerics, as_remat, with_policy

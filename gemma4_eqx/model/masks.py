@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
 
-from ..config.gemma4 import FULL, SLIDING
+from ..config import FULL, SLIDING
 from ..utils.checks import check_value, is_concrete
 
 MaskMode = Literal["intended", "hf_forward"]

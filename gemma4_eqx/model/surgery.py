@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
-from ..config.gemma4 import FULL, SLIDING
+from ..config import FULL, SLIDING
 from ..layers.attention import AbstractAttention, Attention
 from ..layers.decoder import DecoderStack, kind_ids, slice_layer, stack_modules
 from ..layers.linear import Linear

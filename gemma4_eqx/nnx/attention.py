@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from ..config.gemma4 import TextConfig
+from ..config import TextConfig
 from .norms import RMSNorm, compute_dtype
 from .rope import apply_rotary_pos_emb
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from ..config.gemma4 import TextConfig
+from ..config import TextConfig
 from .attention import Attention
 from .mlp import MLP
 from .norms import RMSNorm

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from ..config.gemma4 import TextConfig, VisionConfig
+from ..config import TextConfig, VisionConfig
 from .norms import LayerNorm, RMSNorm
 
 

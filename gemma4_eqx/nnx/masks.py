@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
-from ..config.gemma4 import FULL, SLIDING
+from ..config import FULL, SLIDING
 
 MASK_MODES = ("intended", "hf_forward")
 

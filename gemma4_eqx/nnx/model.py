@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from ..config.gemma4 import FULL, SLIDING, Gemma4Config
+from ..config import FULL, SLIDING, Gemma4Config
 from ..model.media import Media
 from .decoder import DecoderLayer
 from .embedders import MultimodalEmbedder, VisionEmbedder

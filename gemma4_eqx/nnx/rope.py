@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ..config.gemma4 import RopeConfig
+from ..config import RopeConfig
 from ..layers.sleef_pow import torch_cpu_pow
 
 
