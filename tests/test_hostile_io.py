@@ -35,7 +35,7 @@ import gemma4_eqx as g4
 from gemma4_eqx.assets import TINY_CHECKPOINT
 from gemma4_eqx.config import ConfigError, GenerationConfig
 from gemma4_eqx.io import quantized
-from gemma4_eqx.io.load import FolderChangedError, NonFiniteError
+from gemma4_eqx.io.reader import FolderChangedError, NonFiniteError
 from gemma4_eqx.io.names import TEXT_PREFIX, tensor_specs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

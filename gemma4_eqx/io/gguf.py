@@ -35,9 +35,9 @@ from ..model.gemma4 import Gemma4
 from ..quant.modules import quantize
 from ..utils.files import FileReadError, open_regular
 from ..utils.trees import follow
-from .load import all_finite, nonfinite_error
 from .names import TEXT_PREFIX, CheckpointError, tensor_specs
 from .quantized import LeafFiller, entries
+from .reader import all_finite, nonfinite_error
 
 _LAYER = {  # our per-layer suffix -> gguf MODEL_TENSOR member name
     "input_layernorm.weight": "ATTN_NORM",

@@ -41,16 +41,9 @@ from ..quant.format import (
 )
 from ..quant.modules import QuantEmbedding, QuantLinear, dequantize_model
 from ..utils.trees import follow
-from .load import (
-    OpenedFolder,
-    assemble,
-    float_dtype,
-    layer_writer,
-    open_checkpoint,
-    open_folder,
-    progress_callback,
-)
+from .load import OpenedFolder, assemble, layer_writer, open_checkpoint, open_folder, progress_callback
 from .names import SAFE_INDEX, SAFE_SINGLE, CheckpointError, TensorSpec, tensor_specs
+from .reader import float_dtype
 from .safetensors import DTYPE_NAMES, DTYPES, write_file
 from .save import mark_done, parse_size, take_layer, write_json
 
