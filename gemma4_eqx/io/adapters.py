@@ -52,7 +52,6 @@ from ..model.surgery import (
     attach_lora,
     lora_weights,
 )
-from .surgery import LEAVES_FILE as SURGERY_LEAVES
 from ..utils.files import FileReadError, read_json
 from .hub import resolve
 from .names import (
@@ -71,6 +70,7 @@ from .names import (
 )
 from .safetensors import DTYPE_NAMES, SafetensorsFile, write_file
 from .save import replace_folder, write_json
+from .surgery import LEAVES_FILE as SURGERY_LEAVES
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "adapter_config", "load_adapters", "read_adapters",
            "save_adapters"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-from .surgery import LEAVES_FILE
 from .names import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -13,6 +12,7 @@ from .names import (
     SAFE_SINGLE,
     CheckpointError,
 )
+from .surgery import LEAVES_FILE
 
 CONFIG = "config.json"
 
