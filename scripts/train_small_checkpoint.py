@@ -22,7 +22,6 @@ row starting with <bos>. Deterministic for a given jax/XLA build: the same seed,
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import pathlib
@@ -40,28 +39,16 @@ from gemma4_eqx.train import losses
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import make_test_tokenizers as mtt  # noqa: E402  (the tiny tokenizer's builder and processor files)
+from license_corpus import (  # noqa: E402  (the corpus, pinned by SHA-256; shared with evals/)
+    HELDOUT_SPAN,
+    OUT_OF_DOMAIN_FILE,
+    TRAIN_FILES,
+    heldout_bounds,
+    read_text,
+    read_training_files,
+)
 
 OUT = REPO / "gemma4_eqx" / "assets" / "small"
-CORPUS_DIR = pathlib.Path("/usr/share/common-licenses")
-# SHA-256 of every text used (Debian base-files 13 / Ubuntu 24.04 copies).
-TRAIN_FILES = {
-    "GPL-3": "3972dc9744f6499f0f9b2dbf76696f2ae7ad8af9b23dde66d6af86c9dfb36986",
-    "GPL-2": "8177f97513213526df2cf6184d8ff986c675afb514d4e68a404010521b880643",
-    "GPL-1": "d77d235e41d54594865151f4751e835c5a82322b0e87ace266567c3391a4b912",
-    "LGPL-3": "e3a994d82e644b03a792a930f574002658412f62407f5fee083f2555c5f23118",
-    "LGPL-2.1": "dc626520dcd53a22f727af3ee42c770e56c97a64fe3adb063799d8ab032fe551",
-    "LGPL-2": "681e386e44a19d7d0674b4320272c90e66b6610b741e7e6305f8219c42e85366",
-    "GFDL-1.3": "110535522396708cea37c72a802c5e7e81391139f5f7985631c93ef242b206a4",
-    "GFDL-1.2": "d8e94ae5fdb5433fcae2961aeb1a8cf17174d6f4a0465d24bf37dd8a038bd439",
-    "MPL-2.0": "fab3dd6bdab226f1c08630b1dd917e11fcb4ec5e1e020e2c16f83a0a13863e85",
-    "MPL-1.1": "f849fc26a7a99981611a3a370e83078deb617d12a45776d6c4cada4d338be469",
-    "Artistic": "b7fd9b73ea99602016a326e0b62e6646060d18febdd065ceca8bb482208c3d88",
-    "CC0-1.0": "a2010f343487d3f7618affe54f789f5487602331c0a8d03f49e9a7c547cf0499",
-    "BSD": "5d588eb3b157d52112afea935c88a7ff9efddc1e2d95a42c25d3b96ad9055008",
-}
-HELDOUT_SPAN = ("GPL-3", "  4. Conveying Verbatim Copies.", "  8. Termination.")  # [start, end) lines
-OUT_OF_DOMAIN_FILE = ("Apache-2.0", "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30")
-
 VOCAB = 1024
 SEQ = 128          # training rows; the sliding window (32) is shorter
 EVAL_SEQ = 256     # held-out rows: longer than training, so the full layer's RoPE sees unseen distances too
@@ -74,19 +61,6 @@ def small_config() -> g4.Gemma4Config:
                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=64,
                           sliding_window=32, mm_embed_dim=32, mm_posemb_size=64)
     return cfg.replace(eos_token_id=(1, 106))
-
-
-def read_text(name: str, sha256: str) -> str:
-    path = CORPUS_DIR / name
-    if not path.is_file():
-        raise SystemExit(f"{path}: missing. The corpus is Debian's /usr/share/common-licenses (package base-files); "
-                         "install base-files or copy the canonical texts there")
-    data = path.read_bytes()
-    found = hashlib.sha256(data).hexdigest()
-    if found != sha256:
-        raise SystemExit(f"{path}: SHA-256 {found}, expected {sha256}; this machine holds another version of the "
-                         "text, so the checkpoint would not be the same")
-    return data.decode("utf-8")
 
 
 def token_stream(tok, texts: list[str], eos_id: int) -> np.ndarray:
@@ -123,9 +97,8 @@ def main() -> None:
     out: pathlib.Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
-    texts = {name: read_text(name, sha) for name, sha in TRAIN_FILES.items()}
-    name, first, stop = HELDOUT_SPAN
-    start, end = texts[name].index(f"\n{first}\n") + 1, texts[name].index(f"\n{stop}\n") + 1
+    texts = read_training_files()
+    name, start, end = heldout_bounds(texts)
     heldout = texts[name][start:end]
     train_texts = [t for n, t in texts.items() if n != name] + [texts[name][:start], texts[name][end:]]
     out_of_domain = read_text(*OUT_OF_DOMAIN_FILE)
@@ -173,7 +146,7 @@ def main() -> None:
         "script": "scripts/train_small_checkpoint.py", "seed": SEED, "steps": args.steps, "batch": args.batch,
         "seq": SEQ, "lr": args.lr, "train_seconds": round(train_seconds, 1), "final_loss": float(loss),
         "parameters": g4.count_parameters(model), "corpus": {n: s for n, s in TRAIN_FILES.items()},
-        "heldout": f"{name} from {first.strip()!r} to before {stop.strip()!r}", "heldout_perplexity": round(ppl, 3),
+        "heldout": f"{name} from {HELDOUT_SPAN[1].strip()!r} to before {HELDOUT_SPAN[2].strip()!r}", "heldout_perplexity": round(ppl, 3),
         "heldout_eval_seq": EVAL_SEQ, "out_of_domain": dict([OUT_OF_DOMAIN_FILE]),
         "out_of_domain_perplexity": round(ood_ppl, 3),
         "greedy_prompt": PROMPT, "greedy_distinct_tokens_of_64": int(len(np.unique(greedy))),

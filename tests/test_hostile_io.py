@@ -156,13 +156,12 @@ def fifo_generation_config(tmp_path, **_):
 
 
 def fifo_generation_config_cli(tmp_path, **_):
-    from gemma4_eqx.cli import main as cli_main
+    from gemma4_eqx.cli import commands
 
     folder = _ckpt(tmp_path)
     (folder / "generation_config.json").unlink()
     os.mkfifo(folder / "generation_config.json")
-    module = sys.modules[cli_main.__module__]
-    return lambda: module._generation_defaults(str(folder)), [folder / "generation_config.json"], None
+    return lambda: commands._generation_defaults(str(folder)), [folder / "generation_config.json"], None
 
 
 def fifo_surgery_config(tmp_path, tiny, **_):
