@@ -7,7 +7,7 @@ import dataclasses
 import os
 from typing import Any
 
-from .fields import ConfigError, fail, read_bool, read_config_file, read_int, read_section, short
+from .fields import fail, parse_config_file, read_bool, read_int, read_section, short
 from .text import TextConfig
 
 TOP_LEVEL_KEYS = {"architectures", "model_type", "text_config", "backbone_hidden_size", "use_ordered_embeddings",
@@ -82,11 +82,7 @@ class AssistantConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> AssistantConfig:
-        d, path = read_config_file(path, ConfigError)
-        try:
-            return cls.from_hf_dict(d)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return parse_config_file(path, cls.from_hf_dict)
 
     def to_hf_dict(self) -> dict[str, Any]:
         text = self.text.to_hf_dict()

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ..utils import files
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -65,6 +68,16 @@ def read_config_file(path: str | os.PathLike, error: type[Exception], name: str 
     except files.FileMissingError:
         raise files.FileMissingError(f"no {name} at {os.path.join(path, name) if os.path.isdir(path) else path}"
                                      ) from None
+
+
+def parse_config_file(path: str | os.PathLike, parse: Callable[[Any], T]) -> T:
+    """`parse` (a `from_hf_dict`) applied to the folder's config.json (or the file `path`); a `ConfigError` it
+    raises is re-raised with the file's path in front."""
+    d, file = read_config_file(path, ConfigError)
+    try:
+        return parse(d)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
 
 
 def fail(field: str, message: str) -> None:

@@ -13,11 +13,10 @@ import os
 from typing import Any
 
 from .fields import (
-    ConfigError,
     fail,
     is_int,
+    parse_config_file,
     read_bool,
-    read_config_file,
     read_int,
     read_section,
     short,
@@ -101,11 +100,7 @@ class Gemma4Config:
         A file that cannot be read or parsed (not a regular file, larger than 8 MiB, a symlink out of the folder:
         `utils.files.Folder`), or that describes no valid model, raises `ConfigError` naming the file (and the
         field); a missing file raises `FileNotFoundError`."""
-        d, path = read_config_file(path, ConfigError)
-        try:
-            return cls.from_hf_dict(d)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return parse_config_file(path, cls.from_hf_dict)
 
     def to_hf_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {

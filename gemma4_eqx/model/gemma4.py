@@ -375,7 +375,8 @@ class Gemma4(eqx.Module):
         return logits
 
     def __call__(
-        self, input_ids: Int[InputArray, " seq"] | None = None, **inputs: Any
+        self, input_ids: Int[InputArray, " seq"] | None = None, *, positions: Int[InputArray, " seq"] | None = None,
+        **inputs: Any,
     ) -> Float[Array, "seq vocab"] | tuple[Float[Array, "seq vocab"], TapResult]:
         """Soft-capped logits for every position of one sequence: `logits_from_hidden` of `hidden_states`, which
         takes the same keywords (`inputs_embeds`, `positions`, `attention_mask`, `mm_token_type_ids`, `mask_mode`,
@@ -400,8 +401,9 @@ class Gemma4(eqx.Module):
 
         `taps` (`g4.Taps`): read residuals / attention probabilities of chosen layers, patch (replace) or add to
         residuals (`gemma4_eqx/model/taps.py`); the call then returns `(logits, g4.TapResult)`. Without it the
-        program is the same as before taps existed."""
-        out = self.hidden_states(input_ids, **inputs)
+        program is the same as before taps existed. (`positions` is named here too, so that a shape check under
+        `GEMMA4_EQX_TYPECHECK=1` names this call.)"""
+        out = self.hidden_states(input_ids, positions=positions, **inputs)
         if inputs.get("taps") is None:
             return self.logits_from_hidden(out)
         return self.logits_from_hidden(out[0]), out[1]
