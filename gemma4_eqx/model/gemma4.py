@@ -375,13 +375,22 @@ class Gemma4(eqx.Module):
         return logits
 
     def __call__(
-        self, input_ids: Int[InputArray, " seq"] | None = None, *, positions: Int[InputArray, " seq"] | None = None,
-        **inputs: Any,
+        self,
+        input_ids: Int[InputArray, " seq"] | None = None,
+        *,
+        inputs_embeds: Float[InputArray, "seq hidden"] | None = None,
+        positions: Int[InputArray, " seq"] | None = None,
+        attention_mask: Bool[InputArray, " seq"] | Int[InputArray, " seq"] | None = None,
+        mm_token_type_ids: Int[InputArray, " seq"] | None = None,
+        mask_mode: MaskMode = "intended",
+        media: Media | None = None,
+        segment_ids: Int[InputArray, " seq"] | None = None,
+        taps: Taps | None = None,
+        **media_kwargs,
     ) -> Float[Array, "seq vocab"] | tuple[Float[Array, "seq vocab"], TapResult]:
-        """Soft-capped logits for every position of one sequence: `logits_from_hidden` of `hidden_states`, which
-        takes the same keywords (`inputs_embeds`, `positions`, `attention_mask`, `mm_token_type_ids`, `mask_mode`,
-        `media`, `segment_ids`, `taps` and the media keywords) and checks them. Media as `media=g4.Media(...)` or as the
-        keywords `pixel_values`, `image_position_ids`, `pixel_values_videos`, `video_position_ids`,
+        """Soft-capped logits for every position of one sequence: `logits_from_hidden` of `hidden_states` (same
+        keywords; the signature is spelled out here as the public contract lists it). Media as `media=g4.Media(...)`
+        or as the keywords `pixel_values`, `image_position_ids`, `pixel_values_videos`, `video_position_ids`,
         `input_features`, `input_features_mask`.
 
         `segment_ids` (packed sequences, e.g. from `g4.losses.pack_sequences`): one id per token, each segment a
@@ -401,10 +410,11 @@ class Gemma4(eqx.Module):
 
         `taps` (`g4.Taps`): read residuals / attention probabilities of chosen layers, patch (replace) or add to
         residuals (`gemma4_eqx/model/taps.py`); the call then returns `(logits, g4.TapResult)`. Without it the
-        program is the same as before taps existed. (`positions` is named here too, so that a shape check under
-        `GEMMA4_EQX_TYPECHECK=1` names this call.)"""
-        out = self.hidden_states(input_ids, positions=positions, **inputs)
-        if inputs.get("taps") is None:
+        program is the same as before taps existed."""
+        out = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
+                                 attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+                                 mask_mode=mask_mode, media=media, segment_ids=segment_ids, taps=taps, **media_kwargs)
+        if taps is None:
             return self.logits_from_hidden(out)
         return self.logits_from_hidden(out[0]), out[1]
 
