@@ -70,3 +70,23 @@ def test_a_broken_block_is_caught(tmp_path):
     script.write_text(runner(blocks))
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "README block at line 20 failed" in out.stderr and "ran" not in out.stdout
+
+
+def package_map(text: str) -> set[str]:
+    """Every backticked name in the first column of the README's package table (`## The package`)."""
+    section = text.split("## The package", 1)[1].split("\n## ", 1)[0]
+    names = set()
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            names.update(re.findall(r"`([^`]+)`", row.split("|")[1]))
+    return names
+
+
+def test_the_package_map_matches_the_tree():
+    """The README's package table names every subpackage and top-level module of gemma4_eqx, and nothing else."""
+    package = README.parent / "gemma4_eqx"
+    tree = {p.name + "/" for p in package.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    tree |= {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+    listed = package_map(README.read_text())
+    assert listed == tree, f"in the tree, not in the README: {sorted(tree - listed)}; in the README, not in the " \
+                           f"tree: {sorted(listed - tree)}"
