@@ -346,11 +346,11 @@ REPLIES = [
 def test_reply_stream_joins_to_parse_response(text):
     """Streamed in pieces of every size, the reply's content, reasoning and tool calls join to what the
     non-streamed answer gives (`parse_response`; a call that cannot be read stays text)."""
-    from gemma4_eqx.serve import protocol
+    from gemma4_eqx.serve import replies
 
-    whole = protocol.parse_reply(text)
+    whole = replies.parse_reply(text)
     for size in (1, 2, 3, 7, len(text)):
-        stream = protocol.ReplyStream()
+        stream = replies.ReplyStream()
         parts = []
         for i in range(0, len(text), size):
             parts += stream.feed(text[i:i + size])
@@ -365,13 +365,13 @@ def test_reply_stream_joins_to_parse_response(text):
 
 
 def test_stop_strings_and_detokenizer(proc):
-    from gemma4_eqx.serve import protocol
+    from gemma4_eqx.serve import replies
 
-    stops = protocol.StopStrings(["END", "\n\n"])
+    stops = replies.StopStrings(["END", "\n\n"])
     out = "".join(stops.push(p) for p in ["abc E", "N", "xy E", "ND tail"])
     assert out == "abc ENxy " and stops.hit
     text = "Licensed work — naïve café 日本"
     ids = proc.tokenizer.encode(text, add_special_tokens=False)
-    detok = protocol.Detokenizer(proc.tokenizer, skip_special_tokens=True)
+    detok = replies.Detokenizer(proc.tokenizer, skip_special_tokens=True)
     pieces = [detok.push([t]) for t in ids] + [detok.flush()]
     assert "".join(pieces) == proc.tokenizer.decode(ids) and all("\ufffd" not in p for p in pieces)
