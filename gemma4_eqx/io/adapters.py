@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ..config.fields import short
 from ..layers.lora import LoRALinear
 from ..model.gemma4 import Gemma4
 from ..model.surgery import (
@@ -53,6 +54,7 @@ from ..model.surgery import (
     lora_weights,
 )
 from ..utils.files import FileReadError, read_json
+from .adapter_config import OUTPUT_LAYER, AdapterError, PeftLoraConfig
 from .hub import resolve
 from .names import (
     ADAPTER_CONFIG,
@@ -76,15 +78,8 @@ __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "adapter_config"
            "save_adapters"]
 
 MAX_CONFIG_BYTES = 16 << 20
-PEFT_VERSION = "0.21.2"  # the PEFT whose format and rules this module follows (tests/fixtures/peft)
 LAYER_MODULE = re.compile(re.escape(TEXT_PREFIX) + r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
 TENSOR_NAME = re.compile(r"(?P<path>.+)\.lora_(?P<ab>[AB])(?P<default>\.default)?\.weight")
-OUTPUT_LAYER = "lm_head"  # tied to the embedding; "all-linear" leaves it out, as PEFT does
-ALL_LINEAR = "all-linear"
-
-
-class AdapterError(CheckpointError):
-    """An adapter folder that cannot be read or written faithfully (names the file, field or tensor and value)."""
 
 
 # ---- module paths --------------------------------------------------------------------------------
@@ -127,198 +122,6 @@ def linear_modules(model: Gemma4) -> dict[str, tuple[tuple[int, str] | None, tup
     return out
 
 
-# ---- adapter_config.json -------------------------------------------------------------------------
-# Fields that change nothing here (informational, or only acted on in training or for modules missing from the file,
-# which are refused), and the fields read below.
-INFORMATIONAL = frozenset({
-    "auto_mapping", "base_model_name_or_path", "inference_mode", "lora_dropout", "megatron_core", "peft_version",
-    "qalora_group_size", "revision", "runtime_config", "ensure_weight_tying", "eva_config", "velora_config",
-})
-READ = frozenset({"peft_type", "task_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
-                  "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "init_lora_weights"})
-# field -> (accepted values, what setting it does that plain LoRA cannot honour)
-REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "use_dora": ((False, None), "DoRA adds a magnitude vector and another formula"),
-    "fan_in_fan_out": ((False, None), "the base weight is stored transposed (GPT-2 style Conv1D); Gemma 4 has none"),
-    "bias": (("none", None), "bias terms are trained beside the adapters"),
-    "lora_bias": ((False, None), "lora_B carries a bias"),
-    "modules_to_save": ((None, []), "whole modules are replaced by trained copies"),
-    "trainable_token_indices": ((None, [], {}), "rows of the token embedding are trained"),
-    "layer_replication": ((None, []), "layers are duplicated"),
-    "target_parameters": ((None, []), "parameters (not modules) are adapted"),
-    "alora_invocation_tokens": ((None, []), "activated LoRA applies only after its invocation tokens"),
-    "use_bdlora": ((None, False, {}), "BD-LoRA uses block-diagonal factors"),
-    "use_qalora": ((False, None), "QA-LoRA pools the inputs of a quantized base"),
-    "megatron_config": ((None, {}), "Megatron parallel layers"),
-    "loftq_config": ((None, {}), "LoftQ quantizes the base weights"),
-    "corda_config": ((None, {}), "CorDA rewrites the base weights"),
-    "lora_ga_config": ((None, {}), "LoRA-GA rewrites the base weights"),
-    "kasa_config": ((None, {}), "KaSA truncates the base weight and adds singular values between A and B"),
-    "monteclora_config": ((None, {}), "MonteCLoRA samples the adapters"),
-    "arrow_config": ((None, {}), "Arrow routes between adapters"),
-}
-TASK_TYPES = (None, "CAUSAL_LM")
-# init_lora_weights values after which PEFT's base model differs from the checkpoint (residual weights)
-BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "kasa")
-
-
-def _equal(value: Any, accepted: tuple[Any, ...]) -> bool:
-    return any(type(value) is type(a) and value == a for a in accepted)
-
-
-def _fail(where: str, field: str, value: Any, expected: str) -> None:
-    raise AdapterError(f"{where}: {field} = {_short(value)}: expected {expected}")
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
-
-
-def _str_or_list(where: str, field: str, value: Any, *, allow_none: bool) -> str | list[str] | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-        return value
-    _fail(where, field, value, "a regular expression (string) or a non-empty list of module names"
-          + (", or null" if allow_none else ""))
-
-
-def _regex(where: str, field: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise AdapterError(f"{where}: {field}: {_short(pattern)} is not a regular expression ({e})") from None
-
-
-class PeftLoraConfig:
-    """The parts of a PEFT `LoraConfig` (as `adapter_config.json` holds it) that decide what is adapted and how,
-    checked field by field; `targets(path)`, `rank(path)` and `scaling(path)` follow PEFT 0.21.2."""
-
-    def __init__(self, d: Mapping[str, Any], where: str = ADAPTER_CONFIG):
-        self.where = where
-        if not isinstance(d, Mapping):
-            raise AdapterError(f"{where}: expected a JSON object, found {type(d).__name__}")
-        if d.get("peft_type") != "LORA":
-            _fail(where, "peft_type", d.get("peft_type", "<missing>"),
-                  "'LORA' (this package reads and writes plain LoRA adapters only)")
-        for field, (accepted, why) in REFUSED.items():
-            if field in d and not _equal(d[field], accepted):
-                raise AdapterError(f"{where}: {field} = {_short(d[field])}: {why}, which plain LoRA cannot honour "
-                                   f"(accepted: {' or '.join(map(repr, accepted))})")
-        for field, value in d.items():
-            if field not in READ | INFORMATIONAL | set(REFUSED) and value not in (None, False, {}, [], ""):
-                raise AdapterError(f"{where}: {field} = {_short(value)}: a field this reader does not know (it "
-                                   f"follows PEFT {PEFT_VERSION}); it may change what the adapter computes")
-        if d.get("task_type") not in TASK_TYPES:
-            _fail(where, "task_type", d["task_type"], f"one of {TASK_TYPES} (other tasks add heads to the model)")
-        init = d.get("init_lora_weights", True)
-        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
-            raise AdapterError(f"{where}: init_lora_weights = {init!r}: this initialisation rewrites the base "
-                               "weights (residual weights the adapter file does not carry); convert the adapter to "
-                               "plain LoRA in PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))")
-        self.r = d.get("r", 8)
-        if not _is_int(self.r) or self.r <= 0:
-            _fail(where, "r", self.r, "a positive integer")
-        self.alpha = d.get("lora_alpha", 8)
-        if not _is_number(self.alpha):
-            _fail(where, "lora_alpha", self.alpha, "a finite number")
-        self.rslora = d.get("use_rslora", False)
-        if not isinstance(self.rslora, bool):
-            _fail(where, "use_rslora", self.rslora, "true or false")
-        self.target_modules = _str_or_list(where, "target_modules", d.get("target_modules"), allow_none=False)
-        self.exclude_modules = _str_or_list(where, "exclude_modules", d.get("exclude_modules"), allow_none=True)
-        for field in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, field), str):
-                _regex(where, field, getattr(self, field))
-        self.layers = d.get("layers_to_transform")
-        if self.layers == []:
-            self.layers = None
-        if not (self.layers is None or _is_int(self.layers)
-                or (isinstance(self.layers, list) and all(_is_int(i) for i in self.layers))):
-            _fail(where, "layers_to_transform", self.layers, "null, a layer index or a list of layer indices")
-        self.layers_pattern = d.get("layers_pattern")
-        if self.layers_pattern in ([], ""):
-            self.layers_pattern = None
-        if not (self.layers_pattern is None or isinstance(self.layers_pattern, str)
-                or (isinstance(self.layers_pattern, list) and all(isinstance(p, str) for p in self.layers_pattern))):
-            _fail(where, "layers_pattern", self.layers_pattern, "null, a string or a list of strings")
-        if isinstance(self.target_modules, str) and (self.layers is not None or self.layers_pattern is not None):
-            raise AdapterError(f"{where}: layers_to_transform / layers_pattern = {_short(self.layers)} / "
-                               f"{_short(self.layers_pattern)} with a regular expression as target_modules; PEFT "
-                               "refuses this combination (the expression alone selects the layers)")
-        if self.layers_pattern is not None and self.layers is None:
-            _fail(where, "layers_pattern", self.layers_pattern, "null when layers_to_transform is null (PEFT's rule)")
-        self.rank_pattern = self._pattern(d, "rank_pattern", lambda v: _is_int(v) and v > 0, "a positive integer")
-        self.alpha_pattern = self._pattern(d, "alpha_pattern", _is_number, "a finite number")
-
-    def _pattern(self, d: Mapping[str, Any], field: str, ok, what: str) -> dict[str, Any]:
-        table = d.get(field) or {}
-        if not isinstance(table, dict):
-            _fail(self.where, field, table, "an object of module-name patterns")
-        for key, value in table.items():
-            _regex(self.where, f"{field} key", key)
-            if not ok(value):
-                _fail(self.where, f"{field}[{key!r}]", value, what)
-        return table
-
-    def targets(self, path: str) -> bool:
-        """Whether PEFT wraps the module at `path` (tuners_utils.check_target_module_exists)."""
-        ex = self.exclude_modules
-        if ex is not None:
-            if isinstance(ex, str):
-                if re.fullmatch(ex, path):
-                    return False
-            elif path in ex or any(path.endswith(f".{e}") for e in ex):
-                return False
-        t = self.target_modules
-        if isinstance(t, str):
-            if t.lower() == ALL_LINEAR:
-                return path != OUTPUT_LAYER
-            return re.fullmatch(t, path) is not None
-        if path in t:
-            return True
-        if not any(path.endswith(f".{e}") for e in t):
-            return False
-        if self.layers is None:
-            return True
-        if self.layers_pattern is None:
-            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-        else:
-            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
-            m = None
-            for p in patterns:
-                m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path)
-                if m is not None:
-                    break
-        if m is None:
-            return False
-        idx = int(m.group("idx"))
-        return idx == self.layers if _is_int(self.layers) else idx in self.layers
-
-    @staticmethod
-    def _lookup(table: Mapping[str, Any], path: str, default: Any) -> Any:
-        for key, value in table.items():
-            if re.match(rf"(.*\.)?({key})$", path):
-                return value
-        return default
-
-    def rank(self, path: str) -> int:
-        return self._lookup(self.rank_pattern, path, self.r)
-
-    def scaling(self, path: str) -> float:
-        r, alpha = self.rank(path), self._lookup(self.alpha_pattern, path, self.alpha)
-        return alpha / math.sqrt(r) if self.rslora else alpha / r
-
-
 # ---- reading -------------------------------------------------------------------------------------
 def _adapter_folder(folder_or_repo: str | os.PathLike, **hub: Any) -> str:
     folder = resolve(folder_or_repo, allow_patterns=(ADAPTER_CONFIG, ADAPTER_WEIGHTS), **hub)
@@ -347,12 +150,12 @@ def read_adapters(model: Gemma4, folder: str | os.PathLike) -> dict[tuple[int, s
     modules = linear_modules(model)
     targeted = [p for p in modules if cfg.targets(p)]
     if not targeted:
-        raise AdapterError(f"{config_path}: target_modules = {_short(cfg.target_modules)} (layers_to_transform "
-                           f"{_short(cfg.layers)}) selects no linear layer of this model; e.g. "
+        raise AdapterError(f"{config_path}: target_modules = {short(cfg.target_modules, 120)} (layers_to_transform "
+                           f"{short(cfg.layers, 120)}) selects no linear layer of this model; e.g. "
                            f"{module_path(0, 'q_proj')}")
     foreign = [p for p in targeted if modules[p][0] is None]
     if foreign:
-        raise AdapterError(f"{config_path}: target_modules = {_short(cfg.target_modules)} selects {foreign[0]}"
+        raise AdapterError(f"{config_path}: target_modules = {short(cfg.target_modules, 120)} selects {foreign[0]}"
                            f"{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; this package adapts "
                            "only the text decoder's projections (self_attn q/k/v/o_proj, mlp gate/up/down_proj)")
 
@@ -377,8 +180,8 @@ def read_adapters(model: Gemma4, folder: str | os.PathLike) -> dict[tuple[int, s
     for (path, ab), name in sorted(stored.items()):
         if path not in wanted:
             why = ("is not a linear layer of this model" if path not in modules else
-                   f"is not targeted by {ADAPTER_CONFIG} (target_modules {_short(cfg.target_modules)}, "
-                   f"layers_to_transform {_short(cfg.layers)}, exclude_modules {_short(cfg.exclude_modules)})")
+                   f"is not targeted by {ADAPTER_CONFIG} (target_modules {short(cfg.target_modules, 120)}, "
+                   f"layers_to_transform {short(cfg.layers, 120)}, exclude_modules {short(cfg.exclude_modules, 120)})")
             raise AdapterError(f"{weights_path}: tensor {name!r} matches no adapted module: {path} {why}; PEFT "
                                "would drop it silently")
     out: dict[tuple[int, str], LoRAWeights] = {}
