@@ -132,7 +132,7 @@ def serve_http(model_path, requests: list[dict], slots: int, max_context: int, t
 
 def step_cost(model, slots: int, max_context: int) -> float:
     """ms per decode step with every slot running (the best of 6 compiled chunks of 16 steps)."""
-    from gemma4_eqx.generate.engine import decode_slots
+    from gemma4_eqx.generate.slots import decode_slots
 
     engine = Engine(model, slots=slots, max_context=max_context, generation_config=g4.assets.SMALL_CHECKPOINT)
     engine.warmup()

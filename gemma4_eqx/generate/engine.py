@@ -16,8 +16,8 @@ so a request samples what `generate` samples for it alone with the same key, wha
 **Scheduler** (host side, `step`): between two decode chunks it runs queued jobs (`call`: scoring), drops
 cancelled requests (a waiting one leaves the queue; a running one's row is overwritten by a blank done row),
 then admits waiting requests in arrival order while a slot is free: each is prefilled alone
-(`loop.prefill_rows`, which also chooses its first token) and its row is written into the slot (`place_row`,
-donated: in place). Then one `loop.decode_chunk` over every slot, with the per-step function `slot_step`; the
+(`loop.prefill_rows`, which also chooses its first token) and its row is written into the slot (`slots.place_row`,
+donated: in place). Then one `loop.decode_chunk` over every slot, with the per-step function `slots.slot_step`; the
 new tokens of each running row go to its request (`on_update`); a row that produced a stop id or its
 `max_new_tokens` frees its slot at once. A chunk runs at most `decode_chunk` steps; it stops early once every row
 is done, and, while requests wait, as soon as one running row finishes (`decode_chunk(until_freed=...)`).
@@ -30,7 +30,7 @@ of two (one program per such length and media shape, as in `g4.generate`). A req
 plus `max_new_tokens` fits `max_len`.
 
 Finished rows keep stepping with the others (the batch is fixed); their cache is parked at slot 0 before each
-step (`park_finished`) so an idle row never runs past its cache. Speculative decoding (`assistant=`) is not
+step (`slots.park_finished`) so an idle row never runs past its cache. Speculative decoding (`assistant=`) is not
 available here (its draft-verify loop is one program per batch in `speculative.py`): `Engine` refuses it by name.
 Quantized models (`g4.quantize`) run as they do in `generate`.
 """
@@ -39,196 +39,26 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
-import functools
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..config.generation import GenerationConfig
-from ..model.cache import KVCache
 from ..model.masks import TokenType
 from ..model.sharding import commit_like
 from .batching import TOKEN_FIELDS
-from .inputs import (MEDIA_FIELDS, as_batch, cache_bucket, check_prompt_ids, is_ordered, pad_rows, prompt_bucket)
-from .loop import DecodeState, batched_decode_step, decode_chunk, finish_step, prefill_rows
-from .sampling import NUM_TOP, SamplingParams, choose_rows
+from .inputs import MEDIA_FIELDS, as_batch, cache_bucket, check_prompt_ids, pad_rows, prompt_bucket
+from .requests import EngineStopped, QueueFull, Request, RequestResult, Update
+from .sampling import NUM_TOP, SamplingParams
 from .settings import check_settings
+from .slots import blank_row, decode_slots, empty_slots, place_row, prefill_one
 
 PREFILL_CHUNK = 64  # text prompts: left-padded to a multiple of this and prefilled in chunks of it
 ENGINE_DECODE_CHUNK = 16  # decode steps per compiled chunk: how long a freed slot or a new request may wait
-
-
-class QueueFull(RuntimeError):
-    """`submit` while `max_queue` requests already wait for a slot."""
-
-
-class EngineStopped(RuntimeError):
-    """`submit` after `stop()` (or while draining)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Update:
-    """What a request's `on_update` receives: the tokens produced since the last update (the prefill's first
-    token, or one decode chunk's), with their log-probs when the request asked for them."""
-
-    tokens: np.ndarray  # [n] int32
-    logprobs: np.ndarray | None = None  # [n]: log_softmax of the model's logits at each token
-    top_ids: np.ndarray | None = None  # [n, NUM_TOP]
-    top_logprobs: np.ndarray | None = None
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" (a stop id), "length" (max_new_tokens), "cancelled", "error"
-    error: BaseException | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestResult:
-    tokens: np.ndarray  # every new token, the stop id included when one ended the request
-    finish_reason: str
-    logprobs: np.ndarray | None
-    top_ids: np.ndarray | None
-    top_logprobs: np.ndarray | None
-    prompt_tokens: int
-    submitted_at: float
-    first_token_at: float | None
-    finished_at: float
-
-
-class Request:
-    """A submitted request (the handle `submit` returns): `result()` waits for it, `cancel()` withdraws it."""
-
-    def __init__(self, engine: Engine, number: int, batch: dict, prompt_length: int, n_chunks: int, chunk: int,
-                 max_new_tokens: int, settings: dict, key, logprobs: bool, on_update):
-        self.engine, self.number = engine, number
-        self.batch, self.prompt_length, self.n_chunks, self.chunk = batch, prompt_length, n_chunks, chunk
-        self.max_new_tokens, self.settings, self.key = max_new_tokens, settings, key
-        self.want_logprobs, self.on_update = logprobs, on_update
-        self.stop_ids = frozenset(settings["stop_ids"])
-        self.tokens: list[int] = []
-        self.pieces: list[Update] = []
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
-        self.cancelled = False
-        self.slot: int | None = None
-        self.submitted_at = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-        self._done = threading.Event()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Withdraw the request: it leaves the queue, or its slot is freed before the next decode chunk."""
-        if not self.done:
-            self.cancelled = True
-            self.engine._wake()
-
-    def wait(self, timeout: float | int | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    def result(self, timeout: float | int | None = None) -> RequestResult:
-        """Wait for the request to finish (a cancelled one returns what it produced); raises the error of a
-        request that failed."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.number}: not finished after {timeout} s")
-        if self.error is not None:
-            raise self.error
-        cat = lambda name: (np.concatenate([getattr(p, name) for p in self.pieces]) if self.want_logprobs and
-                            self.pieces else None)
-        return RequestResult(tokens=np.asarray(self.tokens, np.int32), finish_reason=self.finish_reason,
-                             logprobs=cat("logprobs"), top_ids=cat("top_ids"), top_logprobs=cat("top_logprobs"),
-                             prompt_tokens=self.prompt_length, submitted_at=self.submitted_at,
-                             first_token_at=self.first_token_at, finished_at=self.finished_at)
-
-    # ---- called by the engine (its thread) ---------------------------------------------------------------
-    def _deliver(self, update: Update) -> None:
-        if update.tokens.size and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self.tokens.extend(int(t) for t in update.tokens)
-        self.pieces.append(update)
-        if update.finished:
-            self.finish_reason, self.error = update.finish_reason, update.error
-            self.finished_at = time.perf_counter()
-            self.batch = None  # the prompt's arrays are no longer needed
-        if self.on_update is not None:
-            self.on_update(update)
-        if update.finished:
-            self._done.set()
-
-
-# ---- the compiled pieces ---------------------------------------------------------------------------------
-def park_finished(cache: KVCache, done) -> KVCache:
-    """Rows that are done write their (ignored) next token at slot 0: an idle row never runs past its cache."""
-    zero = lambda x: jnp.where(done, jnp.zeros_like(x), x)
-    return eqx.tree_at(lambda c: (c.length, c.next_position), cache, (zero(cache.length), zero(cache.next_position)))
-
-
-def slot_step(model, state: DecodeState, params: SamplingParams):
-    """The engine's per-step function (`decode_chunk(step=slot_step)`): every row feeds its last token and draws
-    the next from its own key, as `sample_step` does for a one-row batch (split the key, then the draw key of
-    `choose`), with its own settings."""
-    cache = park_finished(state.cache, state.done)
-    logits, cache = batched_decode_step(model, cache, state.token)
-    keys = jax.vmap(jax.random.split)(state.key)  # [rows, 2]: (the row's next key, this step's key)
-    draw = jax.vmap(lambda k: jax.random.split(k, 1)[0])(keys[:, 1])
-    choice = choose_rows(logits, draw, params, ordered=is_ordered(model))
-    choice, done, count = finish_step(choice, state.done, state.count, state.max_new, params)
-    return DecodeState(cache, choice.token, done, count, state.max_new, keys[:, 0]), choice
-
-
-def _blank(model, key, rows: int, max_len: int, cache_dtype, raw_keys: bool) -> DecodeState:
-    cache = KVCache.init(model.config, max_len=max_len, dtype=cache_dtype, raw_keys=raw_keys)
-    cache = eqx.tree_at(lambda c: c.layers, cache, model.layers.own_cache_layout(cache.layers))
-    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (rows,) + x.shape), cache)
-    zeros = jnp.zeros((rows,), jnp.int32)
-    return DecodeState(cache, zeros, jnp.ones((rows,), bool), zeros, zeros, jax.random.split(key, rows))
-
-
-@functools.partial(jax.jit, static_argnames=("slots", "max_len", "cache_dtype", "raw_keys"))
-def empty_slots(model, key, *, slots: int, max_len: int, cache_dtype, raw_keys: bool) -> DecodeState:
-    """Every slot free (done), each with an empty cache of `max_len` slots in the model's own layout."""
-    return _blank(model, key, slots, max_len, cache_dtype, raw_keys)
-
-
-@functools.partial(jax.jit, static_argnames=("max_len", "cache_dtype", "raw_keys"))
-def blank_row(model, key, *, max_len: int, cache_dtype, raw_keys: bool) -> DecodeState:
-    """One done row shaped like `prefill_rows`' output (shared `max_new` and key): written over a cancelled slot."""
-    state = _blank(model, key, 1, max_len, cache_dtype, raw_keys)
-    return dataclasses.replace(state, max_new=jnp.zeros((), jnp.int32), key=key)
-
-
-@functools.partial(jax.jit, donate_argnames=("state",))
-def place_row(state: DecodeState, row: DecodeState, slot) -> DecodeState:
-    """`state` with slot `slot` replaced by the one-row `row` (a prefilled request, or a blank done row)."""
-    row = dataclasses.replace(row, max_new=jnp.reshape(row.max_new, (1,)), key=jnp.reshape(row.key, (1,)))
-    return jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, slot, 0), state, row)
-
-
-# The engine's calls of the loop's programs take the model as its flat leaves and a static treedef: flattening the
-# Equinox modules of the model was about half of each call's dispatch (0.9 -> 0.5 ms on the small checkpoint,
-# benchmarks/RESULTS.md), paid on every decode chunk and every prefill.
-@functools.partial(jax.jit, static_argnames=("treedef", "size"), donate_argnames=("state",))
-def decode_slots(leaves, treedef, state: DecodeState, params: SamplingParams, steps, until_freed, *, size: int):
-    """`loop.decode_chunk` over the slots with `slot_step`."""
-    return decode_chunk(jax.tree.unflatten(treedef, leaves), state, params, steps, step=slot_step, size=size,
-                        until_freed=until_freed)
-
-
-@functools.partial(jax.jit, static_argnames=("treedef", "chunk", "max_len", "cache_dtype", "raw_keys"))
-def prefill_one(leaves, treedef, batch: dict, n_chunks, max_new, key, params: SamplingParams, *, chunk: int,
-                max_len: int, cache_dtype, raw_keys: bool):
-    """`loop.prefill_rows` of one request into a fresh one-row cache."""
-    return prefill_rows(jax.tree.unflatten(treedef, leaves), None, batch, n_chunks, max_new, key, params,
-                        chunk=chunk, bounds=None, max_len=max_len, mask_mode="intended", cache_dtype=cache_dtype,
-                        raw_keys=raw_keys)
 
 
 # ---- the engine --------------------------------------------------------------------------------------------
@@ -622,4 +452,4 @@ class Engine:
 
 
 __all__ = ["ENGINE_DECODE_CHUNK", "Engine", "EngineStopped", "NUM_TOP", "PREFILL_CHUNK", "QueueFull", "Request",
-           "RequestResult", "Update", "decode_slots", "park_finished", "place_row", "prefill_one", "slot_step"]
+           "RequestResult", "Update", "decode_slots", "place_row", "prefill_one"]
