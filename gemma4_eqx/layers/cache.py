@@ -64,8 +64,13 @@ class RingKV(LayerCache):
         k_new, v_new = finish(raw_k, raw_v, positions)
         ring_k, ring_v = (self.k, self.v) if ctx.ring_order is None else (self.k[ctx.ring_order], self.v[ctx.ring_order])
         m = ctx.ring_write.shape[0]
-        new = RingKV(k=self.k.at[ctx.ring_write].set(k_new[-m:]), v=self.v.at[ctx.ring_write].set(v_new[-m:]))
-        return (jnp.concatenate([ring_k, k_new]), jnp.concatenate([ring_v, v_new]), ctx.sliding_mask, ctx.band, new)
+        keys, values = jnp.concatenate([ring_k, k_new]), jnp.concatenate([ring_v, v_new])
+        # The ring is written after the chunk's keys and values are read from it: passing both through one barrier
+        # orders the two, so the write can happen in place (vmapped over the engine's slots, XLA:CPU otherwise
+        # copied every sliding layer's ring twice per decode step: benchmarks/RESULTS.md).
+        keys, values, ring_k_old, ring_v_old = jax.lax.optimization_barrier((keys, values, self.k, self.v))
+        new = RingKV(k=ring_k_old.at[ctx.ring_write].set(k_new[-m:]), v=ring_v_old.at[ctx.ring_write].set(v_new[-m:]))
+        return keys, values, ctx.sliding_mask, ctx.band, new
 
 
 class FullKV(LayerCache):
