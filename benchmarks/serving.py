@@ -7,6 +7,11 @@ warmed up first (compilation is not timed) and run from the engine's thread, as 
     .venv/bin/python benchmarks/serving.py                         # 64 requests, 8 slots vs 1, small checkpoint
     .venv/bin/python benchmarks/serving.py --slots 4 8 --requests 32 --rate 20 --temperature 1.0
     .venv/bin/python benchmarks/serving.py --http                  # the same through gemma4-eqx serve's HTTP API
+    .venv/bin/python benchmarks/serving.py --model /tmp/g4-vs-transformers/65m   # a bigger, bandwidth-bound model
+
+The engine runs the model in the layout `gemma4-eqx serve` loads (`--layout serving`, the default). `--model`: any
+checkpoint folder; one without a tokenizer (the random 65 M checkpoint `benchmarks/vs_transformers.py` writes) is
+fed prompts made with the small checkpoint's tokenizer, whose ids are valid in any vocabulary of 1,024 or more.
 
 Reports per configuration: the time from the first arrival to the last answer, generated tokens per second, time
 to first token and latency (arrival to last token) at the 50th / 90th / 99th percentile, and the speed-up of each
@@ -25,6 +30,7 @@ import subprocess
 import threading
 import time
 
+import jax
 import numpy as np
 
 import gemma4_eqx as g4
@@ -171,16 +177,25 @@ def main() -> None:
     p.add_argument("--max-new", type=int, default=128)
     p.add_argument("--mean-new", type=float, default=48.0, help="mean max_new_tokens before the --max-new cap")
     p.add_argument("--http", action="store_true", help="through gemma4-eqx serve and the openai client")
+    p.add_argument("--model", default=str(g4.assets.SMALL_CHECKPOINT), help="checkpoint folder (default: small)")
+    p.add_argument("--layout", choices=["serving", "stored"], default="serving",
+                   help="the model's layout (serving: what gemma4-eqx serve loads)")
     args = p.parse_args()
 
-    path = g4.assets.SMALL_CHECKPOINT
-    model = g4.load(path)
-    tokenizer = g4.Processor.from_pretrained(path).tokenizer
+    path = args.model
+    model = g4.load(path, layout=args.layout)
+    has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
+    if args.http and not has_tokenizer:
+        p.error(f"--http: {path} has no tokenizer.json, which gemma4-eqx serve needs")
+    tokenizer = g4.Processor.from_pretrained(path if has_tokenizer else g4.assets.SMALL_CHECKPOINT).tokenizer
     requests = workload(tokenizer, args.requests, args.rate, args.seed, args.max_prompt, args.max_new, args.mean_new)
     prompt_lengths = [len(r["prompt"]) for r in requests]
     new_lengths = [r["max_new_tokens"] for r in requests]
     print(f"machine: {machine()}; {datetime.datetime.now().isoformat(timespec='minutes')}; load average before "
           f"{os.getloadavg()[0]:.2f}")
+    text = model.config.text
+    print(f"model: {path} ({args.layout} layout; hidden {text.hidden_size}, {text.num_hidden_layers} layers, "
+          f"vocabulary {text.vocab_size}, {sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(model)) / 1e6:.1f} MB of weights)")
     print(f"workload: {args.requests} requests, {args.rate:g}/s Poisson arrivals over {requests[-1]['at']:.2f} s; "
           f"prompts {min(prompt_lengths)}-{max(prompt_lengths)} tokens (mean {np.mean(prompt_lengths):.0f}), "
           f"max_new_tokens {min(new_lengths)}-{max(new_lengths)} (mean {np.mean(new_lengths):.0f}); "
