@@ -49,6 +49,22 @@ def test_fusing_an_adapted_or_quantized_mlp_leaves_it_as_it_is(models):
         FusedMLP.of(g4.surgery.add_lora(model, rank=2, targets=("gate_proj",), key=jax.random.key(0)).layers.layer(0).mlp)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_the_serving_layout_quantizes_the_fused_mlp_as_the_stored_one(models, mode):
+    """`g4.quantize` of a serving layout (what a quantized `g4.load(..., layout="serving")` model is) quantizes the
+    fused gate/up weight: its halves are the stored projections quantized alone, and it generates the same."""
+    model, served = models
+    qm, qs = g4.quantize(model, mode), g4.quantize(served, mode)
+    fused, alone = qs.layers.layer(0).mlp, qm.layers.layer(0).mlp
+    assert type(fused) is FusedMLP and fused.intermediate_size == model.config.text.intermediate_size
+    for name in ("gate_proj", "up_proj"):
+        for x, y in zip(jax.tree.leaves(getattr(fused, name)), jax.tree.leaves(getattr(alone, name))):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    ids = np.random.default_rng(2).integers(3, model.config.text.vocab_size - 8, size=(1, 10)).astype(np.int32)
+    kw = dict(max_new_tokens=8, temperature=0.0, stop_ids=())
+    np.testing.assert_array_equal(np.asarray(g4.generate(qs, ids, **kw)), np.asarray(g4.generate(qm, ids, **kw)))
+
+
 def test_forward_prefill_and_decode_match_the_stored_layout(models):
     model, served = models
     ids = np.random.default_rng(0).integers(3, model.config.text.vocab_size - 8, size=21).astype(np.int32)

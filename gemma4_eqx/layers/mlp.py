@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .linear import Linear
+from .linear import AbstractLinear, Linear
 from .policy import XLA, Numerics
 
 
@@ -41,7 +41,7 @@ class FusedMLP(eqx.Module):
     names, `g4.save` and the bridge still see transformers' tensors; training, LoRA and loading work on `MLP`.
     """
 
-    gate_up: Linear
+    gate_up: AbstractLinear  # a Linear; `g4.quantize` makes it a quantized layer
     down_proj: Linear
     numerics: Numerics
 
@@ -67,19 +67,19 @@ class FusedMLP(eqx.Module):
 
     @property
     def intermediate_size(self) -> int:
-        return self.gate_up.weight.shape[-1] // 2
+        return self.gate_up.out_features // 2  # a Linear, or its `g4.quantize`d form
 
-    def _half(self, which: int) -> Linear:
+    def _half(self, which: int) -> AbstractLinear:
+        """The gate (0) or up (1) projection as its own layer: every array of `gate_up` whose last axis holds both
+        halves (a Linear's weight and bias; a quantized layer's codes and scales) cut to one."""
         n = self.intermediate_size
-        cut = lambda a: None if a is None else a[..., which * n:(which + 1) * n]
-        return eqx.tree_at(lambda l: (l.weight, l.bias), self.gate_up, (cut(self.gate_up.weight),
-                                                                        cut(self.gate_up.bias)),
-                           is_leaf=lambda x: x is None)
+        cut = lambda a: a[..., which * n:(which + 1) * n] if eqx.is_array(a) and a.shape[-1] == 2 * n else a
+        return jax.tree.map(cut, self.gate_up)
 
     @property
-    def gate_proj(self) -> Linear:
+    def gate_proj(self) -> AbstractLinear:
         return self._half(0)
 
     @property
-    def up_proj(self) -> Linear:
+    def up_proj(self) -> AbstractLinear:
         return self._half(1)
