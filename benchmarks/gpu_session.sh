@@ -2,10 +2,13 @@
 # The one command a lent GPU runs (the device tool: a bare machine, minutes of time, no network). Every section has
 # its own time limit and writes its figures under $OUT as soon as they exist, most important first, so a run cut
 # short still returns what it measured:
-#   1. ours on the 12B shapes (benchmarks/gpu_12b.py: ceilings, attention kernels, prefill 8K, decode)
-#   2. transformers on the same card (benchmarks/gpu_12b_transformers.py; transformers 5.24 carried as a wheel in
+#   1. the README's path on the 12B shapes (benchmarks/gpu_generate.py: g4.generate on the serving layout, bf16 /
+#      int8 / int4 at batch 1, bf16 at 8 and 32 rows, the engine with 8 and 32 slots, against the copy bandwidth)
+#   2. ours, kernel by kernel (benchmarks/gpu_12b.py: ceilings, prefill 8K against the matmul rate, attention
+#      kernels, decode_step on the stored layout)
+#   3. transformers on the same card (benchmarks/gpu_12b_transformers.py; transformers 5.24 carried as a wheel in
 #      .whl/, the machine's torch)
-#   3. speculative decoding's cost per call (benchmarks/speculative.py --gpu-12b)
+#   4. speculative decoding's cost per call (benchmarks/speculative.py --gpu-12b)
 # Usage there: bash benchmarks/gpu_session.sh   (with .whl carried; budget in seconds as $1, default 540)
 set -uo pipefail
 budget=${1:-540}
@@ -35,7 +38,8 @@ run() {  # run NAME SECONDS CMD...: at most SECONDS, never past the budget
     tail -n 40 "$OUT/$name.log"
 }
 
-run ours 200 python3 benchmarks/gpu_12b.py --out "$OUT"
-run transformers 120 python3 benchmarks/gpu_12b_transformers.py --config /tmp/cfg12b/config.json --out "$OUT"
-run speculative 90 python3 benchmarks/speculative.py --gpu-12b --out "$OUT"
+run generate 200 python3 benchmarks/gpu_generate.py --out "$OUT"
+run ours 150 python3 benchmarks/gpu_12b.py --out "$OUT"
+run transformers 110 python3 benchmarks/gpu_12b_transformers.py --config /tmp/cfg12b/config.json --out "$OUT"
+run speculative 70 python3 benchmarks/speculative.py --gpu-12b --out "$OUT"
 echo "== done after $(( $(date +%s) - start )) s" | tee -a "$OUT/sections.txt"
