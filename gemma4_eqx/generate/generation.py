@@ -10,7 +10,9 @@ What is compiled, and for which shapes (the "buckets"):
   bidirectional vision block): P = the next power of two >= max(L, 8), again at most 2L.
 - **Media.** Images (video frames, audio clips) per row are padded to a power-of-two count with all-padding items
   (positions (-1, -1), mask False), audio frames to a power of two with mask False; the splice skips them.
-- **Cache.** `max_len` = the next power of two >= max(P + max_new_tokens, 256) (capped at the model's context).
+- **Cache.** `max_len` = `inputs.cache_bucket(P + max_new_tokens)`: the next power of two >= max(P + max_new_tokens,
+  256) up to 1,024 slots, above that the next multiple of an eighth of the next power of two (capped at the model's
+  context).
 - **Decoding.** One program per (cache bucket, batch): a `lax.while_loop` of at most `DECODE_CHUNK` steps that
   exits as soon as every row has produced a stop id or its `max_new_tokens` (a traced bound). The host runs
   these chunks until every row is done, checking for Ctrl-C (SIGINT) in between.
