@@ -193,9 +193,9 @@ def main() -> None:
     new_lengths = [r["max_new_tokens"] for r in requests]
     print(f"machine: {machine()}; {datetime.datetime.now().isoformat(timespec='minutes')}; load average before "
           f"{os.getloadavg()[0]:.2f}")
-    text = model.config.text
+    text, megabytes = model.config.text, sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(model)) / 1e6
     print(f"model: {path} ({args.layout} layout; hidden {text.hidden_size}, {text.num_hidden_layers} layers, "
-          f"vocabulary {text.vocab_size}, {sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(model)) / 1e6:.1f} MB of weights)")
+          f"vocabulary {text.vocab_size}, {megabytes:.1f} MB of weights)")
     print(f"workload: {args.requests} requests, {args.rate:g}/s Poisson arrivals over {requests[-1]['at']:.2f} s; "
           f"prompts {min(prompt_lengths)}-{max(prompt_lengths)} tokens (mean {np.mean(prompt_lengths):.0f}), "
           f"max_new_tokens {min(new_lengths)}-{max(new_lengths)} (mean {np.mean(new_lengths):.0f}); "
