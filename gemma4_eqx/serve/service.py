@@ -163,19 +163,7 @@ class Service:
     async def chat(self, req: protocol.ChatRequest) -> dict:
         """A non-streamed chat completion."""
         n_prompt, events, _ = await self.chat_events(req)
-        detok, stops = self.reply_text(req)
-        text, tokens, updates, finish = "", [], [], "length"
-        async with contextlib.aclosing(events) as events:
-            async for update in events:
-                updates.append(update)
-                tokens.extend(int(t) for t in update.tokens)
-                text += stops.push(detok.push(update.tokens))
-                if update.finished:
-                    text += stops.push(detok.flush(), final=True)
-                    finish = update.finish_reason
-                if stops.hit:
-                    finish = "stop"
-                    break
+        tokens, text, finish, updates = await read_reply(events, *self.reply_text(req))
         parsed = replies.parse_reply((req.forced_call or "") + text)
         calls = [replies.openai_tool_call(c) for c in parsed["tool_calls"]]
         message: dict[str, Any] = {"role": "assistant", "content": parsed["content"] if parsed["content"] or not calls
@@ -339,20 +327,7 @@ class Service:
         events = await self.completion_events(req, ids, index)
         stops = () if req.sampling.ignore_eos else self.stop_ids
         detok = replies.Detokenizer(self.tokenizer, req.skip_special_tokens, drop_ids=stops)
-        cut = replies.StopStrings(req.sampling.stop)
-        tokens, text, finish, updates = [], "", "length", []
-        async with contextlib.aclosing(events) as events:
-            async for update in events:
-                updates.append(update)
-                tokens.extend(int(t) for t in update.tokens)
-                text += cut.push(detok.push(update.tokens))
-                if update.finished:
-                    text += cut.push(detok.flush(), final=True)
-                    finish = update.finish_reason
-                if cut.hit:
-                    finish = "stop"
-                    break
-        return tokens, text, finish, updates
+        return await read_reply(events, detok, replies.StopStrings(req.sampling.stop))
 
     async def complete_stream(self, req: protocol.CompletionRequest) -> AsyncIterator[dict]:
         """Starts a streamed completion (the prompts scored and queued: their errors raise here), then returns
@@ -423,6 +398,25 @@ class Service:
         if req.include_usage:
             yield {"id": cid, "object": "text_completion", "created": created, "model": self.name, "choices": [],
                    "usage": replies.usage(sum(len(ids) for ids, _ in prompts), total_new)}
+
+
+async def read_reply(events: AsyncIterator[Update], detok: replies.Detokenizer, stops: replies.StopStrings
+                     ) -> tuple[list[int], str, str, list[Update]]:
+    """A whole (non-streamed) reply from a request's updates: (token ids, text up to a stop string, finish reason,
+    the updates). Reading stops at the first stop string ("stop"), else at the engine's own finish."""
+    tokens, text, finish, updates = [], "", "length", []
+    async with contextlib.aclosing(events) as events:
+        async for update in events:
+            updates.append(update)
+            tokens.extend(int(t) for t in update.tokens)
+            text += stops.push(detok.push(update.tokens))
+            if update.finished:
+                text += stops.push(detok.flush(), final=True)
+                finish = update.finish_reason
+            if stops.hit:
+                finish = "stop"
+                break
+    return tokens, text, finish, updates
 
 
 def served_name(model_arg: str | os.PathLike) -> str:
